@@ -1,0 +1,7 @@
+"""The VFusion3D Large Reconstruction Model: encoder, transformer, triplane renderer, converters."""
+
+from .config import LRMConfig
+from .model import LRM
+from .renderer import RenderOutput
+
+__all__ = ["LRM", "LRMConfig", "RenderOutput"]

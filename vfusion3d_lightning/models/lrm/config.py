@@ -1,0 +1,119 @@
+"""Sizes of the LRM: one typed dataclass, so LightningCLI can print and override every field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LRMConfig:
+    """Every size and rendering number of the LRM. `vfusion3d()` is the released network."""
+
+    # DINOv2 ViT image encoder, built by timm; `encoder_overrides` go to `timm.create_model`
+    # (e.g. depth, embed_dim, num_heads, img_size for a tiny test encoder).
+    encoder_name: str = "vit_base_patch14_dinov2"
+    encoder_overrides: dict[str, Any] = field(default_factory=dict)
+    # Camera embedder and transformer.
+    camera_embed_dim: int = 1024
+    transformer_dim: int = 1024
+    transformer_layers: int = 16
+    transformer_heads: int = 16
+    transformer_eps: float = 1e-6
+    mlp_ratio: float = 4.0
+    # Triplane: tokens form 3 planes of low_res^2, upsampled x2 to `triplane_dim` channels.
+    triplane_low_res: int = 32
+    triplane_dim: int = 80
+    # NeRF decoder MLP on the concatenated features of the three planes.
+    decoder_hidden_dim: int = 64
+    decoder_layers: int = 4
+    # Volume rendering: stratified then importance samples per ray inside the box [-box/2, box/2]^3.
+    coarse_samples: int = 64
+    importance_samples: int = 64
+    box_size: float = 2.0
+    white_background: bool = True
+
+    def __post_init__(self) -> None:
+        positive = {
+            "camera_embed_dim": self.camera_embed_dim,
+            "transformer_dim": self.transformer_dim,
+            "transformer_layers": self.transformer_layers,
+            "transformer_heads": self.transformer_heads,
+            "triplane_low_res": self.triplane_low_res,
+            "triplane_dim": self.triplane_dim,
+            "decoder_hidden_dim": self.decoder_hidden_dim,
+            "coarse_samples": self.coarse_samples,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"LRMConfig.{name} must be positive, got {value}")
+        if self.transformer_dim % self.transformer_heads:
+            raise ValueError(
+                f"LRMConfig.transformer_dim ({self.transformer_dim}) must be divisible by "
+                f"transformer_heads ({self.transformer_heads})"
+            )
+        if self.decoder_layers < 2:
+            raise ValueError(f"LRMConfig.decoder_layers must be >= 2, got {self.decoder_layers}")
+        if self.coarse_samples < 2 or self.importance_samples < 0:
+            raise ValueError(
+                f"need coarse_samples >= 2 and importance_samples >= 0, got {self.coarse_samples}, "
+                f"{self.importance_samples}"
+            )
+
+    @property
+    def triplane_high_res(self) -> int:
+        return 2 * self.triplane_low_res
+
+    @classmethod
+    def vfusion3d(cls) -> "LRMConfig":
+        """The released VFusion3D LRM (452.1 M parameters)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "LRMConfig":
+        """A few-layer model with random weights for tests and CPU demos."""
+        return cls(
+            encoder_name="vit_small_patch14_dinov2",
+            encoder_overrides={"img_size": 56, "depth": 2, "embed_dim": 48, "num_heads": 2},
+            camera_embed_dim=32,
+            transformer_dim=32,
+            transformer_layers=2,
+            transformer_heads=2,
+            triplane_low_res=8,
+            triplane_dim=8,
+            decoder_hidden_dim=16,
+            coarse_samples=16,
+            importance_samples=16,
+        )
+
+    @classmethod
+    def preset(cls, name: str) -> "LRMConfig":
+        presets = {"vfusion3d": cls.vfusion3d, "tiny": cls.tiny}
+        if name not in presets:
+            raise ValueError(f"unknown LRM preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name]()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LRMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown LRM config fields {unknown}; known fields are {sorted(known)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LRMConfig":
+        try:
+            values = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        return cls.from_dict(values)

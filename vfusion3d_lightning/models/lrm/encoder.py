@@ -1,0 +1,85 @@
+"""DINOv2 image encoder built by timm, with the released model's position-embedding resampling."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resample_patch_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Resample square patch position embeddings to a grid_h x grid_w grid as the released model ran.
+
+    pos_embed: (1, G*G, D) -> (1, grid_h*grid_w, D). Bicubic in float32, align_corners False, and by
+    *scale factor* (grid + 0.1) / G (transformers' Dinov2 of 2024), which samples slightly different
+    source positions than resampling to the target size does.
+    """
+    num_positions = pos_embed.shape[1]
+    side = int(math.isqrt(num_positions))
+    if side * side != num_positions:
+        raise ValueError(f"patch position embeddings must form a square grid, got {num_positions} positions")
+    if side == grid_h == grid_w:
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    grid = pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(
+        grid,
+        scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
+        mode="bicubic",
+        align_corners=False,
+    )
+    if grid.shape[-2:] != (grid_h, grid_w):
+        raise RuntimeError(f"position embedding resampled to {tuple(grid.shape[-2:])}, expected {(grid_h, grid_w)}")
+    return grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
+
+
+class DinoEncoder(nn.Module):
+    """DINOv2 ViT: RGB in [0, 1] (B, 3, H, W) -> all tokens after the final norm (B, 1 + h*w, D).
+
+    ImageNet normalisation is applied here; no resize or crop (a side that is not a multiple of the
+    patch size loses its remainder, as in the released model).
+    """
+
+    def __init__(self, model_name: str = "vit_base_patch14_dinov2", overrides: dict[str, Any] | None = None):
+        super().__init__()
+        try:
+            self.vit = timm.create_model(model_name, pretrained=False, num_classes=0, dynamic_img_size=True,
+                                         **(overrides or {}))
+        except RuntimeError as err:  # timm raises RuntimeError for unknown names
+            raise ValueError(f"timm cannot build encoder {model_name!r}: {err}") from err
+        if getattr(self.vit, "num_prefix_tokens", 1) != 1 or getattr(self.vit, "no_embed_class", False):
+            raise ValueError(
+                f"encoder {model_name!r} must have one class token and class position embedding (DINOv2 without "
+                "registers, e.g. vit_base_patch14_dinov2)"
+            )
+        self.patch_size = self.vit.patch_embed.patch_size[0]
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.vit.embed_dim
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"encoder expects RGB images (B, 3, H, W), got shape {tuple(image.shape)}")
+        if min(image.shape[-2:]) < self.patch_size:
+            raise ValueError(f"image {tuple(image.shape[-2:])} is smaller than one {self.patch_size}px patch")
+        x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+        x = self.vit.patch_embed(x)  # (B, h, w, D): dynamic_img_size makes timm keep the grid
+        batch, grid_h, grid_w, dim = x.shape
+        pos = self.vit.pos_embed
+        patch_pos = resample_patch_pos_embed(pos[:, 1:], grid_h, grid_w)
+        cls = (self.vit.cls_token + pos[:, :1]).expand(batch, -1, -1)
+        x = torch.cat([cls, x.reshape(batch, grid_h * grid_w, dim) + patch_pos], dim=1)
+        x = self.vit.norm_pre(x)
+        for block in self.vit.blocks:
+            x = block(x)
+        return self.vit.norm(x)

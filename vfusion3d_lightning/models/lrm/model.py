@@ -1,0 +1,102 @@
+"""The VFusion3D Large Reconstruction Model as a plain nn.Module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...cameras import SOURCE_CAMERA_DIM
+from .config import LRMConfig
+from .encoder import DinoEncoder
+from .renderer import RenderOutput, TriplaneDecoder, VolumeRenderer, density_activation
+from .transformer import CameraEmbedder, TriplaneTransformer
+
+
+class LRM(nn.Module):
+    """Image + source camera -> triplane; triplane + render cameras -> images; points -> density, colour.
+
+    >>> model = LRM(LRMConfig.tiny())
+    >>> planes = model(image, canonical_source_camera(len(image)))       # (B, 3, C, H, W)
+    >>> out = model.render(planes, turntable_cameras(8)[None], size=64)  # out.rgb: (B, 8, 3, 64, 64)
+    """
+
+    def __init__(self, config: LRMConfig | None = None):
+        super().__init__()
+        self.config = config = config or LRMConfig.vfusion3d()
+        self.encoder = DinoEncoder(config.encoder_name, config.encoder_overrides)
+        self.camera_embedder = CameraEmbedder(SOURCE_CAMERA_DIM, config.camera_embed_dim)
+        self.transformer = TriplaneTransformer(
+            dim=config.transformer_dim,
+            context_dim=self.encoder.feature_dim,
+            mod_dim=config.camera_embed_dim,
+            layers=config.transformer_layers,
+            heads=config.transformer_heads,
+            low_res=config.triplane_low_res,
+            triplane_dim=config.triplane_dim,
+            eps=config.transformer_eps,
+            mlp_ratio=config.mlp_ratio,
+        )
+        self.decoder = TriplaneDecoder(3 * config.triplane_dim, config.decoder_hidden_dim, config.decoder_layers)
+        self.renderer = VolumeRenderer(config.coarse_samples, config.importance_samples, config.box_size,
+                                       config.white_background)
+
+    def forward(self, image: torch.Tensor, source_camera: torch.Tensor) -> torch.Tensor:
+        """image: (B, 3, H, W) RGB in [0, 1]; source_camera: (B, 16) -> planes (B, 3, C, 2r, 2r)."""
+        if source_camera.ndim != 2 or source_camera.shape[-1] != SOURCE_CAMERA_DIM:
+            raise ValueError(f"source_camera must be (B, {SOURCE_CAMERA_DIM}), got shape {tuple(source_camera.shape)}")
+        if image.shape[0] != source_camera.shape[0]:
+            raise ValueError(f"{image.shape[0]} images but {source_camera.shape[0]} source cameras")
+        if not bool(torch.isfinite(source_camera).all()):
+            raise ValueError("source_camera holds NaN or inf values")
+        tokens = self.encoder(image)
+        return self.transformer(tokens, self.camera_embedder(source_camera.to(tokens.dtype)))
+
+    def render(
+        self,
+        planes: torch.Tensor,
+        render_cameras: torch.Tensor,
+        size: int,
+        patch: tuple[int, int, int] | None = None,
+        generator: torch.Generator | None = None,
+        max_rays: int | None = None,
+    ) -> RenderOutput:
+        """Volume-render views of `planes`.
+
+        planes: (B, 3, C, H, W); render_cameras: (B, V, 25); size: full render resolution;
+        patch: (x0, y0, patch_size) renders only that square of the size x size image.
+        -> RenderOutput: rgb (B, V, 3, h, w), depth (B, V, 1, h, w), opacity (B, V, 1, h, w).
+        """
+        return self.renderer(planes, self.decoder, render_cameras, size, patch, generator, max_rays)
+
+    def query(self, planes: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activated density (B, M, 1) and colour (B, M, 3) at points (B, M, 3) in the box."""
+        if points.ndim != 3 or points.shape[-1] != 3 or points.shape[0] != planes.shape[0]:
+            raise ValueError(f"points must be (B={planes.shape[0]}, M, 3), got shape {tuple(points.shape)}")
+        raw_sigma, rgb = self.renderer.query(planes, self.decoder, points)
+        return density_activation(raw_sigma), rgb
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.transformer.gradient_checkpointing = enabled
+        self.encoder.vit.set_grad_checkpointing(enabled)
+
+    def load_encoder_weights(self, source: str | Path, checkpoint_dir: str | Path | None = None) -> None:
+        """Load pretrained DINOv2 weights into the encoder (a file, or a registry name such as "dinov2-base")."""
+        from .pretrained import load_encoder_weights
+
+        load_encoder_weights(self, source, checkpoint_dir)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `model.safetensors` and `config.json` into `directory`."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, config: LRMConfig | None = None,
+                        checkpoint_dir: str | Path | None = None) -> "LRM":
+        """Load a `save_pretrained` folder or file, the released VFusion3D checkpoint, or a registry name."""
+        from .pretrained import load_pretrained
+
+        return load_pretrained(cls, source, config, checkpoint_dir)

@@ -1,0 +1,122 @@
+"""save_pretrained / from_pretrained for the LRM: our own format, the released checkpoint, registry names."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save_file
+
+from ...registry import load_state_file, resolve_weights
+from .config import LRMConfig
+from .convert import convert_released_lrm, hf_dinov2_to_timm, is_released_state_dict
+
+if TYPE_CHECKING:
+    from .model import LRM
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, so a crash never leaves a half-written file."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_pretrained(model: "LRM", directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, model.config.save)
+    return directory
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load: every key present, none extra, every shape equal; otherwise one error naming them all."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"weights from {source} do not fit this model:"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}")
+        lines.append("  check that the config matches the checkpoint (e.g. LRMConfig.vfusion3d() for the released model)")
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(state, strict=True)
+
+
+def _unwrap_released(payload: dict, path: Path) -> dict[str, torch.Tensor]:
+    if "model_state_dict" in payload:
+        return payload["model_state_dict"]
+    if all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return payload
+    raise ValueError(
+        f"{path} holds {sorted(payload)[:8]}, neither a `model_state_dict` (released VFusion3D checkpoint) nor "
+        "a plain state dict"
+    )
+
+
+def load_pretrained(cls: type["LRM"], source: str | Path, config: LRMConfig | None = None,
+                    checkpoint_dir: str | Path | None = None) -> "LRM":
+    path = Path(source)
+    if not path.exists():
+        if isinstance(source, str) and os.sep not in source and not path.suffix:
+            entry, path = resolve_weights(source, checkpoint_dir)
+            if entry.converter == "dinov2_hf":
+                raise ValueError(f"{source!r} holds encoder weights only; use LRM.load_encoder_weights({source!r})")
+            config = config or LRMConfig.preset(entry.config)
+        else:
+            raise FileNotFoundError(f"no LRM weights at {path}: give a save_pretrained folder, a weights file, or a "
+                                    "registry name (see checkpoints/registry.yaml)")
+    if path.is_dir():
+        weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}; it is not a save_pretrained folder")
+        if config is None and config_file.is_file():
+            config = LRMConfig.load(config_file)
+        path = weights
+    elif config is None and (path.parent / CONFIG_NAME).is_file() and path.name == WEIGHTS_NAME:
+        config = LRMConfig.load(path.parent / CONFIG_NAME)
+    state = _unwrap_released(load_state_file(path), path)
+    if is_released_state_dict(state):
+        state = convert_released_lrm(state)
+        config = config or LRMConfig.vfusion3d()
+    elif config is None:
+        raise ValueError(f"{path} has our parameter names but no {CONFIG_NAME} beside it; pass config=LRMConfig(...)")
+    model = cls(config)
+    load_into(model, state, str(path))
+    return model
+
+
+def load_encoder_weights(model: "LRM", source: str | Path, checkpoint_dir: str | Path | None = None) -> None:
+    """Load DINOv2 weights (transformers or timm names) into the encoder: a file path or a registry name."""
+    path = Path(source)
+    if not path.exists():
+        if isinstance(source, str) and os.sep not in source and not path.suffix:
+            _, path = resolve_weights(source, checkpoint_dir)
+        else:
+            raise FileNotFoundError(
+                f"DINOv2 weights not found at {path}. Download facebook/dinov2-base's model.safetensors (or timm's "
+                f"vit_base_patch14_dinov2.lvd142m) and save it there, or start from random encoder weights."
+            )
+    state = load_state_file(path)
+    if any(k.startswith("embeddings.") for k in state):
+        state = hf_dinov2_to_timm(state)
+    load_into(model.encoder.vit, state, str(path))
