@@ -9,6 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,6 +63,7 @@ class DinoEncoder(nn.Module):
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.gradient_checkpointing = False
 
     @property
     def feature_dim(self) -> int:
@@ -81,5 +83,8 @@ class DinoEncoder(nn.Module):
         x = torch.cat([cls, x.reshape(batch, grid_h * grid_w, dim) + patch_pos], dim=1)
         x = self.vit.norm_pre(x)
         for block in self.vit.blocks:
-            x = block(x)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.vit.norm(x)

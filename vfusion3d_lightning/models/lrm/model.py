@@ -78,8 +78,9 @@ class LRM(nn.Module):
         return density_activation(raw_sigma), rgb
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute encoder and transformer blocks in the backward pass: less memory, more compute."""
         self.transformer.gradient_checkpointing = enabled
-        self.encoder.vit.set_grad_checkpointing(enabled)
+        self.encoder.gradient_checkpointing = enabled
 
     def load_encoder_weights(self, source: str | Path, checkpoint_dir: str | Path | None = None) -> None:
         """Load pretrained DINOv2 weights into the encoder (a file, or a registry name such as "dinov2-base")."""

@@ -106,21 +106,23 @@ def ray_box_limits(origins: torch.Tensor, directions: torch.Tensor, half: float)
     """Entry and exit distances of rays through the box [-half, half]^3: (..., 1) each.
 
     Rays that miss get the smallest entry and the largest entry distance of the rays that hit (as
-    released), so their samples lie in empty space and render as background.
+    released), so their samples lie in empty space and render as background. When no ray hits, all
+    limits are 0. Unlike the released code, a box behind the camera is a miss and a camera inside the
+    box starts sampling at itself: both cases rendered what lies behind the camera there; for cameras
+    outside the box facing it (every camera the model is used with) the limits are the same.
     """
     inv = 1.0 / directions
     t0 = (-half - origins) * inv
     t1 = (half - origins) * inv
-    t_near = torch.minimum(t0, t1).amax(dim=-1, keepdim=True)
+    t_near = torch.minimum(t0, t1).amax(dim=-1, keepdim=True).clamp_min(0.0)
     t_far = torch.maximum(t0, t1).amin(dim=-1, keepdim=True)
     hit = t_far > t_near
     inf = torch.tensor(float("inf"), device=origins.device, dtype=origins.dtype)
     lowest = torch.where(hit, t_near, inf).amin()
     highest = torch.where(hit, t_near, -inf).amax()
-    # without a single hit the released code leaves -1/-2 limits; the samples then fall outside the box
     any_hit = hit.any()
-    t_near = torch.where(hit, t_near, torch.where(any_hit, lowest, -1.0))
-    t_far = torch.where(hit, t_far, torch.where(any_hit, highest, -2.0))
+    t_near = torch.where(hit, t_near, torch.where(any_hit, lowest, 0.0))
+    t_far = torch.where(hit, t_far, torch.where(any_hit, highest, 0.0))
     return t_near, t_far
 
 

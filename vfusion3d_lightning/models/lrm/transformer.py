@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class CameraEmbedder(nn.Module):
@@ -114,7 +115,7 @@ class TriplaneTransformer(nn.Module):
         x = self.pos_embed.expand(batch, -1, -1)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, image_tokens, camera_embedding, use_reentrant=False)
+                x = checkpoint(block, x, image_tokens, camera_embedding, use_reentrant=False)
             else:
                 x = block(x, image_tokens, camera_embedding)
         x = self.norm(x)
