@@ -7,6 +7,7 @@ from vfusion3d_lightning.cameras import (
     DEFAULT_INTRINSICS,
     Intrinsics,
     add_camera_noise,
+    canonicalize_poses,
     canonical_source_camera,
     canonical_source_pose,
     look_at,
@@ -118,3 +119,14 @@ def test_camera_noise_touches_only_pose_and_intrinsics():
     assert torch.equal(add_camera_noise(source, 0.0), source)
     with pytest.raises(ValueError, match="16 or 25"):
         add_camera_noise(torch.zeros(3, 12))
+
+
+def test_canonicalised_orbit_puts_the_reference_camera_on_plus_x():
+    poses = orbit_poses(16, elevation=0.4, radius=1.5, azimuth_offset=0.3)
+    canonical = canonicalize_poses(poses, reference=5)
+    assert torch.allclose(canonical[5, :3, :3], canonical_source_pose()[:3, :3], atol=1e-6)
+    assert torch.allclose(canonical[5, :3, 3], torch.tensor([1.5, 0.0, 0.0]), atol=1e-6)
+    # a rigid rotation about the object: distances and relative poses are kept
+    assert torch.allclose(canonical[:, :3, 3].norm(dim=-1), poses[:, :3, 3].norm(dim=-1), atol=1e-6)
+    relative = torch.linalg.inv(poses[5]) @ poses
+    assert torch.allclose(torch.linalg.inv(canonical[5]) @ canonical, relative, atol=1e-5)

@@ -235,3 +235,18 @@ def add_camera_noise(
         return camera.clone()
     noise = (torch.rand(camera.shape, generator=generator, dtype=camera.dtype, device=camera.device) * 2 - 1) * scale
     return camera + noise * mask.to(camera.device, camera.dtype)
+
+
+def canonicalize_poses(poses: torch.Tensor, reference: int | torch.Tensor = 0) -> torch.Tensor:
+    """Rotate the world about the origin so the reference camera takes the canonical source orientation.
+
+    poses: (N, 4, 4) cam-to-world; reference: a view index or a (4, 4) pose -> (N, 4, 4). Distances to
+    the object at the origin are kept: the reference camera ends on the +x axis looking at the origin,
+    which is how the LRM sees its input view (its source camera is `canonical_source_camera`).
+    """
+    _check_pose(poses, "poses")
+    ref = poses[reference] if isinstance(reference, int) else reference
+    world_rotation = canonical_source_pose()[:3, :3].to(poses) @ ref[:3, :3].transpose(0, 1)
+    transform = torch.eye(4, dtype=poses.dtype, device=poses.device)
+    transform[:3, :3] = world_rotation
+    return transform @ poses

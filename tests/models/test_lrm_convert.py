@@ -15,7 +15,7 @@ from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.models.lrm.convert import convert_released_lrm, hf_dinov2_to_timm
 from vfusion3d_lightning.models.lrm.encoder import DinoEncoder, resample_patch_pos_embed
 
-SPEC = Path(__file__).resolve().parents[1] / "data" / "vfusion3d_state_dict.txt"
+SPEC = Path(__file__).resolve().parents[1] / "fixtures" / "vfusion3d_state_dict.txt"
 DINO_TINY = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=192, image_size=56,
                  patch_size=14, layer_norm_eps=1e-6)
 TIMM_TINY = {"img_size": 56, "depth": 2, "embed_dim": 48, "num_heads": 2}

@@ -1,0 +1,160 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from vfusion3d_lightning.cameras import canonical_source_camera, canonical_source_pose, split_render_camera
+from vfusion3d_lightning.data.datamodules import (
+    LRMViews,
+    MultiViewDataModule,
+    OrbitClip,
+    ShardStream,
+    VideoDataModule,
+    expand_shards,
+)
+from vfusion3d_lightning.data.schema import SampleError, ShardWriter, encode_sample
+
+
+def test_multiview_batches_have_the_lrm_layout(tmp_path, shard_factory):
+    shard_factory(tmp_path, n_shards=2, per_shard=3)
+    dm = MultiViewDataModule(str(tmp_path / "shard-{000000..000001}.tar"), batch_size=2, num_workers=0,
+                             num_supervision_views=4, input_size=28, supervision_size=16)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3  # 6 samples, batch 2
+    batch = batches[0]
+    assert batch["input_image"].shape == (2, 3, 28, 28)
+    assert batch["target_images"].shape == (2, 4, 3, 16, 16) and batch["target_masks"].shape == (2, 4, 1, 16, 16)
+    assert batch["render_cameras"].shape == (2, 4, 25) and len(batch["object_id"]) == 2
+    assert torch.allclose(batch["source_camera"], canonical_source_camera(2))  # fx/W = 0.75, cx/W = 0.5
+    # the input view is the first supervision view; it sits at the canonical pose, 1.5 from the object
+    pose, k = split_render_camera(batch["render_cameras"])
+    assert torch.allclose(pose[:, 0, :3, :3], canonical_source_pose()[:3, :3].expand(2, 3, 3), atol=1e-5)
+    assert torch.allclose(pose[:, 0, :3, 3], torch.tensor([1.5, 0.0, 0.0]).expand(2, 3), atol=1e-5)
+    assert torch.allclose(pose[..., :3, 3].norm(dim=-1), torch.full((2, 4), 1.5), atol=1e-5)
+    assert torch.allclose(k[..., 0, 0], torch.full((2, 4), 0.75))
+    # composited on white outside the mask; the object's colour inside
+    images, masks = batch["target_images"], batch["target_masks"]
+    assert images.min() >= 0 and images.max() <= 1 and set(masks.unique().tolist()) >= {0.0, 1.0}
+    assert torch.allclose(images[..., 0, 0], torch.ones(2, 4, 3))
+    centre = images[..., 8, 8]
+    assert torch.allclose(centre[..., 1], torch.full((2, 4), 100 / 255), atol=1e-3)
+
+
+def test_input_view_red_channel_matches_its_render_camera(tmp_path, sample_factory):
+    # view i has red = 7 i: the chosen input view and its camera must agree
+    views = LRMViews(num_supervision_views=3, include_input_view=False, input_size=24, supervision_size=24)
+    sample = sample_factory("obj", n_views=8)
+    out = views(sample, np.random.default_rng(0))
+    input_index = round(out["input_image"][0, 12, 12].item() * 255 / 7)
+    target_indices = [round(v * 255 / 7) for v in out["target_images"][:, 0, 12, 12].tolist()]
+    assert input_index not in target_indices and len(set(target_indices)) == 3
+    pose, _ = split_render_camera(out["render_cameras"])
+    original = torch.from_numpy(sample.cam2world)
+    relative = torch.linalg.inv(original[input_index]) @ original[target_indices]
+    canonical_input = torch.eye(4)
+    canonical_input[:3, :3] = canonical_source_pose()[:3, :3]
+    canonical_input[:3, 3] = torch.tensor([1.5, 0.0, 0.0])
+    assert torch.allclose(torch.linalg.inv(canonical_input) @ pose, relative, atol=1e-5)
+
+
+def test_video_clips_keep_orbit_order(tmp_path, shard_factory, sample_factory):
+    shard_factory(tmp_path, n_shards=1, per_shard=2, n_views=32)
+    dm = VideoDataModule(str(tmp_path / "shard-000000.tar"), batch_size=2, num_workers=0, num_frames=16,
+                         frame_size=20)
+    (batch,) = list(dm.train_dataloader())
+    assert batch["frames"].shape == (2, 16, 3, 20, 20)
+    assert batch["prompt"] == ["a red cube", "a red cube"]
+    assert torch.allclose(batch["elevation"].float(), torch.full((2,), 0.3))
+    red = (batch["frames"][0, :, 0, 10, 10] * 255 / 7).round().long().tolist()
+    assert red == list(range(0, 32, 2))  # every other view of the 32, in order
+    with pytest.raises(SampleError, match="clips need 16"):
+        OrbitClip(16, 8)(sample_factory("short", n_views=8), np.random.default_rng(0))
+
+
+def collect_ids(dataset: ShardStream, workers: int) -> list[str]:
+    loader = DataLoader(dataset, batch_size=1, num_workers=workers)
+    return [batch["object_id"][0] for batch in loader]
+
+
+def test_two_ranks_by_two_workers_read_disjoint_samples_covering_the_split(tmp_path, shard_factory):
+    keys = shard_factory(tmp_path, n_shards=8, per_shard=3, n_views=4)
+    urls = expand_shards(str(tmp_path / "shard-*.tar"))
+    seen = []
+    for rank in range(2):
+        stream = ShardStream(urls, LRMViews(2, True, 8, 8), samples_per_rank=12, rank=rank, world_size=2,
+                             shuffle=True, shuffle_buffer=4, seed=3, require_cameras=True)
+        ids = collect_ids(stream, workers=2)
+        assert len(ids) == 12 and len(set(ids)) == 12
+        seen.append(set(ids))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {f"object-{k}" for k in keys}
+
+
+def test_uneven_shards_still_give_every_rank_the_same_number_of_batches(tmp_path, sample_factory, monkeypatch):
+    with ShardWriter(tmp_path, maxcount=100) as writer:
+        for shard_size in (1, 2, 5, 1, 3):
+            for i in range(shard_size):
+                writer.write_sample(sample_factory(f"s{writer.shard}x{i}", n_views=4))
+            writer.next_stream()
+    dm = MultiViewDataModule(str(tmp_path / "shard-*.tar"), batch_size=2, num_workers=2, num_supervision_views=2,
+                             input_size=8, supervision_size=8)
+    counts = []
+    for rank in range(2):
+        monkeypatch.setattr(dm, "_rank_and_size", lambda rank=rank: (rank, 2))
+        counts.append(sum(1 for _ in dm.train_dataloader()))
+    # 12 samples / 2 ranks = 6 per rank, 3 per worker: one full batch of 2 per worker, whatever the shard sizes
+    assert counts == [2, 2]
+
+
+def test_epochs_shuffle_differently_and_reproducibly(tmp_path, shard_factory):
+    shard_factory(tmp_path, n_shards=4, per_shard=4, n_views=4)
+    urls = expand_shards(str(tmp_path / "shard-*.tar"))
+
+    def order(epoch):
+        stream = ShardStream(urls, LRMViews(2, True, 8, 8), samples_per_rank=16, shuffle=True, shuffle_buffer=8)
+        stream.epoch = epoch
+        return collect_ids(stream, workers=0)
+
+    assert order(0) == order(0)
+    assert order(0) != order(1) and sorted(order(0)) == sorted(order(1))
+
+
+def test_bad_samples_are_skipped_and_counted_or_raised(tmp_path, sample_factory, caplog):
+    with ShardWriter(tmp_path, maxcount=10) as writer:
+        broken = encode_sample(sample_factory("broken", n_views=4))
+        broken["001.png"] = broken["001.png"][:30]
+        writer.write(broken)
+        writer.write_sample(sample_factory("nocam", n_views=4, with_cameras=False))
+        for i in range(4):
+            writer.write_sample(sample_factory(f"ok{i}", n_views=4))
+    pattern = str(tmp_path / "shard-000000.tar")
+    dm = MultiViewDataModule(pattern, batch_size=1, num_workers=0, num_supervision_views=2, input_size=8,
+                             supervision_size=8, samples_per_epoch=4, shuffle_buffer=1)
+    with caplog.at_level(logging.WARNING):
+        ids = [b["object_id"][0] for b in dm.train_dataloader()]
+    assert sorted(ids) == [f"object-ok{i}" for i in range(4)]
+    warnings = caplog.text
+    assert "'broken'" in warnings and "001.png cannot be decoded" in warnings
+    assert "'nocam'" in warnings and "has no cameras" in warnings
+    assert "skipped 2 bad sample(s)" in warnings
+    strict = MultiViewDataModule(pattern, batch_size=1, num_workers=0, num_supervision_views=2, input_size=8,
+                                 supervision_size=8, samples_per_epoch=6, on_error="raise")
+    with pytest.raises(SampleError, match="broken"):
+        list(strict.train_dataloader())
+
+
+def test_clear_errors_for_bad_configuration(tmp_path, shard_factory):
+    with pytest.raises(FileNotFoundError, match="no shards match"):
+        expand_shards(str(tmp_path / "nothing-*.tar"))
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        expand_shards(str(tmp_path / "shard-{000000..000001}.tar"))
+    shard_factory(tmp_path, n_shards=1, per_shard=2, n_views=4)
+    dm = MultiViewDataModule(str(tmp_path / "shard-000000.tar"), batch_size=4, num_workers=0)
+    with pytest.raises(ValueError, match="cannot fill a batch of 4"):
+        dm.train_dataloader()
+    stream = ShardStream([str(tmp_path / "shard-000000.tar")], LRMViews(2, True, 8, 8), samples_per_rank=2,
+                         rank=0, world_size=2)
+    with pytest.raises(ValueError, match="1 shards cannot feed 2 rank"):
+        next(iter(stream))
