@@ -9,6 +9,7 @@ shards starts its shards again, so no rank waits for another at the end of an ep
 from __future__ import annotations
 
 import glob
+from abc import ABC, abstractmethod
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -71,7 +72,7 @@ def distributed_rank_and_size() -> tuple[int, int]:
 class ShardStream(IterableDataset):
     """Decoded, validated, transformed samples of this rank's and worker's share of the shards."""
 
-    def __init__(self, urls: list[str], transform: Callable[[MultiViewSample, np.random.Generator], dict], *,
+    def __init__(self, urls: list[str], transform: ViewTransform, *,
                  samples_per_rank: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  shuffle_buffer: int = 100, seed: int = 0, require_cameras: bool = False,
                  on_error: OnError = "skip"):
@@ -109,7 +110,8 @@ class ShardStream(IterableDataset):
     def _decoded(self, urls: list[str], rng: np.random.Generator, skipped: list[int]) -> Iterator[dict]:
         for raw in self._raw_samples(urls, skipped):
             try:
-                yield self.transform(decode_sample(raw, self.require_cameras), rng)
+                sample = decode_sample(raw, self.require_cameras, lambda n: self.transform.select(n, rng))
+                yield self.transform(sample, rng)
             except SampleError as err:
                 if self.on_error == "raise":
                     raise
@@ -180,21 +182,35 @@ def normalized_intrinsics(k: np.ndarray, width: int, height: int) -> torch.Tenso
     return torch.from_numpy(scale @ k.astype(np.float32))
 
 
-class LRMViews:
+class ViewTransform(ABC):
+    """Turns a decoded sample into tensors; `select` first names the views worth decoding."""
+
+    def select(self, num_views: int, rng: np.random.Generator) -> list[int]:
+        return list(range(num_views))
+
+    @abstractmethod
+    def __call__(self, sample: MultiViewSample, rng: np.random.Generator) -> dict:
+        """The selected views of `sample` (in `select`'s order) -> a dict of tensors and strings."""
+
+
+class LRMViews(ViewTransform):
     """Per sample: one input view for the encoder and K supervision views with canonicalised cameras."""
 
     def __init__(self, num_supervision_views: int, include_input_view: bool, input_size: int, supervision_size: int):
         self.k, self.include_input = num_supervision_views, include_input_view
         self.input_size, self.supervision_size = input_size, supervision_size
 
-    def __call__(self, sample: MultiViewSample, rng: np.random.Generator) -> dict:
-        n = sample.num_views
+    def select(self, num_views: int, rng: np.random.Generator) -> list[int]:
+        """The input view first, then the supervision views that are not the input view."""
         needed = self.k if self.include_input else self.k + 1
-        if n < needed:
-            raise SampleError(f"sample {sample.key!r} has {n} views; {needed} are needed for one input and "
-                              f"{self.k} supervision views")
-        order = rng.permutation(n)
-        source, supervision = int(order[0]), order[:self.k] if self.include_input else order[1:self.k + 1]
+        if num_views < needed:
+            raise ValueError(f"has {num_views} views; {needed} are needed for one input and {self.k} supervision views")
+        return rng.permutation(num_views)[:needed].tolist()
+
+    def __call__(self, sample: MultiViewSample, rng: np.random.Generator) -> dict:
+        # views arrive as chosen by `select`: the input view is view 0
+        source = 0
+        supervision = list(range(self.k)) if self.include_input else list(range(1, self.k + 1))
         height, width = sample.images.shape[1:3]
         k_norm = normalized_intrinsics(sample.intrinsics, width, height)
         poses = canonicalize_poses(torch.from_numpy(sample.cam2world), source)
@@ -210,22 +226,23 @@ class LRMViews:
         }
 
 
-class OrbitClip:
+class OrbitClip(ViewTransform):
     """Per sample: `num_frames` views in orbit order (evenly strided when the orbit has more views)."""
 
     def __init__(self, num_frames: int, frame_size: int):
         self.num_frames, self.frame_size = num_frames, frame_size
 
+    def select(self, num_views: int, rng: np.random.Generator) -> list[int]:
+        if num_views < self.num_frames:
+            raise ValueError(f"has {num_views} views; clips need {self.num_frames}")
+        return np.linspace(0, num_views, self.num_frames, endpoint=False).astype(int).tolist()
+
     def __call__(self, sample: MultiViewSample, rng: np.random.Generator) -> dict:
-        n = sample.num_views
-        if n < self.num_frames:
-            raise SampleError(f"sample {sample.key!r} has {n} views; clips need {self.num_frames}")
-        if sample.azimuths is not None and n > 1:
+        if sample.azimuths is not None and sample.num_views > 1:
             steps = np.remainder(np.diff(sample.azimuths), 2 * np.pi)
             if not np.allclose(steps, steps[0], atol=1e-3):
                 raise SampleError(f"sample {sample.key!r} is not an evenly spaced orbit (azimuth steps {steps[:4]})")
-        frames = np.linspace(0, n, self.num_frames, endpoint=False).astype(int)
-        rgb = torch.stack([rgba_to_tensors(sample.images[i], self.frame_size)[0] for i in frames])
+        rgb = torch.stack([rgba_to_tensors(view, self.frame_size)[0] for view in sample.images])
         elevation = float(sample.elevations[0]) if sample.elevations is not None else float("nan")
         return {"frames": rgb, "prompt": sample.prompt or "", "elevation": elevation, "object_id": sample.object_id}
 
@@ -235,7 +252,7 @@ class _ShardDataModule(L.LightningDataModule):
 
     require_cameras = False
 
-    def __init__(self, transform: Callable[[MultiViewSample, np.random.Generator], dict], train_shards: str,
+    def __init__(self, transform: ViewTransform, train_shards: str,
                  val_shards: str | None, batch_size: int, num_workers: int, samples_per_epoch: int | None,
                  val_samples: int | None, shuffle_buffer: int, seed: int, on_error: OnError):
         super().__init__()

@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,10 @@ def _array(meta: dict, name: str, shape: tuple[int, ...], key: str) -> np.ndarra
     return array
 
 
+def _subset(array: np.ndarray | None, indices: list[int]) -> np.ndarray | None:
+    return None if array is None else array[indices]
+
+
 def _check_sample(sample: MultiViewSample, key: str) -> None:
     if not key or "." in key:
         raise SampleError(f"sample key {key!r} must be non-empty and contain no dots (webdataset splits at dots)")
@@ -177,8 +182,13 @@ def _check_sample(sample: MultiViewSample, key: str) -> None:
         raise SampleError(f"sample {key!r}: quality is {sample.quality}")
 
 
-def decode_sample(raw: dict[str, Any], require_cameras: bool = False) -> MultiViewSample:
-    """A webdataset sample dict (suffix -> bytes) -> validated MultiViewSample, or SampleError saying why not."""
+def decode_sample(raw: dict[str, Any], require_cameras: bool = False,
+                  select: Callable[[int], Sequence[int]] | None = None) -> MultiViewSample:
+    """A webdataset sample dict (suffix -> bytes) -> validated MultiViewSample, or SampleError saying why not.
+
+    `select(num_views)` -> view indices decodes only those views, in that order (per-view cameras and
+    angles follow): training uses a few of an object's views, and image decoding is the cost.
+    """
     key = raw.get("__key__", "<unknown>")
     where = f"{key!r}" + (f" in {raw['__url__']}" if "__url__" in raw else "")
     if "json" not in raw:
@@ -202,8 +212,14 @@ def decode_sample(raw: dict[str, Any], require_cameras: bool = False) -> MultiVi
     absent = [name for name in needed if name not in raw]
     if absent:
         raise SampleError(f"sample {where}: missing view files {absent[:6]}{' ...' if len(absent) > 6 else ''}")
+    try:
+        indices = list(range(n)) if select is None else [int(i) for i in select(n)]
+    except ValueError as err:
+        raise SampleError(f"sample {where}: {err}") from err
+    if not indices or min(indices) < 0 or max(indices) >= n:
+        raise SampleError(f"sample {where}: selected views {indices} are not within its {n} views")
     views = []
-    for i in range(n):
+    for i in indices:
         if fmt == "png":
             view = _decode_image(raw[view_name(i, "png")], key, view_name(i, "png"), "RGBA")
         else:
@@ -221,10 +237,10 @@ def decode_sample(raw: dict[str, Any], require_cameras: bool = False) -> MultiVi
         object_id=str(meta["object_id"]),
         source=meta["source"],
         images=np.stack(views),
-        cam2world=_array(meta, "cam2world", (n, 4, 4), where),
-        intrinsics=_array(meta, "intrinsics", (n, 3, 3), where),
-        elevations=_array(meta, "elevations", (n,), where),
-        azimuths=_array(meta, "azimuths", (n,), where),
+        cam2world=_subset(_array(meta, "cam2world", (n, 4, 4), where), indices),
+        intrinsics=_subset(_array(meta, "intrinsics", (n, 3, 3), where), indices),
+        elevations=_subset(_array(meta, "elevations", (n,), where), indices),
+        azimuths=_subset(_array(meta, "azimuths", (n,), where), indices),
         prompt=meta.get("prompt"),
         quality=None if meta.get("quality") is None else float(meta["quality"]),
         extra={k: v for k, v in meta.items() if k not in _CORE_KEYS},
