@@ -70,7 +70,9 @@ def run_render(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vfusion3d-lightning", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vfusion3d-lightning", description=__doc__,
+        epilog="Training: vfusion3d-lightning {fit,validate,test,predict} --config CONFIG.yaml (LightningCLI)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="build an LRM with random weights and render one turntable frame to PNG")
@@ -107,8 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning_cli(argv: list[str] | None, run: bool = True):
+    """LightningCLI for any of our LightningModules and DataModules, chosen by `class_path` in the config.
+    `argv` None reads the command line."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+                        subclass_mode_data=True, args=argv, run=run)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] in LIGHTNING_COMMANDS:
+        lightning_cli(argv)
+        return 0
+    args = build_parser().parse_args(words)
     return args.run(args)
 
 

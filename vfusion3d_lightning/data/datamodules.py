@@ -118,6 +118,10 @@ class ShardStream(IterableDataset):
                 skipped[0] += 1
                 log.warning("skipping sample: %s", err)
 
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch (DataLoader divides by the batch size)."""
+        return self.samples_per_rank
+
     def _endless(self, urls: list[str], rng: np.random.Generator, skipped: list[int]) -> Iterator[dict]:
         while True:  # a slot with fewer samples than its quota reads its shards again
             produced = False
@@ -276,11 +280,12 @@ class _ShardDataModule(L.LightningDataModule):
         urls = expand_shards(pattern)
         rank, world = self._rank_and_size()
         total = samples if samples is not None else count_samples(urls)
-        per_rank = total // world
-        workers = max(1, self.num_workers)
-        if per_rank < self.batch_size * workers:
+        # whole batches per worker: then the DataLoader's length is exactly what every rank yields
+        per_batch_round = self.batch_size * max(1, self.num_workers)
+        per_rank = total // world // per_batch_round * per_batch_round
+        if per_rank == 0:
             raise ValueError(f"{total} samples over {world} rank(s) cannot fill a batch of {self.batch_size} on "
-                             f"each of {workers} worker(s); lower batch_size or num_workers")
+                             f"each of {max(1, self.num_workers)} worker(s); lower batch_size or num_workers")
         return ShardStream(urls, self.transform, samples_per_rank=per_rank, rank=rank, world_size=world,
                            shuffle=train, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
                            require_cameras=self.require_cameras, on_error=self.on_error)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,13 @@ from typing import Any
 class LRMConfig:
     """Every size and rendering number of the LRM. `vfusion3d()` is the released network."""
 
-    # DINOv2 ViT image encoder, built by timm; `encoder_overrides` go to `timm.create_model`
-    # (e.g. depth, embed_dim, num_heads, img_size for a tiny test encoder).
+    # DINOv2 ViT image encoder, built by timm. The encoder_* sizes override the timm model's own
+    # (None keeps it): img_size sets the grid of its position embeddings.
     encoder_name: str = "vit_base_patch14_dinov2"
-    encoder_overrides: dict[str, Any] = field(default_factory=dict)
+    encoder_img_size: int | None = None
+    encoder_depth: int | None = None
+    encoder_embed_dim: int | None = None
+    encoder_heads: int | None = None
     # Camera embedder and transformer.
     camera_embed_dim: int = 1024
     transformer_dim: int = 1024
@@ -64,6 +67,13 @@ class LRMConfig:
             )
 
     @property
+    def encoder_overrides(self) -> dict[str, int]:
+        """The encoder sizes set here, as `timm.create_model` keyword arguments."""
+        sizes = {"img_size": self.encoder_img_size, "depth": self.encoder_depth,
+                 "embed_dim": self.encoder_embed_dim, "num_heads": self.encoder_heads}
+        return {name: value for name, value in sizes.items() if value is not None}
+
+    @property
     def triplane_high_res(self) -> int:
         return 2 * self.triplane_low_res
 
@@ -77,7 +87,10 @@ class LRMConfig:
         """A few-layer model with random weights for tests and CPU demos."""
         return cls(
             encoder_name="vit_small_patch14_dinov2",
-            encoder_overrides={"img_size": 56, "depth": 2, "embed_dim": 48, "num_heads": 2},
+            encoder_img_size=56,
+            encoder_depth=2,
+            encoder_embed_dim=48,
+            encoder_heads=2,
             camera_embed_dim=32,
             transformer_dim=32,
             transformer_layers=2,

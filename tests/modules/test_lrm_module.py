@@ -1,0 +1,139 @@
+"""`vfusion3d-lightning fit --config configs/lrm/tiny.yaml` on procedural shards: stages, LR restart, camera
+noise, checkpoints that resume, export."""
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from vfusion3d_lightning.cameras import canonical_source_camera
+from vfusion3d_lightning.cli import lightning_cli, main
+from vfusion3d_lightning.data.procedural import write_assets
+from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
+from vfusion3d_lightning.models.lrm import LRM
+from vfusion3d_lightning.modules import LRMModule
+from vfusion3d_lightning.schedules import WarmupCosineRestarts
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "lrm" / "tiny.yaml")
+STEPS_PER_EPOCH = 4  # tiny.yaml: 8 samples per epoch, batch 2
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lrm_data")
+    write_assets(root / "assets", 8, seed=5, progress=False)
+    render_folder(root / "assets", root / "set32", RenderSettings(views="random32", resolution=48), workers=1,
+                  shard_size=2, progress=False)
+    return str(root / "set32" / "shard-*.tar")
+
+
+def args(shards: str, root: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", TINY, "--data.init_args.train_shards", shards, "--data.init_args.val_shards", shards,
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *extra]
+
+
+def metrics(root: Path) -> list[dict[str, float]]:
+    """The metrics of the newest run under `root`."""
+    path = max(root.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    with open(path) as handle:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(handle)]
+
+
+def per_step(rows, key):
+    return {int(r["step"]): r[key] for r in rows if key in r}
+
+
+class CrashAt(L.Callback):
+    """Simulates a killed job: raises when the given step is about to run."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+class CameraProbe(L.Callback):
+    def __init__(self):
+        self.train, self.val = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.train.append(batch["source_camera"].clone())
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.val.append(batch["source_camera"].clone())
+
+
+def test_tiny_fit_switches_stages_restarts_the_lr_and_resumes_exactly(shards, tmp_path):
+    full = tmp_path / "full"
+    assert main(args(shards, full)) == 0
+    rows = metrics(full)
+    # stages: 24 px for epochs 0-1, 32 for 2-3, 48 for 4-5
+    sizes = per_step(rows, "train/render_size")
+    assert [sizes[s] for s in range(24)] == [24] * 8 + [32] * 8 + [48] * 8
+    lr = per_step(rows, "train/lr")
+    assert sorted(lr) == list(range(24))
+    # warm-up over 4 steps, cosine down to the end of the 32 stage, back to 4e-4 at its end (epoch 4)
+    assert lr[0] < lr[1] < lr[2] < lr[3] and lr[0] == pytest.approx(4e-4 / 4, rel=0.02)
+    restart = 4 * STEPS_PER_EPOCH
+    assert lr[restart - 1] < 0.05 * 4e-4 and lr[restart] == pytest.approx(4e-4)
+    assert all(lr[s] > lr[s + 1] for s in range(restart, 23))
+    expected = WarmupCosineRestarts(torch.optim.SGD([torch.zeros(1)], lr=4e-4), 24, 4, [restart])
+    assert [lr[s] for s in range(24)] == pytest.approx([4e-4 * expected.factor(s) for s in range(24)], rel=1e-5)
+    assert {"val/psnr", "val/ssim", "val/lpips"} <= set().union(*rows)
+    turntables = sorted(full.glob("lightning_logs/version_*/turntables/*.png"))
+    assert len(turntables) == 3  # validation after epochs 1, 3, 5
+
+    # a job killed in the middle of epoch 2 resumes at the same step, stage and LR
+    crashed = tmp_path / "crashed"
+    cli = lightning_cli(args(shards, crashed)[1:], run=False)
+    probe = CameraProbe()
+    cli.trainer.callbacks.extend([CrashAt(10), probe])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    (last,) = crashed.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 10
+    assert main(args(shards, crashed, "--ckpt_path", str(last))) == 0
+    resumed = metrics(crashed)
+    resumed_lr = per_step([r for r in resumed if r["step"] >= 10], "train/lr")
+    assert sorted(resumed_lr) == list(range(10, 24))
+    assert [resumed_lr[s] for s in range(10, 24)] == pytest.approx([lr[s] for s in range(10, 24)], rel=1e-6)
+    resumed_sizes = per_step([r for r in resumed if r["step"] >= 10], "train/render_size")
+    assert [resumed_sizes[s] for s in range(10, 24)] == [sizes[s] for s in range(10, 24)]
+
+    # camera noise in training steps only
+    canonical = canonical_source_camera(2)
+    assert probe.train and all(0 < (c - canonical).abs().max() <= 0.02 for c in probe.train)
+    assert probe.val and all(torch.equal(c, canonical) for c in probe.val)
+
+
+def test_checkpoints_export_and_restart_from_pretrained(shards, tmp_path):
+    root = tmp_path / "run"
+    assert main(args(shards, root, "--trainer.max_epochs", "1")) == 0
+    (last,) = root.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    module = LRMModule.load_from_checkpoint(last, weights_only=True)
+    export = module.export(tmp_path / "export")
+    loaded = LRM.from_pretrained(export)
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    # a new run starts from that checkpoint's weights (the fine-tuning path)
+    fine = LRMModule(network=module.model.config, pretrained=str(last), lpips_random_backbone=True)
+    assert all(torch.equal(a, b) for a, b in zip(fine.model.state_dict().values(), module.model.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="no LRM weights"):
+        LRMModule(network=module.model.config, pretrained=str(tmp_path / "missing"), lpips_random_backbone=True)
+
+
+def test_schedule_factor_by_hand():
+    schedule = WarmupCosineRestarts(torch.optim.SGD([torch.zeros(1)], lr=1.0), total_steps=100, warmup_steps=10,
+                                    restart_steps=[40], min_lr_ratio=0.1)
+    assert schedule.factor(0) == pytest.approx(0.1 * (0.1 + 0.9 * 0.5 * (1 + math.cos(0))))
+    assert schedule.factor(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 9 / 40)))
+    assert schedule.factor(20) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the first cycle
+    assert schedule.factor(40) == pytest.approx(1.0)  # the restart
+    assert schedule.factor(70) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert schedule.factor(99) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 59 / 60)))

@@ -1,0 +1,5 @@
+"""LightningModules: training recipes around the plain networks in `models/`."""
+
+from .lrm import LRMModule
+
+__all__ = ["LRMModule"]

@@ -1,0 +1,194 @@
+"""LRMModule: trains the VFusion3D LRM with the paper's recipe (LPIPS + opacity, optional L2, patches)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchmetrics import MeanMetric
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from ..cameras import turntable_cameras
+from ..losses import build_lpips, lpips_loss, opacity_loss, pixel_l2
+from ..models.lrm import LRM, LRMConfig
+from ..models.lrm.pretrained import load_into
+from ..registry import load_state_file
+from ..schedules import WarmupCosineRestarts
+
+
+def resize_views(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, V, C, H, W) -> (B, V, C, size, size), area-averaged when shrinking."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    flat = images.flatten(0, 1)
+    mode = "area" if size < images.shape[-1] else "bilinear"
+    kwargs = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(flat, size=(size, size), mode=mode, **kwargs).unflatten(0, images.shape[:2])
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weight matrices and kernels; none on biases, norms, layer scales,
+    position embeddings and the class token."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or name.endswith("pos_embed") or name.endswith("cls_token")
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LRMModule(L.LightningModule):
+    """The LRM and its training recipe. The network is `self.model` (an `LRM`); `export(dir)` saves it.
+
+    Training step: encode the input view with the canonical source camera, render K supervision views as a
+    `patch_size` patch at a random place of the current `render_size` image (set per epoch by
+    `ResolutionStages`), compare with the same crop of the resized ground truth.
+    """
+
+    def __init__(
+        self,
+        network: LRMConfig = LRMConfig(),
+        pretrained: str | None = None,
+        encoder_weights: str | None = None,
+        lr: float = 4e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.05,
+        warmup_steps: int = 3000,
+        min_lr_ratio: float = 0.0,
+        render_size: int = 128,
+        patch_size: int = 128,
+        lpips_weight: float = 1.0,
+        opacity_weight: float = 1.0,
+        l2_weight: float = 0.0,
+        lpips_backbone_weights: str | None = None,
+        lpips_random_backbone: bool = False,
+        gradient_checkpointing: bool = False,
+        max_rays: int | None = None,
+        val_render_size: int = 128,
+        turntable_frames: int = 8,
+    ):
+        super().__init__()
+        config = LRMConfig.from_dict(network) if isinstance(network, dict) else network
+        if patch_size < 1 or render_size < 1:
+            raise ValueError(f"render_size and patch_size must be positive, got {render_size}, {patch_size}")
+        network = config.to_dict()  # plain types in the checkpoint, so it loads with weights_only=True
+        self.save_hyperparameters()
+        self.model = LRM(config)
+        if pretrained:
+            self._load_pretrained(pretrained)
+        elif encoder_weights:
+            self.model.load_encoder_weights(encoder_weights)
+        self.model.set_gradient_checkpointing(gradient_checkpointing)
+        self.lpips = build_lpips(lpips_backbone_weights, lpips_random_backbone)
+        self.render_size = render_size
+        self.restart_epochs: list[int] = []  # set by LRRestartAtStage before the optimizer is built
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.val_lpips = MeanMetric()
+
+    def _load_pretrained(self, source: str) -> None:
+        """Start from LRM weights: a registry name, a save_pretrained folder, the released checkpoint, or a
+        Lightning checkpoint of this module."""
+        if str(source).endswith(".ckpt"):
+            state = load_state_file(source).get("state_dict", {})
+            weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            if not weights:
+                raise ValueError(f"{source} has no `model.` weights: not a checkpoint of LRMModule")
+            load_into(self.model, weights, str(source))
+            return
+        loaded = LRM.from_pretrained(source, config=self.model.config)
+        self.model.load_state_dict(loaded.state_dict())
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, image: torch.Tensor, source_camera: torch.Tensor) -> torch.Tensor:
+        return self.model(image, source_camera)
+
+    def _patch(self, size: int) -> tuple[int, int, int]:
+        extent = min(self.hparams.patch_size, size)
+        corner = torch.randint(0, size - extent + 1, (2,)).tolist()
+        return corner[0], corner[1], extent
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        size = self.render_size
+        x0, y0, extent = self._patch(size)
+        planes = self.model(batch["input_image"], batch["source_camera"])
+        out = self.model.render(planes, batch["render_cameras"], size, patch=(x0, y0, extent),
+                                max_rays=self.hparams.max_rays)
+        target = resize_views(batch["target_images"], size)[..., y0:y0 + extent, x0:x0 + extent]
+        mask = resize_views(batch["target_masks"], size)[..., y0:y0 + extent, x0:x0 + extent]
+        rgb = out.rgb.flatten(0, 1)
+        losses = {"opacity": opacity_loss(out.opacity, mask)}
+        if self.hparams.lpips_weight:
+            losses["lpips"] = lpips_loss(self.lpips, rgb, target.flatten(0, 1))
+        if self.hparams.l2_weight:
+            losses["l2"] = pixel_l2(rgb, target.flatten(0, 1))
+        weights = {"opacity": self.hparams.opacity_weight, "lpips": self.hparams.lpips_weight,
+                   "l2": self.hparams.l2_weight}
+        loss = sum(weights[name] * value for name, value in losses.items())
+        batch_size = batch["input_image"].shape[0]
+        self.log_dict({f"train/{name}": value.detach() for name, value in losses.items()}, batch_size=batch_size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        # the LR this step uses (the scheduler moves it after the optimizer step)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(decay_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
+        scheduler = WarmupCosineRestarts(optimizer, total_steps=total, warmup_steps=hp.warmup_steps,
+                                         restart_steps=[e * steps_per_epoch for e in self.restart_epochs],
+                                         min_lr_ratio=hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        size = self.hparams.val_render_size
+        planes = self.model(batch["input_image"], batch["source_camera"])
+        out = self.model.render(planes, batch["render_cameras"], size, max_rays=self.hparams.max_rays)
+        rgb = out.rgb.flatten(0, 1).float().clamp(0, 1)
+        target = resize_views(batch["target_images"], size).flatten(0, 1).float()
+        self.val_psnr.update(rgb, target)
+        self.val_ssim.update(rgb, target)
+        self.val_lpips.update(lpips_loss(self.lpips, rgb, target))
+        batch_size = batch["input_image"].shape[0]
+        self.log("val/psnr", self.val_psnr, prog_bar=True, batch_size=batch_size)
+        self.log("val/ssim", self.val_ssim, batch_size=batch_size)
+        self.log("val/lpips", self.val_lpips, batch_size=batch_size)
+        if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._save_turntable(batch["input_image"][:1], planes[:1])
+
+    def _save_turntable(self, image: torch.Tensor, planes: torch.Tensor) -> None:
+        """Input view and a turntable of the first validation object, as one image row: logged and saved."""
+        size = self.hparams.val_render_size
+        cameras = turntable_cameras(self.hparams.turntable_frames).to(planes.device)[None]
+        frames = self.model.render(planes, cameras, size, max_rays=self.hparams.max_rays).rgb[0].float()
+        row = torch.cat([F.interpolate(image.float(), size=(size, size), mode="area"), frames.clamp(0, 1)])
+        grid = (row.permute(2, 0, 3, 1).reshape(size, -1, 3).cpu().numpy() * 255).round().astype(np.uint8)
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "turntables"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / f"epoch{self.current_epoch:03d}_step{self.global_step:07d}.png"
+        handle, tmp = tempfile.mkstemp(dir=log_dir, suffix=".png")
+        os.close(handle)
+        Image.fromarray(grid).save(tmp)
+        os.replace(tmp, path)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("val/turntable", grid, self.global_step, dataformats="HWC")
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, directory: str | Path) -> Path:
+        """save_pretrained of the trained network, for `LRM.from_pretrained` and inference."""
+        return self.model.save_pretrained(directory)
