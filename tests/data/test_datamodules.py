@@ -157,6 +157,9 @@ def test_clear_errors_for_bad_configuration(tmp_path, shard_factory):
     dm = MultiViewDataModule(str(tmp_path / "shard-000000.tar"), batch_size=4, num_workers=0)
     with pytest.raises(ValueError, match="cannot fill a batch of 4"):
         dm.train_dataloader()
+    # a validation set too small for every worker gets fewer workers, not an error
+    small = MultiViewDataModule(str(tmp_path / "shard-000000.tar"), batch_size=1, num_workers=4)
+    assert small.train_dataloader().num_workers == 1 and len(small.train_dataloader()) == 2
     stream = ShardStream([str(tmp_path / "shard-000000.tar")], LRMViews(2, True, 8, 8), samples_per_rank=2,
                          rank=0, world_size=2)
     with pytest.raises(ValueError, match="1 shards cannot feed 2 rank"):

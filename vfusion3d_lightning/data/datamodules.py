@@ -276,32 +276,36 @@ class _ShardDataModule(L.LightningDataModule):
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
-    def stream(self, pattern: str, samples: int | None, train: bool) -> ShardStream:
+    def loader(self, pattern: str, samples: int | None, train: bool) -> EpochDataLoader:
+        """A loader of this rank's share of `pattern`, with whole batches on every worker."""
         urls = expand_shards(pattern)
         rank, world = self._rank_and_size()
         total = samples if samples is not None else count_samples(urls)
+        # fewer workers where the shards or samples cannot keep them all busy (a small validation set)
+        workers = min(self.num_workers, len(urls) // world, total // world // self.batch_size)
+        if workers < self.num_workers:
+            log.info("%s loader: %d worker(s) instead of %d for %d shard(s) and %d sample(s) over %d rank(s)",
+                     "train" if train else "val", workers, self.num_workers, len(urls), total, world)
         # whole batches per worker: then the DataLoader's length is exactly what every rank yields
-        per_batch_round = self.batch_size * max(1, self.num_workers)
+        per_batch_round = self.batch_size * max(1, workers)
         per_rank = total // world // per_batch_round * per_batch_round
         if per_rank == 0:
-            raise ValueError(f"{total} samples over {world} rank(s) cannot fill a batch of {self.batch_size} on "
-                             f"each of {max(1, self.num_workers)} worker(s); lower batch_size or num_workers")
-        return ShardStream(urls, self.transform, samples_per_rank=per_rank, rank=rank, world_size=world,
-                           shuffle=train, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
-                           require_cameras=self.require_cameras, on_error=self.on_error)
-
-    def _loader(self, dataset: ShardStream) -> EpochDataLoader:
+            raise ValueError(f"{total} samples over {world} rank(s) cannot fill a batch of {self.batch_size}; "
+                             "lower batch_size or add samples")
+        dataset = ShardStream(urls, self.transform, samples_per_rank=per_rank, rank=rank, world_size=world,
+                              shuffle=train, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+                              require_cameras=self.require_cameras, on_error=self.on_error)
         # persistent workers would keep a stale epoch; drop_last keeps batch counts equal on every rank
-        return EpochDataLoader(dataset, self._epoch, batch_size=self.batch_size, num_workers=self.num_workers,
+        return EpochDataLoader(dataset, self._epoch, batch_size=self.batch_size, num_workers=workers,
                                drop_last=True, pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
     def train_dataloader(self) -> EpochDataLoader:
-        return self._loader(self.stream(self.train_shards, self.samples_per_epoch, train=True))
+        return self.loader(self.train_shards, self.samples_per_epoch, train=True)
 
     def val_dataloader(self) -> EpochDataLoader | list:
         if not self.val_shards:
             return []
-        return self._loader(self.stream(self.val_shards, self.val_samples, train=False))
+        return self.loader(self.val_shards, self.val_samples, train=False)
 
 
 class MultiViewDataModule(_ShardDataModule):
