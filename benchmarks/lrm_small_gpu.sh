@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The small-LRM learning run recorded in BENCHMARKS.md, in three steps that each fit a 10-minute window:
 #   bash benchmarks/lrm_small_gpu.sh data    # procedural assets -> rendered shards (train 2400, held-out 96)
-#   bash benchmarks/lrm_small_gpu.sh train   # fit configs/lrm/small_gpu.yaml (resumes from last.ckpt if present)
+#   bash benchmarks/lrm_small_gpu.sh train   # fit configs/lrm/small_gpu.yaml (resumes from last.ckpt if present;
+#                                            # MAX_TIME counts training time across resumes, as Lightning's Timer does)
 #   bash benchmarks/lrm_small_gpu.sh report  # final held-out validation + curves.png into $OUT (or outputs/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,8 +23,9 @@ case "${1:-}" in
     ;;
   report)
     last=$(ls -t outputs/small_gpu/lightning_logs/version_*/checkpoints/last.ckpt | head -1)
-    cli validate --config configs/lrm/small_gpu.yaml --ckpt_path "$last" --trainer.logger false
-    python3 benchmarks/plot_metrics.py $(ls outputs/small_gpu/lightning_logs/version_*/metrics.csv) --out "$out/curves.png"
+    cli validate --config configs/lrm/small_gpu.yaml --ckpt_path "$last" --trainer.logger false \
+      --trainer.default_root_dir outputs/small_gpu/validate
+    python3 benchmarks/plot_metrics.py $(ls -v outputs/small_gpu/lightning_logs/version_*/metrics.csv) --out "$out/curves.png"
     cp "$(ls -t outputs/small_gpu/lightning_logs/version_*/turntables/*.png | head -1)" "$out/turntable_last.png"
     ;;
   *) echo "usage: $0 data|train|report" >&2; exit 2 ;;

@@ -1,0 +1,47 @@
+import lightning as L
+import pytest
+import torch
+
+from vfusion3d_lightning.callbacks import CameraNoise, LRRestartAtStage, ResolutionStages
+from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
+
+
+def test_resolution_stages_follow_the_paper_schedule():
+    stages = ResolutionStages()
+    assert [stages.resolution_at(e) for e in range(32)] == [128] * 5 + [192] * 5 + [256] * 5 + [320] * 5 + [384] * 12
+    assert stages.end_epoch_of(192) == 10  # where the paper restarts the LR
+    with pytest.raises(ValueError, match="no stage renders at 200"):
+        stages.end_epoch_of(200)
+    with pytest.raises(ValueError, match="one epoch count per resolution"):
+        ResolutionStages([128, 256], [5])
+
+
+def test_lr_restart_needs_resolution_stages():
+    module = L.LightningModule()
+    module.restart_epochs = []
+    trainer = L.Trainer(callbacks=[LRRestartAtStage(192)], logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="exactly one ResolutionStages"):
+        LRRestartAtStage(192).setup(trainer, module, "fit")
+    trainer = L.Trainer(callbacks=[ResolutionStages(), LRRestartAtStage(192)], logger=False,
+                        enable_checkpointing=False)
+    trainer.callbacks[1].setup(trainer, module, "fit")
+    assert module.restart_epochs == [10]
+
+
+class _Trainer:
+    global_step, global_rank = 7, 0
+
+
+def test_camera_noise_is_seeded_and_bounded():
+    batch = {"source_camera": canonical_source_camera(3), "render_cameras": turntable_cameras(4)[None].repeat(3, 1, 1)}
+    first = {k: v.clone() for k, v in batch.items()}
+    CameraNoise(0.02, seed=1).on_train_batch_start(_Trainer(), None, first, 0)
+    second = {k: v.clone() for k, v in batch.items()}
+    CameraNoise(0.02, seed=1).on_train_batch_start(_Trainer(), None, second, 0)
+    for key in batch:
+        assert torch.equal(first[key], second[key])
+        delta = first[key] - batch[key]
+        assert 0 < delta.abs().max() <= 0.02
+    only_source = {k: v.clone() for k, v in batch.items()}
+    CameraNoise(0.02, render=False).on_train_batch_start(_Trainer(), None, only_source, 0)
+    assert torch.equal(only_source["render_cameras"], batch["render_cameras"])
