@@ -113,7 +113,10 @@ def _write_report(out_dir: Path, report: RenderReport) -> None:
 def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSettings | None = None,
                   workers: int = 2, shard_size: int = 256, progress: bool = True) -> RenderReport:
     """Render every asset under `asset_dir` into `out_dir/shard-NNNNNN.tar`; objects already in complete
-    shards are skipped, assets that fail are listed in the report and `render_report.json`."""
+    shards are skipped, assets that fail are listed in the report and `render_report.json`.
+
+    Rendering processes start with spawn, which imports the calling script again: in a script, call this
+    under `if __name__ == "__main__":`."""
     settings = settings or RenderSettings()
     asset_dir, out_dir = Path(asset_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
