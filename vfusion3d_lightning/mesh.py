@@ -12,13 +12,13 @@ same surface while evaluating the field only near it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .io import atomic_write
 
 MESH_FORMATS = (".glb", ".obj", ".ply")
 METHODS = ("dense", "coarse_to_fine")
@@ -206,19 +206,9 @@ def extract_mesh(
 
 
 def export_mesh(mesh, path: str | Path) -> Path:
-    """Write `mesh` as .glb, .obj or .ply (by suffix), atomically: a temp file in the same folder, then
-    os.replace, so readers never see a half-written file. Creates missing parent folders. Returns the path."""
+    """Write `mesh` as .glb, .obj or .ply (by suffix), atomically (see `io.atomic_write`). Returns the path."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MESH_FORMATS:
         raise ValueError(f"unsupported mesh format {path.suffix!r} for {path}; use one of {list(MESH_FORMATS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        mesh.export(tmp, file_type=suffix[1:])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: mesh.export(str(tmp), file_type=suffix[1:]))

@@ -16,6 +16,8 @@ import trimesh
 from PIL import Image
 from tqdm import tqdm
 
+from ..io import atomic_write
+
 PRIMITIVES = ("box", "sphere", "cylinder", "cone", "capsule", "torus")
 FORMATS = ("glb", "obj", "ply")
 _TEXTURED_PROBABILITY = 0.4
@@ -171,13 +173,6 @@ def baked_vertex_colors(mesh: trimesh.Trimesh) -> np.ndarray:
 # ---------------------------------------------------------------- writers
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _ply_bytes(asset: trimesh.Trimesh | trimesh.Scene) -> bytes:
     """Binary PLY with vertex colours; textures are baked since PLY has none."""
     parts = [
@@ -264,6 +259,6 @@ def write_assets(
         path = out / f"asset_{i:06d}.{fmt}"
         if not path.exists():
             for name, data in asset_files(generate_asset(seed + i), path.stem, fmt).items():
-                _atomic_write(out / name, data)
+                atomic_write(out / name, lambda tmp, data=data: tmp.write_bytes(data))
         paths.append(path)
     return paths

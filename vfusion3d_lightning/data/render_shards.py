@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import re
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..io import atomic_write
 from .render import (
     AssetLoadError,
     CameraSet,
@@ -104,10 +103,7 @@ def find_assets(asset_dir: Path) -> list[Path]:
 
 
 def _write_report(out_dir: Path, report: RenderReport) -> None:
-    handle, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{REPORT_NAME}.")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(asdict(report), stream, indent=2)
-    os.replace(tmp, out_dir / REPORT_NAME)
+    atomic_write(out_dir / REPORT_NAME, lambda tmp: tmp.write_text(json.dumps(asdict(report), indent=2)))
 
 
 def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSettings | None = None,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ..cameras import turntable_cameras
+from ..io import atomic_write
 from ..losses import build_lpips, lpips_loss, opacity_loss, pixel_l2
 from ..models.lrm import LRM, LRMConfig
 from ..models.lrm.pretrained import load_into
@@ -177,12 +176,8 @@ class LRMModule(L.LightningModule):
         row = torch.cat([F.interpolate(image.float(), size=(size, size), mode="area"), frames.clamp(0, 1)])
         grid = (row.permute(2, 0, 3, 1).reshape(size, -1, 3).cpu().numpy() * 255).round().astype(np.uint8)
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "turntables"
-        log_dir.mkdir(parents=True, exist_ok=True)
         path = log_dir / f"epoch{self.current_epoch:03d}_step{self.global_step:07d}.png"
-        handle, tmp = tempfile.mkstemp(dir=log_dir, suffix=".png")
-        os.close(handle)
-        Image.fromarray(grid).save(tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp))
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
             experiment.add_image("val/turntable", grid, self.global_step, dataformats="HWC")
