@@ -1,0 +1,104 @@
+"""Input preprocessing as released: foreground mask, recentre by the mask, composite on white, resize."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+BACKGROUNDS = ("auto", "rembg", "alpha", "white")
+REMBG_MODEL = "isnet-general-use"
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as uint8 (H, W, 4) when it has an alpha channel, else (H, W, 3)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            has_alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
+            return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"input image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read {path} as an image ({err})") from err
+
+
+def rembg_model_path() -> Path:
+    return Path(os.environ.get("U2NET_HOME", Path.home() / ".u2net")) / f"{REMBG_MODEL}.onnx"
+
+
+def rembg_mask(rgb: np.ndarray) -> np.ndarray:
+    """Foreground mask (H, W) uint8 from rembg's isnet-general-use model, which must be present locally."""
+    try:
+        import rembg
+    except ImportError:
+        raise RuntimeError(
+            "background removal needs rembg: `pip install rembg onnxruntime`, or give an RGBA image, or use "
+            "background 'white' for objects on a plain white background"
+        ) from None
+    model = rembg_model_path()
+    if not model.is_file():
+        raise FileNotFoundError(
+            f"rembg's {REMBG_MODEL} model is not at {model}; download {REMBG_MODEL}.onnx from the rembg releases "
+            "and put it there (or set $U2NET_HOME), or use background 'alpha' / 'white'"
+        )
+    session = rembg.new_session(REMBG_MODEL)
+    return np.asarray(rembg.remove(Image.fromarray(rgb), session=session, only_mask=True))
+
+
+def white_background_mask(rgb: np.ndarray, tolerance: int = 12) -> np.ndarray:
+    """Foreground of an object on a plain white background: pixels darker than white by more than tolerance."""
+    return np.where((255 - rgb.astype(np.int16)).max(axis=-1) > tolerance, 255, 0).astype(np.uint8)
+
+
+def foreground(image: np.ndarray, background: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """RGB (H, W, 3) and mask (H, W) uint8. `auto`: the alpha channel if there is one, else rembg."""
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    rgb = np.ascontiguousarray(image[..., :3])
+    if background in ("auto", "alpha") and image.shape[-1] == 4:
+        return rgb, image[..., 3]
+    if background == "alpha":
+        raise ValueError("background 'alpha' needs an RGBA image; this one has no alpha channel")
+    if background == "white":
+        return rgb, white_background_mask(rgb)
+    return rgb, rembg_mask(rgb)
+
+
+def recenter(rgb: np.ndarray, mask: np.ndarray, border_ratio: float = 0.2) -> np.ndarray:
+    """Crop the object by its mask and centre it on a square RGBA canvas of side max(H, W), its longer side
+    filling (1 - border_ratio) of the canvas (as kiui's recenter, which the release uses)."""
+    if not 0 <= border_ratio < 1:
+        raise ValueError(f"border_ratio must be in [0, 1), got {border_ratio}")
+    rows, cols = np.nonzero(mask > 127)
+    if rows.size == 0:
+        raise ValueError("the foreground mask is empty: no object found in the image")
+    size = max(mask.shape)
+    top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+    height, width = bottom - top, right - left
+    scale = int(size * (1 - border_ratio)) / max(height, width, 1)
+    new_h, new_w = max(1, int(height * scale)), max(1, int(width * scale))
+    crop = np.concatenate([rgb, mask[..., None]], axis=-1)[top:bottom, left:right]
+    resized = np.asarray(Image.fromarray(crop, "RGBA").resize((new_w, new_h), Image.Resampling.BOX))
+    canvas = np.zeros((size, size, 4), dtype=np.uint8)
+    y0, x0 = (size - new_h) // 2, (size - new_w) // 2
+    canvas[y0:y0 + new_h, x0:x0 + new_w] = resized
+    return canvas
+
+
+def preprocess(image: np.ndarray | str | os.PathLike, size: int = 512, border_ratio: float = 0.2,
+               background: str = "auto") -> torch.Tensor:
+    """An input image -> the LRM's input (3, size, size) in [0, 1]: foreground, recentred, on white, resized
+    bicubically (align_corners=True, clamped) as the release does."""
+    array = load_image(image) if not isinstance(image, np.ndarray) else image
+    if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (H, W, 3 or 4), got {array.shape} {array.dtype}")
+    rgba = recenter(*foreground(array, background), border_ratio=border_ratio)
+    tensor = torch.from_numpy(rgba.copy()).permute(2, 0, 1).float() / 255
+    rgb = tensor[:3] * tensor[3:] + (1 - tensor[3:])
+    rgb = F.interpolate(rgb[None], size=(size, size), mode="bicubic", align_corners=True)[0]
+    return rgb.clamp(0, 1)
