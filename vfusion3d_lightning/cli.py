@@ -69,6 +69,26 @@ def run_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_infer(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .inference import ImageTo3D, input_images, save_outputs
+    from .models.lrm import LRM
+
+    images = input_images(args.input)
+    model = LRM.from_pretrained(args.checkpoint)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    engine = ImageTo3D(model, args.device, dtype, args.input_size, args.border_ratio, args.background)
+    video = None if args.video_format == "none" else args.video_format
+    mesh = None if args.mesh_format == "none" else args.mesh_format
+    for path in tqdm(images, desc="infer", unit="image", disable=len(images) == 1):
+        result = engine.run(path, args.frames, args.render_size, args.frames_per_batch, args.mesh_resolution,
+                            args.mesh_threshold, args.mesh_method, video=video is not None, mesh=mesh is not None)
+        written = save_outputs(result, Path(args.out) / path.stem, video, mesh, args.fps)
+        print(f"{path} -> " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfusion3d-lightning", description=__doc__,
@@ -102,6 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--workers", type=int, default=2, help="rendering processes")
     render.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     render.set_defaults(run=run_render)
+
+    infer = commands.add_parser("infer", help="image(s) -> turntable video and coloured mesh")
+    infer.add_argument("input", help="an image, or a folder of images")
+    infer.add_argument("--checkpoint", default="vfusion3d",
+                       help="save_pretrained folder, weights file, or registry name (default: the released model)")
+    infer.add_argument("--out", required=True, help="folder; each image gets a subfolder")
+    infer.add_argument("--frames", type=int, default=160)
+    infer.add_argument("--render-size", type=int, default=384)
+    infer.add_argument("--frames-per-batch", type=int, default=8, help="turntable frames rendered per call")
+    infer.add_argument("--fps", type=int, default=40)
+    infer.add_argument("--video-format", default="mp4", choices=["mp4", "gif", "none"])
+    infer.add_argument("--mesh-format", default="glb", choices=["glb", "obj", "ply", "none"])
+    infer.add_argument("--mesh-resolution", type=int, default=512)
+    infer.add_argument("--mesh-threshold", type=float, default=1.0)
+    infer.add_argument("--mesh-method", default="coarse_to_fine", choices=["coarse_to_fine", "dense"])
+    infer.add_argument("--input-size", type=int, default=512, help="encoder input size")
+    infer.add_argument("--border-ratio", type=float, default=0.2)
+    infer.add_argument("--background", default="auto", choices=["auto", "rembg", "alpha", "white"],
+                       help="auto: the alpha channel if any, else rembg; white: objects on plain white")
+    infer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    infer.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    infer.set_defaults(run=run_infer)
 
     weights = commands.add_parser("weights", help="list known pretrained weights and whether they are present")
     weights.add_argument("--checkpoint-dir", default=None)

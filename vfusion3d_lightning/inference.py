@@ -1,0 +1,131 @@
+"""Image -> preprocessing -> triplane -> turntable video and coloured mesh."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .cameras import canonical_source_camera, turntable_cameras
+from .io import atomic_write
+from .mesh import export_mesh, extract_mesh
+from .models.lrm import LRM
+from .preprocess import preprocess
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_FORMATS = ("mp4", "gif")
+
+
+@dataclass
+class InferenceResult:
+    """image (3, S, S) preprocessed input; planes (1, 3, C, H, W); frames (N, 3, R, R) in [0, 1] or None;
+    mesh a trimesh.Trimesh or None."""
+
+    image: torch.Tensor
+    planes: torch.Tensor
+    frames: torch.Tensor | None = None
+    mesh: object | None = None
+
+
+class ImageTo3D:
+    """The released inference, batched: `ImageTo3D(LRM.from_pretrained("vfusion3d")).run("photo.png")`."""
+
+    def __init__(self, model: LRM, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 input_size: int = 512, border_ratio: float = 0.2, background: str = "auto"):
+        self.model = model.eval().to(device)
+        self.device, self.dtype = torch.device(device), dtype
+        self.input_size, self.border_ratio, self.background = input_size, border_ratio, background
+
+    def _autocast(self):
+        enabled = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    @torch.no_grad()
+    def planes(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, S, S) in [0, 1] -> planes (1, 3, C, H, W) in float32."""
+        with self._autocast():
+            planes = self.model(image[None].to(self.device), canonical_source_camera(1).to(self.device))
+        return planes.float()
+
+    @torch.no_grad()
+    def turntable(self, planes: torch.Tensor, frames: int = 160, size: int = 384, frames_per_batch: int = 8,
+                  radius: float = 1.5, elevation: float = 0.0) -> torch.Tensor:
+        """Frames (N, 3, size, size) around the object, rendered `frames_per_batch` at a time (the release
+        renders one per call)."""
+        cameras = turntable_cameras(frames, radius, elevation).to(self.device)
+        out = []
+        for start in range(0, frames, frames_per_batch):
+            with self._autocast():
+                rgb = self.model.render(planes, cameras[None, start:start + frames_per_batch], size).rgb[0]
+            out.append(rgb.float().clamp(0, 1).cpu())
+        return torch.cat(out)
+
+    def run(self, image, frames: int = 160, render_size: int = 384, frames_per_batch: int = 8,
+            mesh_resolution: int = 512, mesh_threshold: float = 1.0, mesh_method: str = "coarse_to_fine",
+            video: bool = True, mesh: bool = True) -> InferenceResult:
+        """`image`: a path or a uint8 (H, W, 3|4) array."""
+        tensor = preprocess(image, self.input_size, self.border_ratio, self.background)
+        planes = self.planes(tensor)
+        result = InferenceResult(image=tensor, planes=planes)
+        if video:
+            result.frames = self.turntable(planes, frames, render_size, frames_per_batch)
+        if mesh:
+            result.mesh = extract_mesh(self.model, planes, mesh_resolution, mesh_threshold, mesh_method)
+        return result
+
+
+def to_uint8_frames(frames: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8."""
+    return (frames.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def write_video(frames: torch.Tensor, path: str | Path, fps: int = 40) -> Path:
+    """MP4 (through imageio's ffmpeg plugin) or GIF (Pillow), by suffix, written atomically."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in VIDEO_FORMATS:
+        raise ValueError(f"video {path} must end in one of {['.' + f for f in VIDEO_FORMATS]}")
+    pictures = to_uint8_frames(frames)
+    if fmt == "gif":
+        images = [Image.fromarray(p) for p in pictures]
+
+        def save(tmp: Path) -> None:
+            images[0].save(tmp, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    else:
+        try:
+            import imageio.v2 as imageio
+            import imageio_ffmpeg  # noqa: F401  (the plugin that writes MP4)
+        except ImportError:
+            raise RuntimeError("MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); or write a .gif") from None
+
+        def save(tmp: Path) -> None:
+            imageio.mimwrite(tmp, pictures, fps=fps, macro_block_size=1)
+    return atomic_write(path, save)
+
+
+def input_images(source: str | Path) -> list[Path]:
+    """An image file, or the images in a folder (sorted)."""
+    source = Path(source)
+    if source.is_dir():
+        images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
+        return images
+    if not source.is_file():
+        raise FileNotFoundError(f"input {source} is neither an image file nor a folder")
+    return [source]
+
+
+def save_outputs(result: InferenceResult, out_dir: Path, video_format: str | None, mesh_format: str | None,
+                 fps: int = 40) -> list[Path]:
+    """input.png, turntable.<video_format>, mesh.<mesh_format> in `out_dir`."""
+    picture = to_uint8_frames(result.image[None])[0]
+    written = [atomic_write(out_dir / "input.png", lambda tmp: Image.fromarray(picture).save(tmp))]
+    if video_format and result.frames is not None:
+        written.append(write_video(result.frames, out_dir / f"turntable.{video_format}", fps))
+    if mesh_format and result.mesh is not None:
+        written.append(export_mesh(result.mesh, out_dir / f"mesh.{mesh_format}"))
+    return written
