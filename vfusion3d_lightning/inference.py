@@ -52,14 +52,16 @@ class ImageTo3D:
 
     @torch.no_grad()
     def turntable(self, planes: torch.Tensor, frames: int = 160, size: int = 384, frames_per_batch: int = 8,
-                  radius: float = 1.5, elevation: float = 0.0) -> torch.Tensor:
-        """Frames (N, 3, size, size) around the object, rendered `frames_per_batch` at a time (the release
-        renders one per call)."""
+                  radius: float = 1.5, elevation: float = 0.0, max_rays: int = 2**16) -> torch.Tensor:
+        """Frames (N, 3, size, size) around the object, `frames_per_batch` cameras per call (the release
+        renders one per call); `max_rays` bounds the rays in one renderer pass, and so the memory: 2**16 rays
+        of 128 samples with the released 240-channel features take about 8 GB."""
         cameras = turntable_cameras(frames, radius, elevation).to(self.device)
         out = []
         for start in range(0, frames, frames_per_batch):
             with self._autocast():
-                rgb = self.model.render(planes, cameras[None, start:start + frames_per_batch], size).rgb[0]
+                rgb = self.model.render(planes, cameras[None, start:start + frames_per_batch], size,
+                                        max_rays=max_rays).rgb[0]
             out.append(rgb.float().clamp(0, 1).cpu())
         return torch.cat(out)
 
