@@ -54,8 +54,8 @@ class ImageTo3D:
     def turntable(self, planes: torch.Tensor, frames: int = 160, size: int = 384, frames_per_batch: int = 8,
                   radius: float = 1.5, elevation: float = 0.0, max_rays: int = 2**16) -> torch.Tensor:
         """Frames (N, 3, size, size) around the object, `frames_per_batch` cameras per call (the release
-        renders one per call); `max_rays` bounds the rays in one renderer pass, and so the memory: 2**16 rays
-        of 128 samples with the released 240-channel features take about 8 GB."""
+        renders one per call); `max_rays` bounds the rays in one renderer pass, and so the memory (each ray
+        holds 128 samples of 240 features in the released model)."""
         cameras = turntable_cameras(frames, radius, elevation).to(self.device)
         out = []
         for start in range(0, frames, frames_per_batch):
