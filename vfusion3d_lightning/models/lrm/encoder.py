@@ -75,6 +75,9 @@ class DinoEncoder(nn.Module):
         if min(image.shape[-2:]) < self.patch_size:
             raise ValueError(f"image {tuple(image.shape[-2:])} is smaller than one {self.patch_size}px patch")
         x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+        # a stride-p convolution ignores the last H % p rows and W % p columns (512 -> 36 patches of 14)
+        p = self.patch_size
+        x = x[..., : x.shape[-2] // p * p, : x.shape[-1] // p * p]
         x = self.vit.patch_embed(x)  # (B, h, w, D): dynamic_img_size makes timm keep the grid
         batch, grid_h, grid_w, dim = x.shape
         pos = self.vit.pos_embed
