@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--grid", type=int, default=512)
     parser.add_argument("--frames-per-batch", type=int, default=8)
+    parser.add_argument("--max-rays", type=int, default=2**16, help="rays per renderer pass (ours)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = LRM(LRMConfig.vfusion3d()).cuda().eval()
@@ -56,10 +57,12 @@ def main() -> None:
     peak_released = torch.cuda.max_memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(1)
-    ours, t_ours = timed(lambda: fp32.turntable(planes, args.frames, args.size, args.frames_per_batch))
+    ours, t_ours = timed(lambda: fp32.turntable(planes, args.frames, args.size, args.frames_per_batch,
+                                                max_rays=args.max_rays))
     peak_ours = torch.cuda.max_memory_allocated() / 2**30
     torch.manual_seed(1)
-    ours_bf16, t_ours_bf16 = timed(lambda: bf16.turntable(planes, args.frames, args.size, args.frames_per_batch))
+    ours_bf16, t_ours_bf16 = timed(lambda: bf16.turntable(planes, args.frames, args.size, args.frames_per_batch,
+                                                          max_rays=args.max_rays))
     _, t_dense = timed(lambda: density_grid(model, planes, args.grid))
     _, t_c2f = timed(lambda: coarse_to_fine_grid(model, planes, args.grid))
     print("| step | released-style (fp32) | ours fp32 | ours bf16 |")

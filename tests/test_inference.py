@@ -93,3 +93,15 @@ def test_mp4_and_gif_keep_every_frame(tmp_path):
     assert Image.open(write_video(frames, tmp_path / "turntable.gif")).n_frames == 7
     with pytest.raises(ValueError, match="must end in one of"):
         write_video(frames, tmp_path / "turntable.avi")
+
+
+def test_missing_or_wrong_checkpoints_are_clear(checkpoint, tmp_path):
+    inputs = write_inputs(tmp_path / "inputs")
+    with pytest.raises(FileNotFoundError, match="no LRM weights"):
+        main(["infer", str(inputs), "--checkpoint", str(tmp_path / "nothing.safetensors"), "--out", str(tmp_path)])
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        main(["infer", str(inputs), "--checkpoint", str(wrong / "model.safetensors"), "--out", str(tmp_path)])
+
