@@ -4,20 +4,15 @@ import logging
 
 import pytest
 import torch
-from diffusers import I2VGenXLUNet, UNet3DConditionModel, UNetSpatioTemporalConditionModel
+from diffusers import UNetSpatioTemporalConditionModel
 from torch import nn
 
-from vfusion3d_lightning.models.video import temporal_parameter_names, train_temporal_only
+from vfusion3d_lightning.models.video import build_unet, load_unet, temporal_parameter_names, train_temporal_only
 
 
 def tiny_svd() -> UNetSpatioTemporalConditionModel:
     torch.manual_seed(0)
-    return UNetSpatioTemporalConditionModel(
-        sample_size=8, in_channels=8, out_channels=4,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, num_attention_heads=(2, 4),
-        projection_class_embeddings_input_dim=3 * 8, addition_time_embed_dim=8, num_frames=16)
+    return build_unet("UNetSpatioTemporalConditionModel")
 
 
 def test_svd_trains_exactly_its_temporal_layers(caplog):
@@ -40,18 +35,27 @@ def test_svd_trains_exactly_its_temporal_layers(caplog):
     assert any("time_mixer" in n for n in with_grad) and any("temporal_transformer_blocks" in n for n in with_grad)
 
 
-@pytest.mark.parametrize("cls", [I2VGenXLUNet, UNet3DConditionModel])
-def test_text_video_backbones_select_temp_layers(cls):
-    kwargs = dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                  up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), block_out_channels=(32, 64), layers_per_block=1,
-                  cross_attention_dim=32, norm_num_groups=32)
-    unet = cls(**kwargs, **({"num_attention_heads": 4} if cls is I2VGenXLUNet else {"attention_head_dim": 8}))
+@pytest.mark.parametrize("kind", ["I2VGenXLUNet", "UNet3DConditionModel"])
+def test_text_video_backbones_select_temp_layers(kind):
+    unet = build_unet(kind)
     names = temporal_parameter_names(unet)
     assert names and all(n.split(".")[0] == "transformer_in" or ".temp_attentions." in n or ".temp_convs." in n
                          for n in names)
     assert any(".temp_convs." in n for n in names) and any(n.startswith("transformer_in.") for n in names)
     trainable, total = train_temporal_only(unet)
     assert trainable < total and sum(p.numel() for p in unet.parameters() if p.requires_grad) == trainable
+
+
+def test_local_folders_load_and_missing_ones_say_what_to_fetch(tmp_path):
+    unet = tiny_svd()
+    unet.save_pretrained(tmp_path / "svd" / "unet")
+    loaded = load_unet("UNetSpatioTemporalConditionModel", tmp_path / "svd")
+    assert isinstance(loaded, UNetSpatioTemporalConditionModel)
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="stabilityai/stable-video-diffusion-img2vid-xt"):
+        load_unet("UNetSpatioTemporalConditionModel", tmp_path / "nothing")
+    with pytest.raises(ValueError, match="unsupported video UNet"):
+        build_unet("UNet2DModel")
 
 
 def test_unknown_backbones_are_named():
