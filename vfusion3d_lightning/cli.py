@@ -6,18 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 
-def to_uint8_image(rgb: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
-    return (rgb.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-
-
 def run_demo(args: argparse.Namespace) -> int:
     from .cameras import canonical_source_camera, turntable_cameras
+    from .io import to_uint8_images
     from .models.lrm import LRM, LRMConfig
 
     torch.manual_seed(args.seed)
@@ -31,7 +26,7 @@ def run_demo(args: argparse.Namespace) -> int:
                              generator=torch.Generator().manual_seed(args.seed))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8_image(frame.rgb[0, 0])).save(out)
+    Image.fromarray(to_uint8_images(frame.rgb[0, 0])).save(out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"LRM '{args.preset}' ({n_params:,} parameters, random weights): planes {tuple(planes.shape)}, "
           f"turntable frame 0 of {args.frames} at {args.size}x{args.size}, mean opacity "

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .cameras import canonical_source_camera, turntable_cameras
-from .io import atomic_write
+from .io import atomic_write, to_uint8_images
 from .mesh import export_mesh, extract_mesh
 from .models.lrm import LRM
 from .preprocess import preprocess
@@ -92,18 +91,13 @@ class ImageTo3D:
         return result
 
 
-def to_uint8_frames(frames: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8."""
-    return (frames.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-
-
 def write_video(frames: torch.Tensor, path: str | Path, fps: int = 40) -> Path:
     """MP4 (through imageio's ffmpeg plugin) or GIF (Pillow), by suffix, written atomically."""
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in VIDEO_FORMATS:
         raise ValueError(f"video {path} must end in one of {['.' + f for f in VIDEO_FORMATS]}")
-    pictures = to_uint8_frames(frames)
+    pictures = to_uint8_images(frames)
     if fmt == "gif":
         images = [Image.fromarray(p) for p in pictures]
 
@@ -137,7 +131,7 @@ def input_images(source: str | Path) -> list[Path]:
 def save_outputs(result: InferenceResult, out_dir: Path, video_format: str | None, mesh_format: str | None,
                  fps: int = 40) -> list[Path]:
     """input.png, turntable.<video_format>, mesh.<mesh_format> in `out_dir`."""
-    picture = to_uint8_frames(result.image[None])[0]
+    picture = to_uint8_images(result.image)
     written = [atomic_write(out_dir / "input.png", lambda tmp: Image.fromarray(picture).save(tmp))]
     if video_format and result.frames is not None:
         written.append(write_video(result.frames, out_dir / f"turntable.{video_format}", fps))

@@ -1,4 +1,4 @@
-"""File writing that never leaves a half-written file under the final name."""
+"""Writing outputs: files that are never half-written under their final name, images as uint8."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
+import torch
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -25,3 +28,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    """Images (..., 3, H, W) in [0, 1] -> (..., H, W, 3) uint8, rounded."""
+    pixels = images.detach().float().clamp(0, 1).movedim(-3, -1).cpu().numpy()
+    return (pixels * 255).round().astype(np.uint8)

@@ -91,6 +91,18 @@ def resolve_weights(name: str, directory: str | Path | None = None) -> tuple[Wei
     return entry, path
 
 
+def locate_weights(source: str | os.PathLike, directory: str | Path | None = None,
+                   missing: str = "no weights at {path}") -> tuple[WeightsEntry | None, Path]:
+    """An existing path as it is (no entry), else the file of a registry name; `missing` (with {path}) is the
+    error for a path that does not exist."""
+    path = Path(source)
+    if path.exists():
+        return None, path
+    if isinstance(source, str) and os.sep not in source and not path.suffix:
+        return resolve_weights(source, directory)
+    raise FileNotFoundError(missing.format(path=path))
+
+
 def load_state_file(path: str | Path) -> dict:
     """Read a weights file without executing code: safetensors, or torch.load(weights_only=True)."""
     path = Path(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from ...io import atomic_write
-from ...registry import load_state_file, resolve_weights
+from ...registry import load_state_file, locate_weights
 from .config import LRMConfig
 from .convert import convert_released_lrm, hf_dinov2_to_timm, is_released_state_dict
 
@@ -63,16 +62,13 @@ def _unwrap_released(payload: dict, path: Path) -> dict[str, torch.Tensor]:
 
 def load_pretrained(cls: type["LRM"], source: str | Path, config: LRMConfig | None = None,
                     checkpoint_dir: str | Path | None = None) -> "LRM":
-    path = Path(source)
-    if not path.exists():
-        if isinstance(source, str) and os.sep not in source and not path.suffix:
-            entry, path = resolve_weights(source, checkpoint_dir)
-            if entry.converter == "dinov2_hf":
-                raise ValueError(f"{source!r} holds encoder weights only; use LRM.load_encoder_weights({source!r})")
-            config = config or LRMConfig.preset(entry.config)
-        else:
-            raise FileNotFoundError(f"no LRM weights at {path}: give a save_pretrained folder, a weights file, or a "
-                                    "registry name (see checkpoints/registry.yaml)")
+    entry, path = locate_weights(source, checkpoint_dir,
+                                 "no LRM weights at {path}: give a save_pretrained folder, a weights file, or a "
+                                 "registry name (see checkpoints/registry.yaml)")
+    if entry is not None:
+        if entry.converter == "dinov2_hf":
+            raise ValueError(f"{source!r} holds encoder weights only; use LRM.load_encoder_weights({source!r})")
+        config = config or LRMConfig.preset(entry.config)
     if path.is_dir():
         weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
         if not weights.is_file():
@@ -95,15 +91,10 @@ def load_pretrained(cls: type["LRM"], source: str | Path, config: LRMConfig | No
 
 def load_encoder_weights(model: "LRM", source: str | Path, checkpoint_dir: str | Path | None = None) -> None:
     """Load DINOv2 weights (transformers or timm names) into the encoder: a file path or a registry name."""
-    path = Path(source)
-    if not path.exists():
-        if isinstance(source, str) and os.sep not in source and not path.suffix:
-            _, path = resolve_weights(source, checkpoint_dir)
-        else:
-            raise FileNotFoundError(
-                f"DINOv2 weights not found at {path}. Download facebook/dinov2-base's model.safetensors (or timm's "
-                f"vit_base_patch14_dinov2.lvd142m) and save it there, or start from random encoder weights."
-            )
+    _, path = locate_weights(
+        source, checkpoint_dir,
+        "DINOv2 weights not found at {path}. Download facebook/dinov2-base's model.safetensors (or timm's "
+        "vit_base_patch14_dinov2.lvd142m) and save it there, or start from random encoder weights.")
     state = load_state_file(path)
     if any(k.startswith("embeddings.") for k in state):
         state = hf_dinov2_to_timm(state)
