@@ -84,6 +84,25 @@ def run_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_generate(args: argparse.Namespace) -> int:
+    from .data.generate_shards import generate_shards, read_inputs
+    from .models.video import SamplerSettings
+    from .modules.video_diffusion import load_video_model
+
+    inputs = read_inputs(args.inputs)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = load_video_model(args.model).to(args.device, dtype).eval()
+    guidance = args.guidance if len(args.guidance) == 2 else args.guidance * 2
+    settings = SamplerSettings(num_frames=args.frames, num_inference_steps=args.steps, min_guidance=guidance[0],
+                               max_guidance=guidance[1], decode_chunk=args.decode_chunk)
+    report = generate_shards(model, inputs, args.out, settings, frame_size=args.size, batch_size=args.batch_size,
+                             seed=args.seed, shard_size=args.shard_size, border_ratio=args.border_ratio,
+                             background=args.background, model_name=str(args.model))
+    print(f"generated {report.generated}, already present {report.skipped_existing}, failed {len(report.failed)} "
+          f"-> {args.out} (report: generate_report.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfusion3d-lightning", description=__doc__,
@@ -139,6 +158,29 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     infer.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     infer.set_defaults(run=run_infer)
+
+    generate = commands.add_parser("generate", help="condition images + prompts -> orbit videos as shards")
+    generate.add_argument("--model", required=True,
+                          help="a VideoDiffusionModule .ckpt, an exported folder, a diffusers folder or an "
+                               "architecture name (random weights)")
+    generate.add_argument("--inputs", required=True,
+                          help="a folder of images (prompts in same-stem .txt files), or a .jsonl/.csv file with "
+                               "image and prompt fields")
+    generate.add_argument("--out", required=True, help="folder for shard-NNNNNN.tar files")
+    generate.add_argument("--frames", type=int, default=16)
+    generate.add_argument("--size", type=int, default=256, help="frame size in pixels")
+    generate.add_argument("--steps", type=int, default=25, help="denoising steps")
+    generate.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0],
+                          help="classifier-free guidance: one value, or first-frame and last-frame values")
+    generate.add_argument("--batch-size", type=int, default=4)
+    generate.add_argument("--shard-size", type=int, default=64, help="videos per shard (a kill redoes one shard)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--border-ratio", type=float, default=0.2)
+    generate.add_argument("--background", default="auto", choices=["auto", "rembg", "alpha", "white"])
+    generate.add_argument("--decode-chunk", type=int, default=8, help="frames per VAE decode call")
+    generate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    generate.set_defaults(run=run_generate)
 
     weights = commands.add_parser("weights", help="list known pretrained weights and whether they are present")
     weights.add_argument("--checkpoint-dir", default=None)

@@ -2,21 +2,26 @@
 
 import logging
 
+import diffusers
 import pytest
 import torch
-from diffusers import UNetSpatioTemporalConditionModel
 from torch import nn
 
-from vfusion3d_lightning.models.video import build_unet, load_unet, temporal_parameter_names, train_temporal_only
+from vfusion3d_lightning.models.video import VideoDiffusionModel, temporal_parameter_names, train_temporal_only
+
+TINY_MODELSCOPE = dict(
+    sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), block_out_channels=(32, 64), layers_per_block=1,
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
 
 
-def tiny_svd() -> UNetSpatioTemporalConditionModel:
+def tiny_svd_unet() -> nn.Module:
     torch.manual_seed(0)
-    return build_unet("UNetSpatioTemporalConditionModel")
+    return VideoDiffusionModel.build("tiny-svd").unet
 
 
 def test_svd_trains_exactly_its_temporal_layers(caplog):
-    unet = tiny_svd()
+    unet = tiny_svd_unet()
     with caplog.at_level(logging.INFO):
         trainable, total = train_temporal_only(unet)
     assert "training" in caplog.text and f"{trainable}" in caplog.text
@@ -37,25 +42,17 @@ def test_svd_trains_exactly_its_temporal_layers(caplog):
 
 @pytest.mark.parametrize("kind", ["I2VGenXLUNet", "UNet3DConditionModel"])
 def test_text_video_backbones_select_temp_layers(kind):
-    unet = build_unet(kind)
+    torch.manual_seed(0)
+    if kind == "I2VGenXLUNet":
+        unet = VideoDiffusionModel.build("tiny-i2vgen-xl").unet
+    else:
+        unet = diffusers.UNet3DConditionModel(**TINY_MODELSCOPE)
     names = temporal_parameter_names(unet)
     assert names and all(n.split(".")[0] == "transformer_in" or ".temp_attentions." in n or ".temp_convs." in n
                          for n in names)
     assert any(".temp_convs." in n for n in names) and any(n.startswith("transformer_in.") for n in names)
     trainable, total = train_temporal_only(unet)
     assert trainable < total and sum(p.numel() for p in unet.parameters() if p.requires_grad) == trainable
-
-
-def test_local_folders_load_and_missing_ones_say_what_to_fetch(tmp_path):
-    unet = tiny_svd()
-    unet.save_pretrained(tmp_path / "svd" / "unet")
-    loaded = load_unet("UNetSpatioTemporalConditionModel", tmp_path / "svd")
-    assert isinstance(loaded, UNetSpatioTemporalConditionModel)
-    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), loaded.state_dict().values()))
-    with pytest.raises(FileNotFoundError, match="stabilityai/stable-video-diffusion-img2vid-xt"):
-        load_unet("UNetSpatioTemporalConditionModel", tmp_path / "nothing")
-    with pytest.raises(ValueError, match="unsupported video UNet"):
-        build_unet("UNet2DModel")
 
 
 def test_unknown_backbones_are_named():

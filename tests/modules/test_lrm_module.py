@@ -11,8 +11,6 @@ import torch
 
 from vfusion3d_lightning.cameras import canonical_source_camera
 from vfusion3d_lightning.cli import lightning_cli, main
-from vfusion3d_lightning.data.procedural import write_assets
-from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
 from vfusion3d_lightning.models.lrm import LRM
 from vfusion3d_lightning.modules import LRMModule
 from vfusion3d_lightning.schedules import WarmupCosineRestarts
@@ -23,12 +21,8 @@ STEPS_PER_EPOCH = 4  # tiny.yaml: 8 samples per epoch, batch 2
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lrm_data")
-    write_assets(root / "assets", 8, seed=5, progress=False)
-    render_folder(root / "assets", root / "set32", RenderSettings(views="random32", resolution=48), workers=1,
-                  shard_size=2, progress=False)
-    return str(root / "set32" / "shard-*.tar")
+def shards(tmp_path_factory, procedural_shards):
+    return procedural_shards(tmp_path_factory.mktemp("lrm_data"), 8, seed=5, views="random32", resolution=48)
 
 
 def args(shards: str, root: Path, *extra: str) -> list[str]:

@@ -24,7 +24,7 @@ from .render import (
     scale_intrinsics,
     uniform_cameras,
 )
-from .schema import MultiViewSample, ShardWriter, complete_shards, encode_sample, keys_in_shards
+from .schema import MultiViewSample, ShardWriter, encode_sample, resume_shard_folder
 
 ASSET_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 VIEW_SETS = ("orbit16", "random32", "uniform32")
@@ -115,10 +115,7 @@ def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSe
     under `if __name__ == "__main__":`."""
     settings = settings or RenderSettings()
     asset_dir, out_dir = Path(asset_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.tar.partial"):  # left by a killed run; those objects render again
-        stale.unlink()
-    done = {key for keys in keys_in_shards(complete_shards(out_dir)).values() for key in keys}
+    done = resume_shard_folder(out_dir)
     assets = find_assets(asset_dir)
     keys = [sample_key(p) for p in assets]
     clashes = {k for k in keys if keys.count(k) > 1}

@@ -307,3 +307,13 @@ def keys_in_shards(paths: list[Path]) -> dict[Path, list[str]]:
                     seen.setdefault(os.path.basename(member.name).split(".", 1)[0], None)
         keys[path] = list(seen)
     return keys
+
+
+def resume_shard_folder(directory: str | Path, prefix: str = "shard") -> set[str]:
+    """Prepare `directory` for a resumable job: remove `.tar.partial` files a killed run left (their samples
+    are made again) and return the keys already in complete shards (skipped)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(f"{prefix}-*.tar.partial"):
+        stale.unlink()
+    return {key for keys in keys_in_shards(complete_shards(directory, prefix)).values() for key in keys}

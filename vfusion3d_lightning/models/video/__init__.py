@@ -1,7 +1,11 @@
 """Video diffusion backbones (diffusers) for the multi-view data engine."""
 
-from .backbone import HUB_IDS, TINY_CONFIGS, build_unet, load_unet
+from .architectures import ARCHITECTURES
+from .model import HUB_IDS, SUPPORTED_UNETS, Conditioning, Conditions, VideoDiffusionModel
+from .objectives import EDMObjective, SchedulerObjective, objective_for
+from .pipeline import OrbitVideoPipeline, SamplerSettings
 from .temporal import TEMPORAL_MODULES, temporal_parameter_names, train_temporal_only
 
-__all__ = ["HUB_IDS", "TEMPORAL_MODULES", "TINY_CONFIGS", "build_unet", "load_unet", "temporal_parameter_names",
-           "train_temporal_only"]
+__all__ = ["ARCHITECTURES", "HUB_IDS", "SUPPORTED_UNETS", "TEMPORAL_MODULES", "Conditioning", "Conditions",
+           "EDMObjective", "OrbitVideoPipeline", "SamplerSettings", "SchedulerObjective", "VideoDiffusionModel",
+           "objective_for", "temporal_parameter_names", "train_temporal_only"]

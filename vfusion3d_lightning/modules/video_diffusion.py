@@ -1,0 +1,205 @@
+"""VideoDiffusionModule: fine-tunes an image(+text)-conditioned video diffusion model on orbit videos,
+training only its temporal layers (the paper's recipe), with the backbone's own diffusion objective."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+import numpy as np
+import torch
+from PIL import Image
+
+from ..io import atomic_write, to_uint8_images
+from ..models.video import (Conditioning, OrbitVideoPipeline, SamplerSettings, VideoDiffusionModel, objective_for,
+                            train_temporal_only)
+from ..schedules import WarmupCosineRestarts
+from .ema import ParameterEMA
+
+
+class VideoDiffusionModule(L.LightningModule):
+    """Batches come from `VideoDataModule`: frames (B, F, 3, S, S) in [0, 1], prompt (list of str).
+
+    The first frame is the image condition and the prompt the text condition (for backbones that take text);
+    conditions are dropped together with probability `condition_dropout` so that classifier-free guidance
+    works at sampling time. `model` is an architecture name (random weights, see models/video/architectures.py)
+    or a local diffusers folder / cached hub id of a public video model. `export(dir)` writes a folder that
+    `VideoDiffusionModel.load` and `vfusion3d-lightning generate` read.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny-svd",
+        variant: str | None = None,
+        trainable: Literal["temporal", "all"] = "temporal",
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 500,
+        min_lr_ratio: float = 1.0,
+        condition_dropout: float = 0.1,
+        gradient_checkpointing: bool = False,
+        ema_decay: float | None = None,
+        fps: int = 7,
+        motion_bucket_id: int = 127,
+        noise_aug_strength: float = 0.02,
+        p_mean: float = 0.7,
+        p_std: float = 1.6,
+        sample_every_n_epochs: int = 1,
+        sample_steps: int = 25,
+        min_guidance: float = 1.0,
+        max_guidance: float = 3.0,
+    ):
+        super().__init__()
+        if not 0.0 <= condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1), got {condition_dropout}")
+        self.save_hyperparameters()
+        conditioning = Conditioning(fps=fps, motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength)
+        self.model = VideoDiffusionModel.load(model, variant=variant, conditioning=conditioning)
+        if trainable == "temporal":
+            self.trained, self.total = train_temporal_only(self.model.unet)
+        else:
+            self.model.unet.requires_grad_(True)
+            self.total = self.trained = sum(p.numel() for p in self.model.unet.parameters())
+        rank_zero_info(f"video model {model} ({self.model.kind}): training {self.trained:,} {trainable} of "
+                       f"{self.total:,} UNet parameters ({100 * self.trained / self.total:.1f}%)")
+        if gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.objective = objective_for(self.model, p_mean, p_std)
+        self.ema: ParameterEMA | None = None
+        self._pending_ema: dict | None = None
+        # frozen weights of a pretrained base reload from `model`; random ones must travel in the checkpoint
+        self.strict_loading = not self._frozen_weights_reload()
+
+    def _frozen_weights_reload(self) -> bool:
+        from ..models.video import ARCHITECTURES
+
+        return self.hparams.model not in ARCHITECTURES
+
+    # ------------------------------------------------------------------ training
+
+    def _loss(self, batch: dict, generator: torch.Generator | None = None, dropout: float = 0.0) -> torch.Tensor:
+        frames = batch["frames"]
+        self.model.check_frames(frames.shape[1], frames.shape[-2], frames.shape[-1])
+        drop = None
+        if dropout > 0:
+            drop = torch.rand(frames.shape[0], generator=generator, device=frames.device) < dropout
+        latents = self.model.encode_frames(frames, generator)
+        cond = self.model.conditions(frames[:, 0], batch.get("prompt"), frames.shape[1], drop=drop)
+        return self.objective.loss(self.model, latents, cond, generator)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch, dropout=self.hparams.condition_dropout)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
+        return loss
+
+    def on_fit_start(self) -> None:
+        if self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_metrics({"params/trained": float(self.trained), "params/total": float(self.total)}, 0)
+        if self.hparams.ema_decay is not None:
+            self.ema = ParameterEMA(self.model.unet, self.hparams.ema_decay).to(self.device)
+            if self._pending_ema is not None:
+                self.ema.load_state_dict(self._pending_ema)
+                self._pending_ema = None
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: checkpoint callbacks run before that hook and would miss this update
+        if self.ema is not None:
+            self.ema.update(self.model.unet)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.model.unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        scheduler = WarmupCosineRestarts(optimizer, total_steps=int(self.trainer.estimated_stepping_batches),
+                                         warmup_steps=hp.warmup_steps, min_lr_ratio=hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation
+
+    def _averaged(self):
+        from contextlib import nullcontext
+
+        return self.ema.applied(self.model.unet) if self.ema is not None else nullcontext()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # same noise and timesteps for the same batch every time: comparable across epochs
+        generator = torch.Generator(self.device).manual_seed(batch_idx)
+        with self._averaged():
+            loss = self._loss(batch, generator)
+            if (batch_idx == 0 and self.hparams.sample_every_n_epochs and self.trainer.is_global_zero
+                    and not self.trainer.sanity_checking
+                    and (self.current_epoch + 1) % self.hparams.sample_every_n_epochs == 0):
+                self._save_samples(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0], sync_dist=True)
+
+    def _save_samples(self, batch: dict, count: int = 2) -> None:
+        """Generated orbits for the first validation clips (above each: the ground truth), as one PNG grid."""
+        frames = batch["frames"][:count]
+        settings = SamplerSettings(num_frames=frames.shape[1], num_inference_steps=self.hparams.sample_steps,
+                                   min_guidance=self.hparams.min_guidance, max_guidance=self.hparams.max_guidance)
+        prompts = batch.get("prompt")
+        generated = OrbitVideoPipeline(self.model, settings)(frames[:, 0], prompts[:count] if prompts else None,
+                                                             seeds=list(range(frames.shape[0])), progress=False)
+        grid = orbit_grid(torch.stack([frames.float(), generated], 1).flatten(0, 1))
+        path = (Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
+                / f"epoch{self.current_epoch:03d}_step{self.global_step:07d}.png")
+        atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("val/orbits", grid, self.global_step, dataformats="HWC")
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+        if self._frozen_weights_reload():  # keep checkpoints to the trained weights
+            trained = {f"model.unet.{n}" for n, p in self.model.unet.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._frozen_weights_reload():
+            trained = {f"model.unet.{n}" for n, p in self.model.unet.named_parameters() if p.requires_grad}
+            missing = trained - set(checkpoint["state_dict"])
+            if missing:
+                raise KeyError(f"checkpoint lacks {len(missing)} trained parameters of {self.hparams.model}, "
+                               f"e.g. {sorted(missing)[:3]}: it was written by a different configuration")
+        self._pending_ema = checkpoint.get("ema")
+
+    def export(self, directory: str | Path, use_ema: bool = True) -> Path:
+        """save_pretrained of the model (with the averaged weights when EMA is on and `use_ema`)."""
+        if use_ema and self.ema is None and self._pending_ema is not None:
+            self.ema = ParameterEMA(self.model.unet, self.hparams.ema_decay or 0.999)
+            self.ema.load_state_dict(self._pending_ema)
+        if use_ema and self.ema is not None:
+            with self.ema.applied(self.model.unet):
+                return self.model.save_pretrained(directory)
+        return self.model.save_pretrained(directory)
+
+
+def orbit_grid(videos: torch.Tensor) -> np.ndarray:
+    """(R, F, 3, H, W) in [0, 1] -> one (R*H, F*W, 3) uint8 image: a row per video, frames left to right."""
+    rows = [np.concatenate(list(to_uint8_images(video)), axis=1) for video in videos]
+    return np.concatenate(rows, axis=0)
+
+
+def load_video_model(source: str | Path, use_ema: bool = True) -> VideoDiffusionModel:
+    """A video model from a VideoDiffusionModule checkpoint (.ckpt, with its averaged weights when it has
+    them and `use_ema`), or anything `VideoDiffusionModel.load` reads."""
+    if str(source).endswith(".ckpt"):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"checkpoint {source} does not exist")
+        module = VideoDiffusionModule.load_from_checkpoint(source, map_location="cpu", weights_only=True)
+        if use_ema and module._pending_ema is not None:
+            ema = ParameterEMA(module.model.unet, module.hparams.ema_decay or 0.999)
+            ema.load_state_dict(module._pending_ema)
+            with torch.no_grad():
+                params = dict(module.model.unet.named_parameters())
+                for name in ema.names:
+                    params[name].copy_(ema.shadow[name])
+        return module.model
+    return VideoDiffusionModel.load(source)
