@@ -96,7 +96,8 @@ def run_generate(args: argparse.Namespace) -> int:
     settings = SamplerSettings(num_frames=args.frames, num_inference_steps=args.steps, min_guidance=guidance[0],
                                max_guidance=guidance[1], decode_chunk=args.decode_chunk)
     report = generate_shards(model, inputs, args.out, settings, frame_size=args.size, batch_size=args.batch_size,
-                             seed=args.seed, shard_size=args.shard_size, border_ratio=args.border_ratio,
+                             seed=args.seed, shard_size=args.shard_size,
+                             border_ratio=args.border_ratio if args.border_ratio >= 0 else None,
                              background=args.background, model_name=str(args.model))
     print(f"generated {report.generated}, already present {report.skipped_existing}, failed {len(report.failed)} "
           f"-> {args.out} (report: generate_report.json)")
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=4)
     generate.add_argument("--shard-size", type=int, default=64, help="videos per shard (a kill redoes one shard)")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--border-ratio", type=float, default=0.2)
+    generate.add_argument("--border-ratio", type=float, default=0.2,
+                          help="recentre the object with this margin; a negative value keeps the image's framing")
     generate.add_argument("--background", default="auto", choices=["auto", "rembg", "alpha", "white"])
     generate.add_argument("--decode-chunk", type=int, default=8, help="frames per VAE decode call")
     generate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -90,14 +90,22 @@ def recenter(rgb: np.ndarray, mask: np.ndarray, border_ratio: float = 0.2) -> np
     return canvas
 
 
-def preprocess(image: np.ndarray | str | os.PathLike, size: int = 512, border_ratio: float = 0.2,
+def preprocess(image: np.ndarray | str | os.PathLike, size: int = 512, border_ratio: float | None = 0.2,
                background: str = "auto") -> torch.Tensor:
     """An input image -> the LRM's input (3, size, size) in [0, 1]: foreground, recentred, on white, resized
-    bicubically (align_corners=True, clamped) as the release does."""
+    bicubically (align_corners=True, clamped) as the release does. `border_ratio` None keeps the image's own
+    framing (a square image of a rendered object)."""
     array = load_image(image) if not isinstance(image, np.ndarray) else image
     if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (H, W, 3 or 4), got {array.shape} {array.dtype}")
-    rgba = recenter(*foreground(array, background), border_ratio=border_ratio)
+    rgb, mask = foreground(array, background)
+    if border_ratio is None:
+        if rgb.shape[0] != rgb.shape[1]:
+            raise ValueError(f"keeping the framing needs a square image, got {rgb.shape[1]}x{rgb.shape[0]}; "
+                             "give a border ratio to recentre it")
+        rgba = np.concatenate([rgb, mask[..., None]], axis=-1)
+    else:
+        rgba = recenter(rgb, mask, border_ratio=border_ratio)
     tensor = torch.from_numpy(rgba.copy()).permute(2, 0, 1).float() / 255
     rgb = tensor[:3] * tensor[3:] + (1 - tensor[3:])
     rgb = F.interpolate(rgb[None], size=(size, size), mode="bicubic", align_corners=True)[0]

@@ -115,7 +115,7 @@ def _sample(item: GenerationInput, frames: torch.Tensor, seed: int, settings: Sa
 
 def generate_shards(model: VideoDiffusionModel, inputs: list[GenerationInput], out_dir: str | Path,
                     settings: SamplerSettings | None = None, frame_size: int = 256, batch_size: int = 4,
-                    seed: int = 0, shard_size: int = 64, border_ratio: float = 0.2, background: str = "auto",
+                    seed: int = 0, shard_size: int = 64, border_ratio: float | None = 0.2, background: str = "auto",
                     model_name: str = "", progress: bool = True) -> GenerationReport:
     """Generate a video per input into `out_dir/shard-NNNNNN.tar`. Keys already in complete shards are
     skipped; a killed run leaves only `.tar.partial` files, removed here, so its samples are made again."""

@@ -88,13 +88,35 @@ ARCHITECTURES: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
 
 def char_tokenizer(model_max_length: int = 77):
     """A CLIP tokenizer with one token per byte (no merges) for random-weight text encoders: real pretrained
-    text encoders load their own BPE tokenizer from their folder."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    text encoders load their own BPE tokenizer from their folder. Built from files, which every transformers
+    version reads."""
+    import json
+    import tempfile
+    from pathlib import Path
 
-    chars = list(bytes_to_unicode().values())
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "vocab.json").write_text(json.dumps(vocab))
+        Path(folder, "merges.txt").write_text("#version: 0.2\n")
+        Path(folder, "tokenizer_config.json").write_text(json.dumps({"model_max_length": model_max_length}))
+        return CLIPTokenizer.from_pretrained(folder)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
