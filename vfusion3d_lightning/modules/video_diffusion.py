@@ -93,6 +93,7 @@ class VideoDiffusionModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch, dropout=self.hparams.condition_dropout)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def on_fit_start(self) -> None:

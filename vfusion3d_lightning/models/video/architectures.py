@@ -56,15 +56,17 @@ ARCHITECTURES: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
     "small-svd-pixels": {
         "unet": ("UNetSpatioTemporalConditionModel", dict(
             sample_size=64, in_channels=6, out_channels=3,
-            down_block_types=("CrossAttnDownBlockSpatioTemporal",) * 2 + ("DownBlockSpatioTemporal",),
-            up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 2,
+            # no attention at full resolution: 4096-token attention per frame costs most and adds little
+            down_block_types=("DownBlockSpatioTemporal",) + ("CrossAttnDownBlockSpatioTemporal",) * 2,
+            up_block_types=("CrossAttnUpBlockSpatioTemporal",) * 2 + ("UpBlockSpatioTemporal",),
             block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=256,
             num_attention_heads=(2, 4, 8), projection_class_embeddings_input_dim=3 * 64, addition_time_embed_dim=64,
             num_frames=16)),
         "image_encoder": ("CLIPVisionModelWithProjection", dict(
             hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=64,
             patch_size=8, projection_dim=256)),
-        "scheduler": SVD_SCHEDULER,
+        # EDM's pixel-space noise range (sigma_max 80) instead of SVD's latent-space 700
+        "scheduler": (SVD_SCHEDULER[0], dict(SVD_SCHEDULER[1], sigma_max=80.0)),
     },
     # the shapes of stabilityai/stable-video-diffusion-img2vid-xt (UNet defaults are that model's config)
     "svd-xt": {
