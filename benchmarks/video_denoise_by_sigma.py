@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vfusion3d_lightning.io import on_white
 from vfusion3d_lightning.models.video.pipeline import OrbitVideoPipeline, SamplerSettings
 from vfusion3d_lightning.modules.video_diffusion import load_video_model, orbit_grid
 
-from video_first_frames import on_white, samples
+from video_first_frames import samples
 
 
 def main() -> None:

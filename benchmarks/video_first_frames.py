@@ -8,24 +8,18 @@ orbits with the ground truth.
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
 from vfusion3d_lightning.data.schema import complete_shards, decode_sample
+from vfusion3d_lightning.io import on_white
 from vfusion3d_lightning.modules.video_diffusion import orbit_grid
 
 
 def samples(folder: str) -> dict:
     return {s.key: s for s in map(decode_sample, wds.WebDataset([str(p) for p in complete_shards(folder)],
                                                                 shardshuffle=False))}
-
-
-def on_white(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 4) uint8 -> (N, 3, H, W) in [0, 1] composited on white."""
-    rgba = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
-    return rgba[:, :3] * rgba[:, 3:] + (1 - rgba[:, 3:])
 
 
 def main() -> None:

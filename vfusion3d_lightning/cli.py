@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     generate.set_defaults(run=run_generate)
 
+    label_ui = commands.add_parser("label-ui", help="a local web page to label generated videos good or bad")
+    from . import label_ui as label_ui_module
+
+    label_ui_module.add_arguments(label_ui)
+    label_ui.set_defaults(run=label_ui_module.run)
+
     weights = commands.add_parser("weights", help="list known pretrained weights and whether they are present")
     weights.add_argument("--checkpoint-dir", default=None)
     weights.set_defaults(run=run_weights)

@@ -34,3 +34,9 @@ def to_uint8_images(images: torch.Tensor) -> np.ndarray:
     """Images (..., 3, H, W) in [0, 1] -> (..., H, W, 3) uint8, rounded."""
     pixels = images.detach().float().clamp(0, 1).movedim(-3, -1).cpu().numpy()
     return (pixels * 255).round().astype(np.uint8)
+
+
+def on_white(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 4) uint8 RGBA -> (N, 3, H, W) floats in [0, 1], composited on white."""
+    rgba = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+    return rgba[:, :3] * rgba[:, 3:] + (1 - rgba[:, 3:])

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file as load_safetensors
 
 CHECKPOINT_DIR_ENV = "VFUSION3D_CHECKPOINTS"
-CONVERTERS = ("vfusion3d_released", "dinov2_hf", "lrm")
+CONVERTERS = ("vfusion3d_released", "dinov2_hf", "lrm", "timm")
 
 
 @dataclass(frozen=True)

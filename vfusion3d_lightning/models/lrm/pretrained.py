@@ -68,6 +68,8 @@ def load_pretrained(cls: type["LRM"], source: str | Path, config: LRMConfig | No
     if entry is not None:
         if entry.converter == "dinov2_hf":
             raise ValueError(f"{source!r} holds encoder weights only; use LRM.load_encoder_weights({source!r})")
+        if entry.converter == "timm":
+            raise ValueError(f"{source!r} holds curation feature weights (models.features.DinoFeatures), not an LRM")
         config = config or LRMConfig.preset(entry.config)
     if path.is_dir():
         weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME

@@ -1,0 +1,342 @@
+"""A local web page for hand-labelling generated orbit videos good or bad (the quality SVM's training labels).
+
+The page plays one video of a shard folder at a time; `g` marks it good, `b` bad, `s` skips it, ArrowLeft goes
+back. Each label is appended to a JSONL file, one object per line, flushed and fsync'd at once so a killed
+server loses nothing:
+
+    {"key": "vid0001", "label": 1, "object_id": "...", "time": "2025-01-01T12:00:00+00:00"}
+
+label 1 = good, 0 = bad. Relabelling a video appends another line: the LAST line for a key wins
+(`read_labels`), so the file is an append-only history.
+
+Standard library only (http.server), and the page uses no external resources: labelling machines may be offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import os
+import tarfile
+import threading
+import time
+from datetime import datetime, timezone
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+from PIL import Image
+
+from .data.labels import read_labels
+from .data.schema import MultiViewSample, SampleError, complete_shards, decode_sample
+
+LABELS = {"good": 1, "bad": 0}
+
+
+def _index_shards(folder: Path) -> dict[str, dict]:
+    """key -> {shard, members (suffix -> (offset, size)), object_id, prompt, frames}, from tar headers and the
+    small .json files only, so a video's images are read (by offset) only when it is shown."""
+    shards = complete_shards(folder)
+    if not shards:
+        raise FileNotFoundError(f"{folder}: no shard-*.tar files; the labeller needs a folder of shard-*.tar files "
+                                "(as written by `vfusion3d-lightning generate`)")
+    videos: dict[str, dict] = {}
+    for shard in shards:
+        found: dict[str, dict] = {}
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, suffix = os.path.basename(member.name).partition(".")
+                entry = found.setdefault(key, {"shard": shard, "members": {}})
+                entry["members"][suffix] = (member.offset_data, member.size)
+                if suffix == "json":
+                    try:
+                        meta = json.loads(tar.extractfile(member).read())
+                    except ValueError as err:
+                        raise SampleError(f"sample {key!r} in {shard}: .json is not valid JSON ({err})") from err
+                    entry.update(object_id=str(meta.get("object_id", "")), prompt=meta.get("prompt"),
+                                 frames=int(meta.get("num_views", 0)))
+        for key, entry in found.items():
+            videos.setdefault(key, entry)  # a key repeated in a later shard is the same video; keep the first
+    return videos
+
+
+def _frame_png(view: np.ndarray) -> bytes:
+    """RGBA view -> PNG bytes composited on white (what a viewer judges; transparency would show the page)."""
+    alpha = view[..., 3:4].astype(np.float32) / 255.0
+    rgb = view[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(rgb).astype(np.uint8)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+class LabelServer:
+    """Serves the labelling page for the videos in `shards_dir`, appending labels to `labels_path`.
+
+    `start()` listens on a background thread (port 0 picks a free port) and returns; `url` is the page; `stop()`.
+    """
+
+    def __init__(self, shards_dir: str | Path, labels_path: str | Path, host: str = "127.0.0.1", port: int = 0):
+        self.videos = _index_shards(Path(shards_dir))
+        self.keys = list(self.videos)
+        self.labels_path = Path(labels_path)
+        self.labels = read_labels(self.labels_path, missing_ok=True)  # fails early on a corrupt file, before any label is added
+        self._lock = threading.Lock()
+        # decoding a video is the cost and the page asks for its frames one by one: keep the last few
+        self.frames = functools.lru_cache(maxsize=16)(self._decode_frames)
+        self._httpd = ThreadingHTTPServer((host, port), _Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.app = self
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def start(self) -> LabelServer:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="label-ui", daemon=True)
+        self._thread.start()  # the socket already listens (bound in __init__), so the URL works now
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> LabelServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _decode_frames(self, key: str) -> list[bytes]:
+        entry = self.videos[key]
+        raw: dict = {"__key__": key, "__url__": str(entry["shard"])}
+        with open(entry["shard"], "rb") as tar:
+            for suffix, (offset, size) in entry["members"].items():
+                tar.seek(offset)
+                raw[suffix] = tar.read(size)
+        sample: MultiViewSample = decode_sample(raw)
+        return [_frame_png(view) for view in sample.images]
+
+    def video_list(self) -> dict:
+        with self._lock:
+            videos = [{"key": k, "label": self.labels.get(k), "prompt": self.videos[k].get("prompt"),
+                       "object_id": self.videos[k].get("object_id"), "frames": self.videos[k].get("frames", 0)}
+                      for k in self.keys]
+        return {"videos": videos, "labelled": sum(v["label"] is not None for v in videos), "total": len(videos)}
+
+    def add_label(self, key: str, label: str) -> dict:
+        """Append one label (ValueError on a bad key or label); returns the new progress."""
+        if label not in LABELS:
+            raise ValueError(f"label must be one of {sorted(LABELS)}, got {label!r}")
+        if key not in self.videos:
+            raise ValueError(f"unknown video key {key!r}")
+        line = json.dumps({"key": key, "label": LABELS[label], "object_id": self.videos[key].get("object_id"),
+                           "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        with self._lock:
+            self.labels_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.labels_path.open("a", encoding="utf-8") as out:
+                out.write(line + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            self.labels[key] = LABELS[label]
+            labelled = sum(k in self.labels for k in self.keys)
+        return {"key": key, "label": LABELS[label], "labelled": labelled, "total": len(self.keys)}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "vfusion3d-label-ui"
+
+    def log_message(self, format, *args):  # a page plays dozens of frames a second; keep the terminal quiet
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str, cache: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, payload: dict) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def do_GET(self):
+        app: LabelServer = self.server.app
+        path = urlsplit(self.path).path
+        if path in ("/", "/index.html"):
+            return self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
+        if path == "/api/videos":
+            return self._json(HTTPStatus.OK, app.video_list())
+        parts = path.split("/")  # /frame/<key>/<index>.png
+        if len(parts) == 4 and parts[1] == "frame" and parts[3].endswith(".png"):
+            key, index = unquote(parts[2]), parts[3][:-4]
+            if key in app.videos and index.isdigit():
+                try:
+                    frames = app.frames(key)
+                except SampleError as err:  # a broken sample: say why on the page rather than drop the connection
+                    return self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(err)})
+                if int(index) < len(frames):
+                    return self._send(HTTPStatus.OK, frames[int(index)], "image/png", cache=True)
+        self._json(HTTPStatus.NOT_FOUND, {"error": f"not found: {path}"})
+
+    def do_POST(self):
+        app: LabelServer = self.server.app
+        if urlsplit(self.path).path != "/api/label":
+            return self._json(HTTPStatus.NOT_FOUND, {"error": f"not found: {self.path}"})
+        try:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
+            if not isinstance(body, dict):
+                raise ValueError('expected a JSON object {"key": ..., "label": "good" or "bad"}')
+            result = app.add_label(body.get("key"), body.get("label"))
+        except ValueError as err:  # JSONDecodeError is a ValueError too
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": str(err)})
+        self._json(HTTPStatus.OK, result)
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Label orbit videos</title>
+<style>
+  body { font-family: system-ui, sans-serif; margin: 0; background: #f2f2f2; color: #222; }
+  main { max-width: 560px; margin: 24px auto; padding: 16px; background: #fff; border-radius: 8px;
+         box-shadow: 0 1px 4px rgba(0,0,0,.15); text-align: center; }
+  #frame { width: min(100%, 512px, 62vh); aspect-ratio: 1; object-fit: contain; background: #fff;
+           border: 1px solid #ddd; }
+  #key { font-family: monospace; font-size: 15px; margin: 8px 0 2px; }
+  #prompt { min-height: 1.3em; font-style: italic; margin: 2px 0 8px; }
+  #status { min-height: 1.3em; font-weight: bold; }
+  .good { color: #1a7f37; } .bad { color: #c62828; }
+  #buttons button { font-size: 16px; margin: 6px 4px; padding: 8px 16px; border-radius: 6px;
+                    border: 1px solid #999; background: #fafafa; cursor: pointer; }
+  #good { border-color: #1a7f37 !important; } #bad { border-color: #c62828 !important; }
+  #progress, .help { color: #555; font-size: 14px; }
+  #progress { margin-bottom: 8px; }
+  #error { color: #c62828; min-height: 1.2em; }
+</style></head>
+<body><main>
+  <div id="progress">loading...</div>
+  <img id="frame" alt="video frame">
+  <div id="key"></div>
+  <div id="prompt"></div>
+  <div id="status"></div>
+  <div id="buttons">
+    <button id="prev" title="ArrowLeft">&larr; prev</button>
+    <button id="bad" title="b">bad (b)</button>
+    <button id="skip" title="s">skip (s)</button>
+    <button id="good" title="g">good (g)</button>
+  </div>
+  <div class="help">keys: g = good, b = bad, s = skip, &larr; = previous</div>
+  <div id="error"></div>
+</main>
+<script>
+const $ = (id) => document.getElementById(id);
+let videos = [], current = 0, timer = null, busy = false;
+
+function frameUrl(key, i) { return "/frame/" + encodeURIComponent(key) + "/" + i + ".png"; }
+
+function progress() {
+  const n = videos.filter((v) => v.label !== null).length;
+  const good = videos.filter((v) => v.label === 1).length;
+  $("progress").textContent = n + " labelled of " + videos.length + " (" + good + " good, " + (n - good) +
+    " bad) \\u00b7 video " + (current + 1) + " of " + videos.length;
+}
+
+// the next unlabelled video after i (wrapping round), or simply the next one when all are labelled
+function nextIndex(i) {
+  for (let step = 1; step < videos.length; step++) {
+    const j = (i + step) % videos.length;
+    if (videos[j].label === null) return j;
+  }
+  return (i + 1) % videos.length;
+}
+
+function show(i) {
+  current = i;
+  clearInterval(timer);
+  const v = videos[i];
+  $("key").textContent = v.key;
+  $("prompt").textContent = v.prompt || "(no prompt)";
+  $("status").textContent = v.label === null ? "unlabelled" : v.label === 1 ? "labelled good" : "labelled bad";
+  $("status").className = v.label === null ? "" : v.label === 1 ? "good" : "bad";
+  progress();
+  // preload every frame so the loop plays smoothly from the browser cache
+  const frames = [];
+  for (let f = 0; f < v.frames; f++) { const im = new Image(); im.src = frameUrl(v.key, f); frames.push(im); }
+  let f = 0;
+  $("frame").src = frames[0].src;
+  timer = setInterval(() => { f = (f + 1) % frames.length; $("frame").src = frames[f].src; }, 120);
+}
+
+async function label(name) {
+  if (busy || !videos.length) return;
+  busy = true;
+  try {
+    const v = videos[current];
+    const r = await fetch("/api/label", { method: "POST", headers: { "Content-Type": "application/json" },
+                                           body: JSON.stringify({ key: v.key, label: name }) });
+    const body = await r.json();
+    if (!r.ok) throw new Error(body.error || r.statusText);
+    v.label = body.label;
+    $("error").textContent = "";
+    show(nextIndex(current));
+  } catch (err) {
+    $("error").textContent = "label not saved: " + err.message;
+  } finally { busy = false; }
+}
+
+function skip() { if (videos.length) show(nextIndex(current)); }
+function prev() { if (current > 0) show(current - 1); }
+
+$("good").onclick = () => label("good");
+$("bad").onclick = () => label("bad");
+$("skip").onclick = skip;
+$("prev").onclick = prev;
+document.addEventListener("keydown", (e) => {
+  if (e.repeat || e.ctrlKey || e.metaKey || e.altKey) return;  // holding a key must not label a run of videos
+  if (e.key === "g") label("good");
+  else if (e.key === "b") label("bad");
+  else if (e.key === "s") skip();
+  else if (e.key === "ArrowLeft") prev();
+});
+
+fetch("/api/videos").then((r) => r.json()).then((data) => {
+  videos = data.videos;
+  if (!videos.length) { $("progress").textContent = "no videos"; return; }
+  const first = videos.findIndex((v) => v.label === null);
+  show(first < 0 ? 0 : first);
+}).catch((err) => { $("error").textContent = "cannot load the video list: " + err.message; });
+</script>
+</body></html>
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shards", help="folder of shard-*.tar files holding the videos to label")
+    parser.add_argument("--labels", required=True,
+                        help="labels JSONL file; labels are appended, and the last line for a video wins")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8765, help="port (default %(default)s; 0 picks a free one)")
+
+
+def run(args: argparse.Namespace) -> int:
+    server = LabelServer(args.shards, args.labels, host=args.host, port=args.port).start()
+    listing = server.video_list()
+    try:
+        print(f"labelling {listing['total']} videos ({listing['labelled']} labelled) -> {args.labels}\n"
+              f"open {server.url} (g = good, b = bad, s = skip, Left = previous); Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.stop()
+    return 0

@@ -1,0 +1,103 @@
+"""Curation features at scale: `FeatureExtractor.predict_step` encodes one shard at a time and caches the
+averaged DINO features next to it (`data/feature_cache.py`), so `Trainer.predict` spreads shards over GPUs and a
+rerun skips cached shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.feature_cache import cache_path, feature_tag, shard_paths, write_features
+from ..data.schema import SampleError, decode_sample
+from ..io import on_white
+from ..models.features import ELEVATION_VIEWS, QUALITY_FRAMES, DinoFeatures, curation_indices
+
+
+class ShardFrames(Dataset):
+    """One item per shard: its keys and the curation frames of each sample, (N, K, 4, H, W) uint8 RGBA."""
+
+    def __init__(self, shards: list[Path], frames: list[int]):
+        self.shards, self.frames = shards, frames
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        shard = self.shards[index]
+        keys, frames = [], []
+        needed = max(self.frames) + 1
+        for raw in wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False):
+            def select(num_views: int) -> list[int]:
+                if num_views < needed:
+                    raise SampleError(f"sample {raw.get('__key__')!r} in {shard} has {num_views} views; curation "
+                                      f"reads frames {self.frames} (orbits of 16 frames)")
+                return self.frames
+            sample = decode_sample(raw, select=select)
+            keys.append(sample.key)
+            frames.append(torch.from_numpy(sample.images).permute(0, 3, 1, 2))
+        if not keys:
+            raise SampleError(f"shard {shard} holds no samples")
+        return {"shard": str(shard), "keys": keys, "frames": torch.stack(frames)}
+
+
+class FeatureExtractor(L.LightningModule):
+    """DINO features of curation frames, averaged per video, cached per shard (see the module docstring)."""
+
+    def __init__(self, model_name: str = "vit_base_patch16_224.dino", weights: str | None = None,
+                 random_init: bool = False, image_size: int = 224, pooling: str = "cls",
+                 overrides: dict[str, Any] | None = None, num_frames: int = 16,
+                 quality_frames: int = QUALITY_FRAMES, elevation_views: int = ELEVATION_VIEWS, chunk: int = 64):
+        super().__init__()
+        self.save_hyperparameters()
+        self.features = DinoFeatures(model_name, weights, random_init, image_size, pooling, overrides).eval()
+        self.frames, self.quality_slots, self.elevation_slots = curation_indices(
+            num_frames, quality_frames, elevation_views)
+        self.tag = feature_tag(model_name, pooling, random_init)
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, K, 4, H, W) uint8 RGBA -> (quality (N, D), elevation (N, D)) averaged features."""
+        n, k = frames.shape[:2]
+        flat = frames.flatten(0, 1)
+        parts = []
+        for part in flat.split(self.hparams.chunk):
+            rgb = on_white(part.permute(0, 2, 3, 1).cpu().numpy()).to(self.device)
+            parts.append(self.features(rgb))
+        per_frame = torch.cat(parts).unflatten(0, (n, k))
+        return per_frame[:, self.quality_slots].mean(1).cpu(), per_frame[:, self.elevation_slots].mean(1).cpu()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
+        quality, elevation = self.encode(batch["frames"])
+        write_features(batch["shard"], self.tag, batch["keys"], self.frames, quality, elevation)
+        return {"shard": batch["shard"], "count": len(batch["keys"])}
+
+
+class ShardFeaturesDataModule(L.LightningDataModule):
+    """Shards to encode: each item is a whole shard; shards already cached for the model's tag are skipped."""
+
+    def __init__(self, shards: str, num_workers: int = 2, recompute: bool = False):
+        super().__init__()
+        self.shards, self.num_workers, self.recompute = shards, num_workers, recompute
+
+    def predict_dataloader(self) -> DataLoader:
+        extractor = self.trainer.lightning_module if self.trainer is not None else None
+        if not isinstance(extractor, FeatureExtractor):
+            raise TypeError("ShardFeaturesDataModule feeds a FeatureExtractor (model.class_path "
+                            "vfusion3d_lightning.modules.FeatureExtractor)")
+        todo = [p for p in shard_paths(self.shards)
+                if self.recompute or not cache_path(p, extractor.tag).is_file()]
+        return DataLoader(ShardFrames(todo, extractor.frames), batch_size=None, num_workers=self.num_workers)
+
+
+def compute_features(shards: str | Path, extractor: FeatureExtractor, accelerator: str = "auto",
+                     devices: int | str = "auto", num_workers: int = 2, progress: bool = True) -> None:
+    """Cache the features of every shard that lacks them (Trainer.predict; one GPU or several)."""
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=progress, enable_model_summary=False)
+    trainer.predict(extractor, datamodule=ShardFeaturesDataModule(str(shards), num_workers), return_predictions=False)

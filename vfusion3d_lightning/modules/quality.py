@@ -1,0 +1,62 @@
+"""QualityModule: trains the quality SVM under LightningCLI (one training step fits it on all labelled
+videos), reports held-out accuracy, precision and recall, and writes the SVM as a skops file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..models.quality import QualitySVM
+
+
+class QualityModule(L.LightningModule):
+    """An sklearn SVM in a LightningModule, so that configs, sweeps and loggers treat it like every other model.
+    `export_path` (default `<log dir>/quality_svm.skops`) is what `vfusion3d-lightning filter` reads."""
+
+    def __init__(self, c_values: list[float] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0), kernel: str = "rbf",
+                 folds: int = 5, seed: int = 0, threshold: float = 0.5, feature_tag: str = "",
+                 export_path: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.svm = QualitySVM(tuple(c_values), kernel, folds, seed)
+        self.metrics: dict[str, float] = {}
+
+    def configure_optimizers(self) -> None:
+        return None  # nothing is trained by gradients
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        features, labels = batch
+        self.svm.fit(features.cpu().numpy(), labels.cpu().numpy(), self.hparams.feature_tag)
+        self.log("train/cv_balanced_accuracy", self.svm.info["cv_balanced_accuracy"])
+        self.log("train/C", self.svm.info["C"])
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        if self.svm.pipeline is None:  # the sanity check runs before the fit
+            return
+        features, labels = batch
+        self.metrics = self.svm.evaluate(features.cpu().numpy(), labels.cpu().numpy(), self.hparams.threshold)
+        for name in ("accuracy", "precision", "recall"):
+            self.log(f"val/{name}", self.metrics[name])
+
+    def on_fit_end(self) -> None:
+        if self.svm.pipeline is None or not self.trainer.is_global_zero:
+            return
+        path = Path(self.hparams.export_path or Path(self.trainer.log_dir or self.trainer.default_root_dir)
+                    / "quality_svm.skops")
+        self.svm.info["held_out"] = self.metrics
+        self.svm.save(path)
+        rank_zero_info(f"quality SVM (C={self.svm.info['C']:g}, trained on {sum(self.svm.info['train_counts'])} "
+                       f"videos) held-out {self.metrics} -> {path}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.svm.pipeline is not None:
+            checkpoint["quality_svm"] = self.svm.dumps()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "quality_svm" in checkpoint:
+            self.svm = QualitySVM.loads(checkpoint["quality_svm"])
