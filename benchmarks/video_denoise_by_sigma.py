@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from vfusion3d_lightning.io import on_white
+from vfusion3d_lightning.models.video.objectives import EDMObjective
 from vfusion3d_lightning.models.video.pipeline import OrbitVideoPipeline, SamplerSettings
 from vfusion3d_lightning.modules.video_diffusion import load_video_model, orbit_grid
 
@@ -41,9 +42,8 @@ def main() -> None:
         cond = model.conditions(frames[:, 0], prompts, frames.shape[1])
         for sigma in [0.002, 0.005, 0.02, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0]:
             noisy = clean + sigma * torch.randn(clean.shape, generator=generator, device=device)
-            timesteps = torch.full((clean.shape[0],), 0.25 * math.log(sigma), device=device)
-            output = model(noisy / math.sqrt(sigma ** 2 + 1), timesteps, cond).float()
-            denoised = noisy / (sigma ** 2 + 1) - sigma / math.sqrt(sigma ** 2 + 1) * output
+            log_sigma = torch.full((clean.shape[0],), math.log(sigma), device=device)
+            denoised = EDMObjective.denoise(model, noisy, log_sigma, cond)
             rmse = (denoised - clean).pow(2).mean().sqrt().item()
             print(json.dumps({"sigma": sigma, "denoised_rmse": round(rmse, 4), "noisy_rmse": sigma}))
 

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from .data.labels import read_labels
+from .io import on_white, to_uint8_images
 from .data.schema import MultiViewSample, SampleError, complete_shards, decode_sample
 
 LABELS = {"good": 1, "bad": 0}
@@ -68,10 +69,8 @@ def _index_shards(folder: Path) -> dict[str, dict]:
 
 def _frame_png(view: np.ndarray) -> bytes:
     """RGBA view -> PNG bytes composited on white (what a viewer judges; transparency would show the page)."""
-    alpha = view[..., 3:4].astype(np.float32) / 255.0
-    rgb = view[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
     buffer = io.BytesIO()
-    Image.fromarray(np.round(rgb).astype(np.uint8)).save(buffer, format="PNG", compress_level=1)
+    Image.fromarray(to_uint8_images(on_white(view[None]))[0]).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 

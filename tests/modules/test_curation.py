@@ -105,7 +105,7 @@ def test_features_are_cached_per_shard_and_match_a_direct_encoding(quality_data)
     assert len(table.keys) == 96 and table.quality.shape == (96, DIM) and table.elevation.shape == (96, DIM)
     extractor = tiny_extractor()
     first = read_samples(root / "videos")[0]
-    frames = torch.from_numpy(first.images[extractor.frames]).permute(0, 3, 1, 2)[None]
+    frames = torch.from_numpy(first.images[extractor.frames])[None]
     quality, elevation = extractor.encode(frames)
     row = table.keys.index(first.key)
     torch.testing.assert_close(quality[0], table.quality[row], atol=1e-4, rtol=1e-4)
@@ -116,7 +116,7 @@ def test_quality_svm_separates_spoiled_videos(quality_data, tmp_path):
     root, tag = quality_data
     datamodule = CurationDataModule(str(root / "videos"), tag, target="quality", labels=str(root / "labels.jsonl"),
                                     val_fraction=0.25, seed=0)
-    module = QualityModule(feature_tag=tag, folds=3, export_path=str(tmp_path / "svm.skops"))
+    module = QualityModule(folds=3, export_path=str(tmp_path / "svm.skops"))
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=datamodule)

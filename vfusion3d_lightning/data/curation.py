@@ -16,18 +16,17 @@ from .labels import read_labels
 Target = Literal["quality", "elevation"]
 
 
-def labelled_quality(shards: str, tag: str, labels_path: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Quality features of the labelled videos in these shards: (N, D), labels (N,), keys."""
+def labelled_quality(shards: str, tag: str, labels_path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quality features of the labelled videos in these shards: (N, D) and labels (N,)."""
     table, labels = read_features(shards, tag), read_labels(labels_path)
     rows = [i for i, key in enumerate(table.keys) if key in labels]
     if not rows:
         raise ValueError(f"none of the {len(table.keys)} videos in {shards} has a label in {labels_path}")
-    keys = [table.keys[i] for i in rows]
-    return table.quality[rows], torch.tensor([labels[k] for k in keys]), keys
+    return table.quality[rows], torch.tensor([labels[table.keys[i]] for i in rows])
 
 
-def render_elevations(shards: str, tag: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Elevation features of samples with known elevation: (N, D), elevation of view 0 in radians (N,), keys."""
+def render_elevations(shards: str, tag: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elevation features of samples with known elevation: (N, D) and elevation of view 0 in radians (N,)."""
     table = read_features(shards, tag)
     elevation = {}
     for shard in shard_paths(shards):
@@ -37,8 +36,7 @@ def render_elevations(shards: str, tag: str) -> tuple[torch.Tensor, torch.Tensor
     rows = [i for i, key in enumerate(table.keys) if key in elevation]
     if not rows:
         raise ValueError(f"no sample in {shards} has elevations; the elevation MLP trains on 3D renders")
-    keys = [table.keys[i] for i in rows]
-    return table.elevation[rows], torch.tensor([elevation[k] for k in keys], dtype=torch.float32), keys
+    return table.elevation[rows], torch.tensor([elevation[table.keys[i]] for i in rows], dtype=torch.float32)
 
 
 class CurationDataModule(L.LightningDataModule):
@@ -60,9 +58,9 @@ class CurationDataModule(L.LightningDataModule):
     def _load(self, shards: str) -> tuple[torch.Tensor, torch.Tensor]:
         hp = self.hparams
         if hp.target == "quality":
-            features, targets, _ = labelled_quality(shards, hp.feature_tag, hp.labels)
+            features, targets = labelled_quality(shards, hp.feature_tag, hp.labels)
         else:
-            features, targets, _ = render_elevations(shards, hp.feature_tag)
+            features, targets = render_elevations(shards, hp.feature_tag)
         return features.float(), targets
 
     def setup(self, stage: str | None = None) -> None:

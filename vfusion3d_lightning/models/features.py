@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import load_state_file, locate_weights
+from .lrm.encoder import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("cls", "mean", "cls+mean")
 QUALITY_FRAMES = 8
 ELEVATION_VIEWS = 4

@@ -17,8 +17,7 @@ LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
 
 class ElevationModule(L.LightningModule):
     def __init__(self, feature_dim: int = 768, hidden_dim: int = 512, dropout: float = 0.0,
-                 loss: Literal["l1", "mse", "smooth_l1"] = "l1", lr: float = 1e-3, weight_decay: float = 1e-4,
-                 feature_tag: str = ""):
+                 loss: Literal["l1", "mse", "smooth_l1"] = "l1", lr: float = 1e-3, weight_decay: float = 1e-4):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")

@@ -20,7 +20,7 @@ from ..models.features import ELEVATION_VIEWS, QUALITY_FRAMES, DinoFeatures, cur
 
 
 class ShardFrames(Dataset):
-    """One item per shard: its keys and the curation frames of each sample, (N, K, 4, H, W) uint8 RGBA."""
+    """One item per shard: its keys and the curation frames of each sample, (N, K, H, W, 4) uint8 RGBA."""
 
     def __init__(self, shards: list[Path], frames: list[int]):
         self.shards, self.frames = shards, frames
@@ -40,7 +40,7 @@ class ShardFrames(Dataset):
                 return self.frames
             sample = decode_sample(raw, select=select)
             keys.append(sample.key)
-            frames.append(torch.from_numpy(sample.images).permute(0, 3, 1, 2))
+            frames.append(torch.from_numpy(sample.images))
         if not keys:
             raise SampleError(f"shard {shard} holds no samples")
         return {"shard": str(shard), "keys": keys, "frames": torch.stack(frames)}
@@ -62,12 +62,12 @@ class FeatureExtractor(L.LightningModule):
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, K, 4, H, W) uint8 RGBA -> (quality (N, D), elevation (N, D)) averaged features."""
+        """(N, K, H, W, 4) uint8 RGBA -> (quality (N, D), elevation (N, D)) averaged features."""
         n, k = frames.shape[:2]
         flat = frames.flatten(0, 1)
         parts = []
         for part in flat.split(self.hparams.chunk):
-            rgb = on_white(part.permute(0, 2, 3, 1).cpu().numpy()).to(self.device)
+            rgb = on_white(part.cpu().numpy()).to(self.device)
             parts.append(self.features(rgb))
         per_frame = torch.cat(parts).unflatten(0, (n, k))
         return per_frame[:, self.quality_slots].mean(1).cpu(), per_frame[:, self.elevation_slots].mean(1).cpu()

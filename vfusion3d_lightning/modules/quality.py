@@ -18,8 +18,7 @@ class QualityModule(L.LightningModule):
     `export_path` (default `<log dir>/quality_svm.skops`) is what `vfusion3d-lightning filter` reads."""
 
     def __init__(self, c_values: list[float] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0), kernel: str = "rbf",
-                 folds: int = 5, seed: int = 0, threshold: float = 0.5, feature_tag: str = "",
-                 export_path: str | None = None):
+                 folds: int = 5, seed: int = 0, threshold: float = 0.5, export_path: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -31,7 +30,9 @@ class QualityModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         features, labels = batch
-        self.svm.fit(features.cpu().numpy(), labels.cpu().numpy(), self.hparams.feature_tag)
+        # the tag the features were cached under, recorded so a scorer fed other features can say which to use
+        tag = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("feature_tag", "")
+        self.svm.fit(features.cpu().numpy(), labels.cpu().numpy(), tag)
         self.log("train/cv_balanced_accuracy", self.svm.info["cv_balanced_accuracy"])
         self.log("train/C", self.svm.info["C"])
 

@@ -30,12 +30,17 @@ class EDMObjective:
         batch = latents.shape[0]
         log_sigma = self.p_mean + self.p_std * torch.randn(batch, generator=generator, device=latents.device)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        sigma = log_sigma.exp().view(-1, 1, 1, 1, 1)
-        noisy = latents + sigma * noise
-        model_output = model(noisy / (sigma ** 2 + 1).sqrt(), 0.25 * log_sigma, cond).float()
-        denoised = noisy / (sigma ** 2 + 1) - sigma / (sigma ** 2 + 1).sqrt() * model_output
-        weight = (sigma.flatten() ** 2 + 1) / sigma.flatten() ** 2
+        sigma = log_sigma.exp()
+        denoised = self.denoise(model, latents + sigma.view(-1, 1, 1, 1, 1) * noise, log_sigma, cond)
+        weight = (sigma ** 2 + 1) / sigma ** 2
         return (weight * _per_sample_mean((denoised - latents) ** 2)).mean()
+
+    @staticmethod
+    def denoise(model: VideoDiffusionModel, noisy: Tensor, log_sigma: Tensor, cond: Conditions) -> Tensor:
+        """The denoised estimate of latents `noisy` (B, F, C, h, w) at noise levels exp(log_sigma) (B,)."""
+        sigma = log_sigma.exp().view(-1, 1, 1, 1, 1)
+        model_output = model(noisy / (sigma ** 2 + 1).sqrt(), 0.25 * log_sigma, cond).float()
+        return noisy / (sigma ** 2 + 1) - sigma / (sigma ** 2 + 1).sqrt() * model_output
 
 
 class SchedulerObjective:
