@@ -112,6 +112,23 @@ def test_features_are_cached_per_shard_and_match_a_direct_encoding(quality_data)
     torch.testing.assert_close(elevation[0], table.elevation[row], atol=1e-4, rtol=1e-4)
 
 
+def test_unreadable_shards_are_named(quality_data, tmp_path):
+    from vfusion3d_lightning.data.schema import SampleError
+    from vfusion3d_lightning.modules.features import ShardFrames
+
+    root, _ = quality_data
+    source = complete_shards(root / "videos")[0]
+    frames = curation_indices(16)[0]
+    garbage = tmp_path / "shard-000001.tar"
+    garbage.write_bytes(b"not a tar file " * 100)
+    with pytest.raises(SampleError, match=f"shard {garbage} cannot be read.*write it again"):
+        ShardFrames([garbage], frames)[0]
+    truncated = tmp_path / source.name  # cut inside a sample: the schema reader names the sample and shard
+    truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 3])
+    with pytest.raises(SampleError, match=f"in {truncated}: missing its .json"):
+        ShardFrames([truncated], frames)[0]
+
+
 def test_quality_svm_separates_spoiled_videos(quality_data, tmp_path):
     root, tag = quality_data
     datamodule = CurationDataModule(str(root / "videos"), tag, target="quality", labels=str(root / "labels.jsonl"),

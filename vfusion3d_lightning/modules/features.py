@@ -5,6 +5,7 @@ rerun skips cached shards.
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,18 @@ class ShardFrames(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         shard = self.shards[index]
+        try:
+            keys, frames = self._read(shard)
+        except (tarfile.TarError, OSError, ValueError) as err:  # truncated or not a tar; SampleError is a ValueError
+            if isinstance(err, SampleError):
+                raise
+            raise SampleError(f"shard {shard} cannot be read ({type(err).__name__}: {err}); write it again or move "
+                              "it out of the folder, then rerun (cached shards are skipped)") from err
+        if not keys:
+            raise SampleError(f"shard {shard} holds no samples")
+        return {"shard": str(shard), "keys": keys, "frames": torch.stack(frames)}
+
+    def _read(self, shard: Path) -> tuple[list[str], list[torch.Tensor]]:
         keys, frames = [], []
         needed = max(self.frames) + 1
         for raw in wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False):
@@ -41,9 +54,7 @@ class ShardFrames(Dataset):
             sample = decode_sample(raw, select=select)
             keys.append(sample.key)
             frames.append(torch.from_numpy(sample.images))
-        if not keys:
-            raise SampleError(f"shard {shard} holds no samples")
-        return {"shard": str(shard), "keys": keys, "frames": torch.stack(frames)}
+        return keys, frames
 
 
 class FeatureExtractor(L.LightningModule):
