@@ -48,7 +48,7 @@ def run_weights(args: argparse.Namespace) -> int:
 def run_procedural(args: argparse.Namespace) -> int:
     from .data.procedural import write_assets
 
-    paths = write_assets(args.out, args.count, seed=args.seed, formats=tuple(args.formats))
+    paths = write_assets(args.out, args.count, seed=args.seed, formats=tuple(args.formats), style=args.style)
     print(f"{len(paths)} procedural assets in {args.out}")
     return 0
 
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     procedural.add_argument("--count", type=int, default=100)
     procedural.add_argument("--seed", type=int, default=0)
     procedural.add_argument("--formats", nargs="+", default=["glb", "obj", "ply"], choices=["glb", "obj", "ply"])
+    procedural.add_argument("--style", default="tumbled", choices=["tumbled", "upright"],
+                            help="upright: parts stand on a base, so views show the camera's elevation")
     procedural.set_defaults(run=run_procedural)
 
     render = commands.add_parser("render", help="render a folder of 3D assets into multi-view shards (resumable)")

@@ -67,6 +67,23 @@ def test_assets_are_varied():
         assert pixels.sum(axis=1).max() - pixels.sum(axis=1).min() > 150
 
 
+def test_upright_assets_stand_on_a_base_turned_only_about_z():
+    for seed in range(8):
+        asset = generate_asset(seed, style="upright")
+        assert _fingerprint(asset) == _fingerprint(generate_asset(seed, style="upright"))
+        base_top = asset.geometry["base"].bounds[1, 2]
+        for name in asset.graph.nodes_geometry:
+            transform, geometry = asset.graph[name]
+            rotation = transform[:3, :3]
+            np.testing.assert_allclose(rotation[:, 2], [0, 0, 1], atol=1e-9)  # up stays up
+            if name != "base":
+                lowest = (asset.geometry[geometry].vertices @ rotation.T + transform[:3, 3])[:, 2].min()
+                assert lowest == pytest.approx(base_top, abs=1e-9)
+    assert _fingerprint(generate_asset(3, style="upright")) != _fingerprint(generate_asset(3))
+    with pytest.raises(ValueError, match="unknown asset style 'sideways'"):
+        generate_asset(0, style="sideways")
+
+
 def test_pattern_texture():
     checker = np.asarray(pattern_texture("checker", 2, (255, 255, 255), (0, 0, 0), size=4))
     assert checker[:, :, 0].tolist() == [[255, 255, 0, 0], [255, 255, 0, 0], [0, 0, 255, 255], [0, 0, 255, 255]]

@@ -160,27 +160,37 @@ def test_quality_svm_refuses_foreign_files(tmp_path):
         QualitySVM.load(tmp_path / "missing.skops")
 
 
-def test_elevation_mlp_trains_on_render_elevations(tmp_path, procedural_shards):
-    # random ViT features carry too little elevation signal to beat the constant mean on held-out objects;
-    # this checks the training path: targets from shard metadata, normalisation, loss going down, MAE in degrees
-    train = procedural_shards(tmp_path / "train", 24, seed=11, views="orbit16", resolution=48)
-    extractor = tiny_extractor()
-    compute_features(shard_paths(train)[0].parent, extractor, accelerator="cpu", devices=1, num_workers=0,
-                     progress=False)
-    datamodule = CurationDataModule(train, extractor.tag, target="elevation", val_fraction=0.25, batch_size=6)
+def test_elevation_mlp_beats_the_mean_on_held_out_objects(tmp_path, procedural_shards):
+    # upright assets, as real ones are modelled, so elevation shows in the views. Features come from a random
+    # CNN, whose pooled edge statistics keep the flattening of the base's outline; a random ViT's pooled
+    # tokens do not (their held-out error stayed at the constant mean's).
+    train = procedural_shards(tmp_path / "train", 160, seed=11, views="orbit16", resolution=64, style="upright",
+                              shard_size=16)
+    held_out = procedural_shards(tmp_path / "val", 48, seed=5000, views="orbit16", resolution=64, style="upright",
+                                 shard_size=16)
+    torch.manual_seed(0)
+    extractor = FeatureExtractor(model_name="resnet10t", random_init=True, image_size=64, pooling="mean")
+    for pattern in (train, held_out):
+        compute_features(shard_paths(pattern)[0].parent, extractor, accelerator="cpu", devices=1, num_workers=0,
+                         progress=False)
+    datamodule = CurationDataModule(train, extractor.tag, target="elevation", val_shards=held_out, batch_size=16)
     targets = datamodule.training_targets()
-    assert len(targets) == 18 and 0 <= targets.min() and targets.max() <= math.pi / 4
-    module = ElevationModule(feature_dim=DIM, hidden_dim=64, lr=1e-3)
+    assert len(targets) == 160 and 0 <= targets.min() and targets.max() <= math.pi / 4
+    torch.manual_seed(0)
+    module = ElevationModule(feature_dim=512, hidden_dim=512, lr=1e-3, weight_decay=0.1)
     features, elevation = datamodule.train_set.tensors
     module.model.set_normalization(features)
     before = torch.nn.functional.l1_loss(module(features), elevation).item()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=30, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=60, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=datamodule)
+    module.eval()
     after = torch.nn.functional.l1_loss(module(features), elevation).item()
     assert after < 0.5 * before
     assert module.baseline.item() == pytest.approx(targets.mean().item(), abs=1e-6)
-    assert torch.isfinite(trainer.callback_metrics["val/mae_deg"])
-    with pytest.raises(ValueError, match="set model.init_args.feature_dim 768"):
+    error, baseline = (trainer.callback_metrics[k].item() for k in ("val/mae_deg", "val/baseline_mae_deg"))
+    print(f"held-out elevation MAE {error:.2f} deg, constant-mean baseline {baseline:.2f} deg")
+    assert error < 0.85 * baseline
+    with pytest.raises(ValueError, match="set model.init_args.feature_dim 512"):
         L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False).fit(ElevationModule(feature_dim=10), datamodule=datamodule)

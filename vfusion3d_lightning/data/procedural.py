@@ -3,6 +3,11 @@
 Each asset is 1-5 primitives (box, sphere, cylinder, cone, capsule, torus) with random sizes, rotations and
 positions. A part is either vertex-coloured (solid or a linear gradient) or textured with a small
 procedurally drawn image (checker or stripes) through UV coordinates.
+
+Style "tumbled" rotates every part uniformly at random, so nothing in a view tells which way is up. Style
+"upright" stands the parts on a flat base and turns them only about the vertical (+z) axis, as most real
+assets are modelled: the camera's elevation shows in the views (the base's outline flattens toward the
+horizon), which the elevation estimator learns from.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from ..io import atomic_write
 
 PRIMITIVES = ("box", "sphere", "cylinder", "cone", "capsule", "torus")
 FORMATS = ("glb", "obj", "ply")
+STYLES = ("tumbled", "upright")
 _TEXTURED_PROBABILITY = 0.4
 _WHITE = np.array([255, 255, 255, 255], dtype=np.uint8)
 
@@ -136,13 +142,17 @@ def _decorate(mesh: trimesh.Trimesh, rng: np.random.Generator) -> trimesh.Trimes
 # ---------------------------------------------------------------- assets
 
 
-def generate_asset(seed: int) -> trimesh.Trimesh | trimesh.Scene:
-    """A random asset, fully determined by `seed`.
+def generate_asset(seed: int, style: str = "tumbled") -> trimesh.Trimesh | trimesh.Scene:
+    """A random asset, fully determined by `seed` and `style` (see the module docstring).
 
     Returns a Trimesh for a one-part asset, else a Scene with one node per part (part transforms live
     in the scene graph). Vertices are in about [-1, 1]^3; callers normalise.
     """
+    if style not in STYLES:
+        raise ValueError(f"unknown asset style {style!r}; choose one of {STYLES}")
     rng = np.random.default_rng(seed)
+    if style == "upright":
+        return _upright_asset(rng)
     n_parts = int(rng.integers(1, 6))
     scene = trimesh.Scene()
     for i in range(n_parts):
@@ -152,6 +162,25 @@ def generate_asset(seed: int) -> trimesh.Trimesh | trimesh.Scene:
         transform = _random_transform(rng, spread=0.0 if i == 0 else 0.35)
         if n_parts == 1:
             return part.apply_transform(transform)
+        scene.add_geometry(part, node_name=f"part{i}", geom_name=f"part{i}", transform=transform)
+    return scene
+
+
+def _upright_asset(rng: np.random.Generator) -> trimesh.Scene:
+    """A flat base (disc or slab) with 1-4 parts standing on it, each turned only about +z."""
+    scene = trimesh.Scene()
+    if rng.random() < 0.5:
+        base = trimesh.creation.cylinder(radius=rng.uniform(0.45, 0.7), height=rng.uniform(0.04, 0.1), sections=48)
+    else:
+        base = trimesh.creation.box(extents=[*rng.uniform(0.8, 1.3, size=2), rng.uniform(0.04, 0.1)])
+    base_top = base.bounds[1, 2]
+    scene.add_geometry(_decorate(base, rng), node_name="base", geom_name="base")
+    for i in range(int(rng.integers(1, 5))):
+        kind = PRIMITIVES[int(rng.integers(len(PRIMITIVES)))]
+        part = _decorate(_primitive(kind, rng), rng)
+        transform = trimesh.transformations.rotation_matrix(rng.uniform(0, 2 * np.pi), [0, 0, 1])
+        transform[:2, 3] = rng.uniform(-0.3, 0.3, size=2)
+        transform[2, 3] = base_top - part.bounds[0, 2]  # rests on the base
         scene.add_geometry(part, node_name=f"part{i}", geom_name=f"part{i}", transform=transform)
     return scene
 
@@ -239,8 +268,9 @@ def write_assets(
     seed: int = 0,
     formats: Iterable[str] = FORMATS,
     progress: bool = True,
+    style: str = "tumbled",
 ) -> list[Path]:
-    """Write `count` assets as `asset_{i:06d}.{fmt}`, formats cycling, asset i from seed `seed + i`.
+    """Write `count` assets as `asset_{i:06d}.{fmt}`, formats cycling, asset i from seed `seed + i` in `style`.
 
     Resumable: an asset whose main file exists is skipped. Every file is written atomically; for OBJ the
     MTL and PNGs go first. Returns the main file paths, in index order.
@@ -251,6 +281,8 @@ def write_assets(
         raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
+    if style not in STYLES:
+        raise ValueError(f"unknown asset style {style!r}; choose one of {STYLES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -258,7 +290,7 @@ def write_assets(
         fmt = formats[i % len(formats)]
         path = out / f"asset_{i:06d}.{fmt}"
         if not path.exists():
-            for name, data in asset_files(generate_asset(seed + i), path.stem, fmt).items():
+            for name, data in asset_files(generate_asset(seed + i, style), path.stem, fmt).items():
                 atomic_write(out / name, lambda tmp, data=data: tmp.write_bytes(data))
         paths.append(path)
     return paths

@@ -39,8 +39,19 @@ def curation_indices(num_frames: int, quality_frames: int = QUALITY_FRAMES,
     return frames, [frames.index(i) for i in quality], [frames.index(i) for i in elevation]
 
 
+def _create_backbone(model_name: str, image_size: int, overrides: dict[str, Any]) -> nn.Module:
+    try:
+        # ViTs fix their position embeddings to the input size
+        return timm.create_model(model_name, pretrained=False, num_classes=0, img_size=image_size, **overrides)
+    except TypeError:  # CNNs take any size and have no such argument
+        return timm.create_model(model_name, pretrained=False, num_classes=0, **overrides)
+
+
 class DinoFeatures(nn.Module):
     """A DINO ViT from timm: RGB in [0, 1] (B, 3, H, W) -> features (B, D).
+
+    Other timm backbones work too (another self-supervised ViT, or a CNN, whose feature map is averaged:
+    pooling "mean"); the paper uses DINO.
 
     `weights`: a local weights file (safetensors, or a torch file of tensors) with timm's names, or a name in
     checkpoints/registry.yaml. Without weights the model refuses to build unless `random_init` is set, which
@@ -60,10 +71,12 @@ class DinoFeatures(nn.Module):
                 "checkpoints/dino-vitb16/model.safetensors and pass weights='dino-vitb16' or the file's path; "
                 "random_init=True builds random weights, for tests only")
         try:
-            self.vit = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=image_size,
-                                         **(overrides or {}))
+            self.backbone = _create_backbone(model_name, image_size, overrides or {})
         except RuntimeError as err:  # timm raises RuntimeError for unknown names
             raise ValueError(f"timm cannot build feature model {model_name!r}: {err}") from err
+        self.is_vit = hasattr(self.backbone, "num_prefix_tokens")
+        if not self.is_vit and pooling != "mean":
+            raise ValueError(f"{model_name} has a feature map, not tokens: use pooling 'mean' (got {pooling!r})")
         if weights is not None:
             _, path = locate_weights(weights, missing=(
                 "DINO weights file {path} does not exist; download the timm weights of " + model_name
@@ -76,16 +89,17 @@ class DinoFeatures(nn.Module):
     def load_timm_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         # classifier heads are not features; anything else missing or extra means the wrong model
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.head"))}
-        result = self.vit.load_state_dict(state, strict=False)
+        result = self.backbone.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
+            architecture = self.backbone.default_cfg.get("architecture", type(self.backbone).__name__)
             raise ValueError(
-                f"{source} does not fit timm's {self.vit.default_cfg.get('architecture', type(self.vit).__name__)}: "
+                f"{source} does not fit timm's {architecture}: "
                 f"missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}; pass the model_name "
                 "the weights were trained as (e.g. vit_small_patch16_224.dino for DINO ViT-S/16)")
 
     @property
     def feature_dim(self) -> int:
-        return self.vit.embed_dim * (2 if self.pooling == "cls+mean" else 1)
+        return self.backbone.num_features * (2 if self.pooling == "cls+mean" else 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -95,8 +109,10 @@ class DinoFeatures(nn.Module):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
                               align_corners=False).clamp(0, 1)
         x = (x - self.mean) / self.std
-        tokens = self.vit.forward_features(x.to(next(self.vit.parameters()).dtype)).float()
-        prefix = getattr(self.vit, "num_prefix_tokens", 1)
+        tokens = self.backbone.forward_features(x.to(next(self.backbone.parameters()).dtype)).float()
+        if not self.is_vit:  # (B, C, h, w) feature map
+            return tokens.mean((2, 3))
+        prefix = self.backbone.num_prefix_tokens
         cls, patches = tokens[:, 0], tokens[:, prefix:].mean(1)
         if self.pooling == "cls":
             return cls
