@@ -192,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     label_ui_module.add_arguments(label_ui)
     label_ui.set_defaults(run=label_ui_module.run)
 
+    prompts = commands.add_parser("prompts", help="keep the captions an LLM judges to describe a single object "
+                                                  "(resumable)")
+    from . import prompts as prompts_module
+
+    prompts_module.add_arguments(prompts)
+    prompts.set_defaults(run=prompts_module.run)
+
     weights = commands.add_parser("weights", help="list known pretrained weights and whether they are present")
     weights.add_argument("--checkpoint-dir", default=None)
     weights.set_defaults(run=run_weights)

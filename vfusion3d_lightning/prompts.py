@@ -1,0 +1,368 @@
+"""Object-centric prompts: web captions -> cleaned, de-duplicated -> kept where an LLM says "one object".
+
+The paper gathers captions from the web and keeps those that describe a single object, asking Llama2-13B with
+in-context examples. Here, stage by stage:
+
+1. `read_captions`: a .txt file (one caption a line), a .jsonl file (a field, default "caption") or a .csv
+   file (a column, default "caption").
+2. `clean_captions`: whitespace collapsed; empty, too short and too long captions dropped; duplicates dropped
+   case-insensitively and ignoring trailing punctuation, keeping the first occurrence's text.
+3. `SingleObjectClassifier`: a transformers causal LM answers yes/no after a few-shot prompt (`build_prompt`);
+   `parse_answer` reads the answer, None ("unparsed") when it is neither.
+4. `curate_prompts`: appends one decision a caption to `decisions.jsonl`, flushed and fsync'd per batch, so a
+   killed run loses at most one batch and a rerun asks the model only about undecided captions:
+
+       {"caption": "a red wooden chair", "single_object": true, "answer": " Yes"}
+
+   then writes `prompts.txt` (the kept captions, one a line) and `prompts_report.json` (counts) atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .io import atomic_write
+
+DEFAULT_MODEL = "meta-llama/Llama-2-13b-chat-hf"  # the paper's filter (Llama2-13B); gated on the hub
+DECISIONS_FILE, PROMPTS_FILE, REPORT_FILE = "decisions.jsonl", "prompts.txt", "prompts_report.json"
+DROP_REASONS = ("empty", "too_short", "too_long", "duplicate")
+
+INSTRUCTION = ("Does the image caption describe a single object (one thing on its own, not a scene, a place, "
+               "people doing something, or several things)? Answer yes or no.")
+# balanced yes/no, with the near misses (places, groups, scenes) the filter exists to catch
+EXAMPLES: tuple[tuple[str, bool], ...] = (
+    ("a red wooden chair", True),
+    ("two dogs playing in a park", False),
+    ("a ceramic mug with a floral pattern", True),
+    ("a city skyline at night", False),
+    ("a vintage leather backpack", True),
+    ("a family having dinner at a table", False),
+    ("a toy robot made of tin", True),
+    ("a laptop, a phone and a notebook on a desk", False),
+)
+
+_ANSWER = re.compile(r"\s*\W*\s*(yes|no)\b", re.IGNORECASE)
+_TRAILING_PUNCTUATION = re.compile(r"[\s.,;:!?…'\"]+$")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_captions(path: str | os.PathLike, field: str = "caption") -> list[str]:
+    """Raw captions of one file, in file order: .txt (a line each), .jsonl (`field` of each record) or .csv
+    (column `field`). Blank .txt lines are kept (as empty captions) so that `clean_captions` counts them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    if suffix == ".jsonl":
+        return _read_jsonl(path, field)
+    if suffix == ".csv":
+        return _read_csv(path, field)
+    raise ValueError(f"{path}: unknown caption file type {path.suffix!r}; use .txt (one caption a line), .jsonl "
+                     f"(one JSON object a line, the caption in a field: --field) or .csv (a header row, the "
+                     f"caption in a column: --field)")
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    captions = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+        if not isinstance(record, dict) or field not in record:
+            fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{path}:{number}: no {field!r} field (found {fields}); pass --field NAME for the "
+                             f"field that holds the caption")
+        captions.append(_caption_value(record[field], f"{path}:{number}"))
+    return captions
+
+
+def _read_csv(path: Path, field: str) -> list[str]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a byte-order mark
+        reader = csv.DictReader(handle)
+        if field not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: no {field!r} column (header: {reader.fieldnames}); pass --field NAME for "
+                             f"the column that holds the caption")
+        return [_caption_value(row[field], f"{path}:{number}") for number, row in enumerate(reader, 2)]
+
+
+def _caption_value(value, where: str) -> str:
+    if value is None:  # a null field or a short csv row: an empty caption, counted as such
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: the caption is a {type(value).__name__} ({value!r}), expected a string")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- cleaning
+
+
+def normalise(caption: str) -> str:
+    """Strip and collapse every run of whitespace (newlines and tabs too) to one space."""
+    return " ".join(caption.split())
+
+
+def comparison_key(caption: str) -> str:
+    """What duplicates share: the normalised caption, lower-cased, without trailing punctuation."""
+    return _TRAILING_PUNCTUATION.sub("", normalise(caption)).casefold()
+
+
+def clean_captions(captions: Iterable[str], min_words: int = 2, max_words: int = 40) -> tuple[list[str], dict]:
+    """Normalised captions to classify, and the drop counts.
+
+    Returns (kept, counts): kept in first-occurrence order, each the normalised text of its first occurrence
+    (case and punctuation as written); counts = {"read", "empty", "too_short", "too_long", "duplicate", "unique"}.
+    A caption of only punctuation counts as empty; word counts are on whitespace.
+    """
+    counts = dict.fromkeys(("read", *DROP_REASONS, "unique"), 0)
+    seen: set[str] = set()
+    kept = []
+    for raw in captions:
+        counts["read"] += 1
+        text, key = normalise(raw), comparison_key(raw)
+        words = len(text.split())
+        reason = ("empty" if not key else "too_short" if words < min_words else "too_long" if words > max_words
+                  else "duplicate" if key in seen else None)
+        if reason:
+            counts[reason] += 1
+            continue
+        seen.add(key)
+        kept.append(text)
+    counts["unique"] = len(kept)
+    return kept, counts
+
+
+# ---------------------------------------------------------------------------------------------- the LLM
+
+
+def build_prompt(caption: str, examples: Sequence[tuple[str, bool]] = EXAMPLES) -> str:
+    """The few-shot prompt for one caption; it ends with "Answer:" for the model to continue."""
+    shots = "".join(f"Caption: {text}\nAnswer: {'yes' if single else 'no'}\n\n" for text, single in examples)
+    return f"{INSTRUCTION}\n\n{shots}Caption: {caption}\nAnswer:"
+
+
+def parse_answer(text: str) -> bool | None:
+    """The model's continuation -> True (yes), False (no), None when it starts with neither word."""
+    match = _ANSWER.match(text)
+    return None if match is None else match.group(1).lower() == "yes"
+
+
+def resolve_model(source: str | os.PathLike, local_files_only: bool = True) -> str:
+    """`source` as from_pretrained takes it: a folder with config.json, or a hub id in the local HF cache
+    (any hub id when `local_files_only` is False). FileNotFoundError says what to download and where."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json; pass the folder that `hf download` or "
+                                    f"save_pretrained wrote (config.json, tokenizer files, weights)")
+        return str(path)
+    if local_files_only and not _in_hub_cache(str(source)):
+        raise FileNotFoundError(
+            f"LLM {str(source)!r} is neither a folder nor a hub id in the local Hugging Face cache. The paper "
+            f"uses {DEFAULT_MODEL} (gated: accept its licence on huggingface.co, then `hf auth login`). "
+            f"Download it with `hf download {DEFAULT_MODEL} --local-dir checkpoints/Llama-2-13b-chat-hf` and pass "
+            f"--model checkpoints/Llama-2-13b-chat-hf, or pass --allow-download to fetch {str(source)!r} from the hub")
+    return str(source)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # HFValidationError: not a valid hub id, so certainly not cached
+        return False
+
+
+class SingleObjectClassifier:
+    """Batched yes/no answers from a causal LM; call it on captions to get the raw continuations.
+
+    The tokenizer pads on the left, so each row's last prompt token sits at the end where generation starts;
+    a tokenizer without a pad token (Llama's) pads with eos, which the attention mask hides.
+    """
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 4,
+                 examples: Sequence[tuple[str, bool]] = EXAMPLES):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_new_tokens, self.examples = max_new_tokens, examples
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, local_files_only: bool = True,
+                        **kwargs) -> SingleObjectClassifier:
+        """Load model and tokenizer with AutoModelForCausalLM / AutoTokenizer from a folder or hub id."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = resolve_model(source, local_files_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+        return cls(model.to(device), tokenizer, **kwargs)
+
+    @torch.no_grad()
+    def __call__(self, captions: Sequence[str]) -> list[str]:
+        """captions: N strings -> N decoded continuations (greedy, at most max_new_tokens tokens)."""
+        from transformers import GenerationConfig
+
+        batch = self.tokenizer([build_prompt(c, self.examples) for c in captions], return_tensors="pt",
+                               padding=True).to(self.model.device)
+        # a fresh config: the chat model's own sets temperature/top_p, which greedy decoding would warn about
+        config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        tokens = self.model.generate(**batch, generation_config=config)  # (N, prompt length + new tokens)
+        new = tokens[:, batch["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def read_decisions(path: Path) -> dict[str, dict]:
+    """comparison_key(caption) -> decision record, from a decisions JSONL file (missing: empty)."""
+    if not path.is_file():
+        return {}
+    decisions = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err}); remove the line or start a new --out") from None
+        if not isinstance(record, dict) or "caption" not in record:
+            raise ValueError(f"{path}:{number}: not a decision record (no 'caption'); was the file written by "
+                             f"another tool? Start a new --out")
+        decisions[comparison_key(record["caption"])] = record
+    return decisions
+
+
+def _repair_tail(path: Path) -> None:
+    """End the file on a whole line: a kill mid-write leaves a partial last line (dropped: its batch is redone)
+    or, rarely, a whole record without its newline (kept, so the next append does not run into it)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    tail = data[data.rfind(b"\n") + 1:]
+    try:
+        json.loads(tail)
+    except ValueError:  # JSONDecodeError, or UnicodeDecodeError for a cut multi-byte character
+        with path.open("r+b") as handle:
+            handle.truncate(len(data) - len(tail))
+        return
+    with path.open("ab") as handle:
+        handle.write(b"\n")
+
+
+def classify_pending(captions: Sequence[str], decisions_path: Path,
+                     load_classifier: Callable[[], Callable[[list[str]], list[str]]],
+                     batch_size: int = 8) -> tuple[dict[str, dict], int]:
+    """Decide every caption not yet in `decisions_path`, appending a line each, fsync'd per batch.
+
+    `load_classifier()` -> captions -> raw answers; called only when something is pending (a finished rerun
+    never loads the LLM). Returns (comparison_key -> record for all decisions on file, number decided now).
+    """
+    _repair_tail(decisions_path)
+    decisions = read_decisions(decisions_path)
+    pending = [c for c in captions if comparison_key(c) not in decisions]
+    if not pending:
+        return decisions, 0
+    classify = load_classifier()
+    decisions_path.parent.mkdir(parents=True, exist_ok=True)
+    with decisions_path.open("a", encoding="utf-8") as out, \
+            tqdm(total=len(pending), desc="single-object", unit="caption") as progress:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start:start + batch_size]
+            records = [{"caption": c, "single_object": parse_answer(a), "answer": a}
+                       for c, a in zip(batch, classify(batch), strict=True)]
+            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            out.flush()
+            os.fsync(out.fileno())  # a kill now loses at most the batch in flight
+            decisions.update((comparison_key(r["caption"]), r) for r in records)
+            progress.update(len(batch))
+    return decisions, len(pending)
+
+
+def curate_prompts(caption_files: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                   load_classifier: Callable[[], Callable[[list[str]], list[str]]], field: str = "caption",
+                   batch_size: int = 8, min_words: int = 2, max_words: int = 40, model_name: str = "") -> dict:
+    """Read, clean, classify (resumable) and write prompts.txt + prompts_report.json in `out_dir`; the report.
+
+    Captions from all files are cleaned together, so a duplicate across files is dropped too.
+    """
+    if batch_size < 1 or min_words < 0 or max_words < min_words:
+        raise ValueError(f"need batch_size >= 1 and 0 <= min_words <= max_words, got batch_size={batch_size}, "
+                         f"min_words={min_words}, max_words={max_words}")
+    out_dir = Path(out_dir)
+    raw = [caption for path in caption_files for caption in read_captions(path, field)]
+    captions, counts = clean_captions(raw, min_words, max_words)
+    decisions, decided_now = classify_pending(captions, out_dir / DECISIONS_FILE, load_classifier, batch_size)
+    outcomes = [decisions[comparison_key(c)]["single_object"] for c in captions]
+    kept = [c for c, single in zip(captions, outcomes) if single is True]
+    atomic_write(out_dir / PROMPTS_FILE, lambda tmp: tmp.write_text("".join(f"{c}\n" for c in kept), "utf-8"))
+    report = {"inputs": [str(p) for p in caption_files], "model": model_name, "captions": counts,
+              "single_object": outcomes.count(True), "not_single_object": outcomes.count(False),
+              "unparsed": outcomes.count(None), "decided_this_run": decided_now, "prompts": len(kept)}
+    atomic_write(out_dir / REPORT_FILE, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n", "utf-8"))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("captions", nargs="+", help="caption files: .txt (a line each), .jsonl or .csv")
+    parser.add_argument("--model", required=True,
+                        help=f"causal LM folder or hub id (the paper: {DEFAULT_MODEL}); local files only unless "
+                             "--allow-download")
+    parser.add_argument("--out", required=True,
+                        help=f"folder for {DECISIONS_FILE} (resumable), {PROMPTS_FILE} and {REPORT_FILE}")
+    parser.add_argument("--field", default="caption", help="JSONL field / CSV column of the caption (%(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="captions per generate call (%(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=4, help="tokens generated per answer (%(default)s)")
+    parser.add_argument("--min-words", type=int, default=2, help="drop shorter captions (%(default)s)")
+    parser.add_argument("--max-words", type=int, default=40, help="drop longer captions (%(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the LLM runs (%(default)s)")
+    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                        choices=list(DTYPES), help="model weights dtype (%(default)s)")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let transformers download --model from the Hugging Face hub")
+
+
+def run(args: argparse.Namespace) -> int:
+    local_only = not args.allow_download
+    resolve_model(args.model, local_only)  # fail on a missing model before reading any caption
+
+    def load() -> SingleObjectClassifier:
+        return SingleObjectClassifier.from_pretrained(args.model, args.device, DTYPES[args.dtype], local_only,
+                                                      max_new_tokens=args.max_new_tokens)
+
+    report = curate_prompts(args.captions, args.out, load, field=args.field, batch_size=args.batch_size,
+                            min_words=args.min_words, max_words=args.max_words, model_name=str(args.model))
+    counts = report["captions"]
+    dropped = ", ".join(f"{counts[r]} {r.replace('_', ' ')}" for r in DROP_REASONS)
+    print(f"read {counts['read']} captions ({dropped}); {counts['unique']} unique: {report['single_object']} single "
+          f"object, {report['not_single_object']} not, {report['unparsed']} unparsed ({report['decided_this_run']} "
+          f"decided this run) -> {report['prompts']} prompts in {Path(args.out) / PROMPTS_FILE}")
+    return 0
