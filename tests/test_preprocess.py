@@ -57,3 +57,23 @@ def test_missing_rembg_or_inputs_give_clear_errors(tmp_path, monkeypatch):
         load_image(tmp_path / "broken.png")
     with pytest.raises(ValueError, match="mask is empty"):
         preprocess(np.zeros((8, 8, 4), np.uint8))
+
+
+def test_threshold_masks_fill_small_holes_keep_large_ones_and_drop_specks():
+    from vfusion3d_lightning.preprocess import foreground_masks, threshold_mask
+
+    rgb = np.full((100, 100, 3), 255, np.uint8)
+    rgb[20:80, 20:80] = (40, 90, 200)  # the object
+    rgb[30:33, 30:33] = 250  # near-white texture inside it: filled
+    rgb[45:65, 45:65] = 255  # a large hole through it (20x20 = 4% of the image): kept
+    rgb[5, 5] = (0, 0, 0)  # a speck of noise in the background: dropped
+    rgb[90:92, 90:92] = (0, 0, 0)
+    mask = threshold_mask(rgb) > 127
+    expected = np.zeros((100, 100), bool)
+    expected[20:80, 20:80] = True
+    expected[45:65, 45:65] = False
+    np.testing.assert_array_equal(mask, expected)
+    video = foreground_masks(np.stack([rgb, rgb]))
+    assert video.shape == (2, 100, 100) and (video[1] == video[0]).all()
+    with pytest.raises(ValueError, match="mask method must be one of"):
+        foreground_masks(video[..., None].repeat(3, -1), "saliency")

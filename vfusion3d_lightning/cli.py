@@ -104,6 +104,34 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_filter(args: argparse.Namespace) -> int:
+    from .data.curate_shards import file_digest, filter_shards
+    from .models.quality import QualitySVM
+
+    svm = QualitySVM.load(args.svm)
+    report = filter_shards(args.shards, args.out, svm, args.threshold, svm_id=file_digest(args.svm))
+    totals = report.totals()
+    print(f"kept {totals.get('kept', 0)} of {totals.get('videos', 0)} videos (threshold {args.threshold}) -> "
+          f"{args.out} (report: filter_report.json)")
+    return 0
+
+
+def run_label(args: argparse.Namespace) -> int:
+    from .data.curate_shards import Labellers, file_digest, label_shards
+    from .models.elevation import ElevationMLP
+    from .models.quality import QualitySVM
+
+    labellers = Labellers(elevation=ElevationMLP.from_pretrained(args.elevation) if args.elevation else None,
+                          masks=None if args.masks == "none" else args.masks, mask_tolerance=args.mask_tolerance,
+                          quality=QualitySVM.load(args.svm) if args.svm else None, radius=args.radius)
+    ids = {name: file_digest(path) for name, path in (("elevation", args.elevation), ("quality", args.svm)) if path}
+    report = label_shards(args.shards, args.out, labellers, ids)
+    totals = report.totals()
+    print(f"labelled {totals.get('videos', 0)} videos: elevation {totals.get('elevation', 0)}, masks "
+          f"{totals.get('masks', 0)}, quality {totals.get('quality', 0)} -> {args.out} (report: label_report.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfusion3d-lightning", description=__doc__,
@@ -186,11 +214,38 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     generate.set_defaults(run=run_generate)
 
+    filter_ = commands.add_parser("filter", help="keep the generated videos the quality SVM scores as good "
+                                                 "(resumable)")
+    filter_.add_argument("shards", help="folder of shard-NNNNNN.tar files (features cached), or a pattern")
+    filter_.add_argument("--svm", required=True, help="quality_svm.skops written by the quality config")
+    filter_.add_argument("--out", required=True, help="folder for the kept videos' shards")
+    filter_.add_argument("--threshold", type=float, default=0.5, help="keep videos with P(good) >= this")
+    filter_.set_defaults(run=run_filter)
+
+    label = commands.add_parser("label", help="write elevation + orbit cameras, masks and quality scores into "
+                                              "the videos' shards (resumable)")
+    label.add_argument("shards", help="folder of shard-NNNNNN.tar files (features cached), or a pattern")
+    label.add_argument("--out", required=True, help="folder for the labelled shards")
+    label.add_argument("--elevation", help="elevation_mlp folder written by the elevation config")
+    label.add_argument("--masks", default="threshold", choices=["threshold", "rembg", "none"],
+                       help="threshold: objects on white (offline); rembg: a saliency model (weights local)")
+    label.add_argument("--mask-tolerance", type=int, default=12, help="threshold masks: how far from white")
+    label.add_argument("--svm", help="quality SVM, to score videos not scored by filter")
+    label.add_argument("--radius", type=float, default=1.5, help="camera distance of the orbit, as rendered")
+    label.set_defaults(run=run_label)
+
     label_ui = commands.add_parser("label-ui", help="a local web page to label generated videos good or bad")
     from . import label_ui as label_ui_module
 
     label_ui_module.add_arguments(label_ui)
     label_ui.set_defaults(run=label_ui_module.run)
+
+    evaluate = commands.add_parser("evaluate", help="3D metrics (PSNR, SSIM, LPIPS, CLIP) of LRM checkpoints on "
+                                                    "held-out multi-view shards")
+    from . import metrics as metrics_module
+
+    metrics_module.add_arguments(evaluate)
+    evaluate.set_defaults(run=metrics_module.run)
 
     prompts = commands.add_parser("prompts", help="keep the captions an LLM judges to describe a single object "
                                                   "(resumable)")

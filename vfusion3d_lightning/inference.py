@@ -29,6 +29,19 @@ class InferenceResult:
     mesh: object | None = None
 
 
+def max_rays_for(model: LRM, device: torch.device, memory_fraction: float = 0.5) -> int:
+    """Rays per renderer pass that fit in `memory_fraction` of the free GPU memory (2**16 on the CPU).
+
+    A ray's samples hold 3 x triplane_dim features each; on an H100 2**16 rays of the released model
+    peaked at 6.9 GiB above the weights, about 0.9 x samples x 3C x 4 bytes a ray: 1.5 x that is budgeted."""
+    if device.type != "cuda":
+        return 2**16
+    config = model.config
+    per_ray = 1.5 * (config.coarse_samples + config.importance_samples) * 3 * config.triplane_dim * 4
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1024, int(free * memory_fraction / per_ray))
+
+
 class ImageTo3D:
     """The released inference, batched: `ImageTo3D(LRM.from_pretrained("vfusion3d")).run("photo.png")`."""
 
@@ -50,16 +63,7 @@ class ImageTo3D:
         return planes.float()
 
     def max_rays(self, memory_fraction: float = 0.5) -> int:
-        """Rays per renderer pass that fit in `memory_fraction` of the free GPU memory (2**16 on the CPU).
-
-        A ray's samples hold 3 x triplane_dim features each; on an H100 2**16 rays of the released model
-        peaked at 6.9 GiB above the weights, about 0.9 x samples x 3C x 4 bytes a ray: 1.5 x that is budgeted."""
-        if self.device.type != "cuda":
-            return 2**16
-        config = self.model.config
-        per_ray = 1.5 * (config.coarse_samples + config.importance_samples) * 3 * config.triplane_dim * 4
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return max(1024, int(free * memory_fraction / per_ray))
+        return max_rays_for(self.model, self.device, memory_fraction)
 
     @torch.no_grad()
     def turntable(self, planes: torch.Tensor, frames: int = 160, size: int = 384, frames_per_batch: int = 8,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -33,12 +34,20 @@ def rembg_model_path() -> Path:
 
 def rembg_mask(rgb: np.ndarray) -> np.ndarray:
     """Foreground mask (H, W) uint8 from rembg's isnet-general-use model, which must be present locally."""
+    session = _rembg_session()  # first: it explains a missing rembg or model
+    from rembg import remove
+
+    return np.asarray(remove(Image.fromarray(rgb), session=session, only_mask=True))
+
+
+@functools.cache
+def _rembg_session():  # loading the ONNX model takes seconds; videos ask for a mask per frame
     try:
         import rembg
     except ImportError:
         raise RuntimeError(
             "background removal needs rembg: `pip install rembg onnxruntime`, or give an RGBA image, or use "
-            "background 'white' for objects on a plain white background"
+            "background 'white' (mask method 'threshold') for objects on a plain white background"
         ) from None
     model = rembg_model_path()
     if not model.is_file():
@@ -46,13 +55,48 @@ def rembg_mask(rgb: np.ndarray) -> np.ndarray:
             f"rembg's {REMBG_MODEL} model is not at {model}; download {REMBG_MODEL}.onnx from the rembg releases "
             "and put it there (or set $U2NET_HOME), or use background 'alpha' / 'white'"
         )
-    session = rembg.new_session(REMBG_MODEL)
-    return np.asarray(rembg.remove(Image.fromarray(rgb), session=session, only_mask=True))
+    return rembg.new_session(REMBG_MODEL)
 
 
 def white_background_mask(rgb: np.ndarray, tolerance: int = 12) -> np.ndarray:
     """Foreground of an object on a plain white background: pixels darker than white by more than tolerance."""
     return np.where((255 - rgb.astype(np.int16)).max(axis=-1) > tolerance, 255, 0).astype(np.uint8)
+
+
+MASK_METHODS = ("threshold", "rembg")
+
+
+def threshold_mask(rgb: np.ndarray, tolerance: int = 12, max_hole: float = 0.01,
+                   min_component: float = 0.02) -> np.ndarray:
+    """Foreground (H, W) uint8 of an object rendered or generated on white, without a saliency model.
+
+    The white threshold, then clean-up by connected components (no opening, which would erase thin parts at
+    low resolution): enclosed background smaller than `max_hole` of the image (near-white texture inside the
+    object) is filled, larger enclosed background (a handle's or torus's hole) kept; parts smaller than
+    `min_component` of the largest (specks of noise) are dropped.
+    """
+    from scipy import ndimage
+
+    mask = white_background_mask(rgb, tolerance) > 0
+    holes, count = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    if count:
+        sizes = np.bincount(holes.ravel())[1:]
+        mask |= np.isin(holes, 1 + np.flatnonzero(sizes < max_hole * mask.size))
+    parts, count = ndimage.label(mask)
+    if count > 1:
+        sizes = np.bincount(parts.ravel())[1:]
+        mask = np.isin(parts, 1 + np.flatnonzero(sizes >= min_component * sizes.max()))
+    return np.where(mask, 255, 0).astype(np.uint8)
+
+
+def foreground_masks(frames: np.ndarray, method: str = "threshold", tolerance: int = 12) -> np.ndarray:
+    """Masks (N, H, W) uint8 of video frames (N, H, W, 3): `threshold` (objects on white, offline) or `rembg`
+    (a saliency model, for any background; its weights must be local)."""
+    if method not in MASK_METHODS:
+        raise ValueError(f"mask method must be one of {MASK_METHODS}, got {method!r}")
+    if method == "threshold":
+        return np.stack([threshold_mask(frame, tolerance) for frame in frames])
+    return np.stack([rembg_mask(np.ascontiguousarray(frame)) for frame in frames])
 
 
 def foreground(image: np.ndarray, background: str = "auto") -> tuple[np.ndarray, np.ndarray]:

@@ -177,7 +177,8 @@ def test_elevation_mlp_beats_the_mean_on_held_out_objects(tmp_path, procedural_s
     targets = datamodule.training_targets()
     assert len(targets) == 160 and 0 <= targets.min() and targets.max() <= math.pi / 4
     torch.manual_seed(0)
-    module = ElevationModule(feature_dim=512, hidden_dim=512, lr=1e-3, weight_decay=0.1)
+    module = ElevationModule(feature_dim=512, hidden_dim=512, lr=1e-3, weight_decay=0.1,
+                             export_path=str(tmp_path / "elevation_mlp"))
     features, elevation = datamodule.train_set.tensors
     module.model.set_normalization(features)
     before = torch.nn.functional.l1_loss(module(features), elevation).item()
@@ -191,6 +192,106 @@ def test_elevation_mlp_beats_the_mean_on_held_out_objects(tmp_path, procedural_s
     error, baseline = (trainer.callback_metrics[k].item() for k in ("val/mae_deg", "val/baseline_mae_deg"))
     print(f"held-out elevation MAE {error:.2f} deg, constant-mean baseline {baseline:.2f} deg")
     assert error < 0.85 * baseline
+    from vfusion3d_lightning.models.elevation import ElevationMLP
+
+    exported = ElevationMLP.from_pretrained(tmp_path / "elevation_mlp")  # what `label` reads
+    assert exported.config["feature_tag"] == extractor.tag
+    torch.testing.assert_close(exported(features), module(features))
     with pytest.raises(ValueError, match="set model.init_args.feature_dim 512"):
         L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False).fit(ElevationModule(feature_dim=10), datamodule=datamodule)
+
+
+def test_filter_then_label_keeps_the_schema_and_resumes(quality_data, tmp_path, capsys):
+    import os
+
+    from vfusion3d_lightning.cli import main
+    from vfusion3d_lightning.data.curate_shards import FILTER_REPORT
+    from vfusion3d_lightning.data.labels import read_labels
+    from vfusion3d_lightning.models.elevation import ElevationMLP
+
+    root, tag = quality_data
+    table, labels = read_features(root / "videos", tag), read_labels(root / "labels.jsonl")
+    svm = QualitySVM(folds=3).fit(table.quality.numpy(), np.array([labels[k] for k in table.keys]), tag)
+    svm.save(tmp_path / "svm.skops")
+    kept_dir, labelled_dir = tmp_path / "kept", tmp_path / "labelled"
+    filter_args = ["filter", str(root / "videos"), "--svm", str(tmp_path / "svm.skops"), "--out", str(kept_dir)]
+    assert main(filter_args) == 0
+    report = json.loads((kept_dir / FILTER_REPORT).read_text())
+    expected = {k for k, s in zip(table.keys, svm.score(table.quality.numpy())) if s >= 0.5}
+    assert report["totals"] == {"videos": 96, "kept": len(expected), "dropped": 96 - len(expected)}
+    kept = read_samples(kept_dir)
+    assert {s.key for s in kept} == expected and 30 < len(expected) < 80
+    assert all(s.quality >= 0.5 for s in kept)
+    assert np.mean([labels[s.key] for s in kept]) > 0.8  # mostly good videos survive
+    assert read_features(kept_dir, tag).keys == [s.key for s in kept]  # features travel with the videos
+
+    # a kill after some shards: the rerun writes only what is missing
+    outputs = complete_shards(kept_dir)
+    lost = outputs[-1]
+    lost.unlink()
+    del report["shards"][lost.name]
+    (kept_dir / FILTER_REPORT).write_text(json.dumps(report))
+    before = {p: p.stat().st_mtime_ns for p in outputs[:-1]}
+    assert main(filter_args) == 0
+    assert lost.is_file() and all(p.stat().st_mtime_ns == t for p, t in before.items())
+    with pytest.raises(ValueError, match="other settings \\(threshold"):
+        main(filter_args + ["--threshold", "0.7"])
+
+    torch.manual_seed(0)
+    mlp = ElevationMLP(DIM, hidden_dim=16, feature_tag=tag)
+    mlp.set_normalization(table.elevation)
+    mlp.save_pretrained(tmp_path / "elevation_mlp")
+    assert main(["label", str(kept_dir), "--out", str(labelled_dir), "--elevation",
+                 str(tmp_path / "elevation_mlp")]) == 0
+    assert "labelled" in capsys.readouterr().out
+    originals = {s.key: s for s in read_samples(root / "videos")}
+    predicted = dict(zip(read_features(kept_dir, tag).keys,
+                         ElevationMLP.from_pretrained(tmp_path / "elevation_mlp")(
+                             read_features(kept_dir, tag).elevation).tolist()))
+    labelled = [decode_sample(raw, require_cameras=True) for raw in wds.WebDataset(
+        [str(p) for p in complete_shards(labelled_dir)], shardshuffle=False)]
+    assert [s.key for s in labelled] == [s.key for s in kept]
+    overlaps = []
+    for sample in labelled:
+        np.testing.assert_allclose(sample.elevations, predicted[sample.key], atol=1e-5)
+        heights = sample.cam2world[:, 2, 3] / np.linalg.norm(sample.cam2world[:, :3, 3], axis=1)
+        np.testing.assert_allclose(heights, np.sin(predicted[sample.key]), atol=1e-4)
+        assert sample.quality == pytest.approx(next(s.quality for s in kept if s.key == sample.key))
+        assert sample.extra["mask_method"] == "threshold"
+        if sample.key.startswith("good"):  # rendered on white: the threshold mask finds the true silhouette
+            truth, mask = originals[sample.key].images[..., 3] > 127, sample.images[..., 3] > 127
+            overlaps.append((truth & mask).sum() / (truth | mask).sum())
+    assert np.mean(overlaps) > 0.9  # at 48 pixels, anti-aliased edges are a good part of each silhouette
+    # the labelled videos are LRM training data: cameras and masks as the LRM's DataModule reads them
+    from vfusion3d_lightning.data.datamodules import MultiViewDataModule
+
+    lrm_data = MultiViewDataModule(str(labelled_dir / "shard-*.tar"), batch_size=2, num_workers=0,
+                                   num_supervision_views=4, input_size=32, supervision_size=16, on_error="raise")
+    lrm_data.setup("fit")
+    batch = next(iter(lrm_data.train_dataloader()))
+    assert batch["render_cameras"].shape == (2, 4, 25) and torch.isfinite(batch["render_cameras"]).all()
+    assert 0 < batch["target_masks"].mean() < 1
+    mtimes = {p: p.stat().st_mtime_ns for p in complete_shards(labelled_dir)}
+    assert main(["label", str(kept_dir), "--out", str(labelled_dir), "--elevation",
+                 str(tmp_path / "elevation_mlp")]) == 0
+    assert {p: p.stat().st_mtime_ns for p in complete_shards(labelled_dir)} == mtimes
+    assert not list(labelled_dir.glob("*.partial")) and not os.listdir(tmp_path / "kept") == []
+
+
+def test_elevation_mlp_folder_round_trip_and_errors(tmp_path):
+    from vfusion3d_lightning.models.elevation import ElevationMLP
+
+    torch.manual_seed(0)
+    mlp = ElevationMLP(12, hidden_dim=8, feature_tag="some-tag")
+    mlp.set_normalization(torch.randn(20, 12) * 3 + 1)
+    mlp.save_pretrained(tmp_path / "mlp")
+    loaded = ElevationMLP.from_pretrained(tmp_path / "mlp")
+    features = torch.randn(5, 12)
+    torch.testing.assert_close(loaded(features), mlp.eval()(features))
+    assert loaded.config["feature_tag"] == "some-tag"
+    with pytest.raises(FileNotFoundError, match="configs/curation/elevation.yaml"):
+        ElevationMLP.from_pretrained(tmp_path / "missing")
+    (tmp_path / "mlp" / "config.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="not an elevation MLP config"):
+        ElevationMLP.from_pretrained(tmp_path / "mlp")

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..io import atomic_write
+
+FORMAT = "vfusion3d-elevation-mlp/1"
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 
 
 class ElevationMLP(nn.Module):
     """features (B, D) -> elevation (B,) in radians. Features are standardised with statistics of the
     training set (buffers, saved with the weights), since raw DINO features vary widely in scale."""
 
-    def __init__(self, feature_dim: int, hidden_dim: int = 512, dropout: float = 0.0):
+    def __init__(self, feature_dim: int, hidden_dim: int = 512, dropout: float = 0.0, feature_tag: str = ""):
         super().__init__()
+        self.config = {"feature_dim": feature_dim, "hidden_dim": hidden_dim, "dropout": dropout,
+                       "feature_tag": feature_tag}  # feature_tag: the cached features it reads (feature_cache.py)
         self.layers = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
                                     nn.Linear(hidden_dim, 1))
         self.register_buffer("feature_mean", torch.zeros(feature_dim))
@@ -28,3 +39,28 @@ class ElevationMLP(nn.Module):
             raise ValueError(f"ElevationMLP takes features (B, {self.feature_mean.numel()}), got "
                              f"{tuple(features.shape)}")
         return self.layers((features.float() - self.feature_mean) / self.feature_std).squeeze(-1)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `model.safetensors` and `config.json` into `directory`."""
+        directory = Path(directory)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp)))
+        text = json.dumps({"format": FORMAT, **self.config}, indent=2)
+        atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "ElevationMLP":
+        """Load a `save_pretrained` folder (ElevationModule writes one at the end of training)."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{directory} is not an elevation MLP folder (needs {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME}); train one with vfusion3d-lightning fit --config "
+                                    "configs/curation/elevation.yaml, which writes <log dir>/elevation_mlp")
+        config = json.loads(config_path.read_text())
+        if config.pop("format", None) != FORMAT:
+            raise ValueError(f"{config_path} is not an elevation MLP config ({FORMAT})")
+        model = cls(**config)
+        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        return model.eval()

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.base import clone
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.metrics import accuracy_score, precision_score, recall_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
@@ -39,12 +41,16 @@ class QualitySVM:
         if set(np.unique(labels)) - {0, 1} or counts.min() < 2:
             raise ValueError(f"need labels 0 (bad) and 1 (good) with at least 2 of each, got counts {counts.tolist()}")
         folds = int(min(self.folds, counts.min()))
-        svc = SVC(kernel=self.kernel, probability=True, class_weight="balanced", random_state=self.seed)
+        svc = SVC(kernel=self.kernel, class_weight="balanced", random_state=self.seed)
         search = GridSearchCV(Pipeline([("scale", StandardScaler()), ("svm", svc)]), {"svm__C": list(self.c_values)},
                               scoring="balanced_accuracy",
                               cv=StratifiedKFold(folds, shuffle=True, random_state=self.seed))
         search.fit(features, labels)
-        self.pipeline = search.best_estimator_
+        # Platt-scaled probabilities from cross-validated decision values, then one SVM on all the data
+        calibrated = CalibratedClassifierCV(clone(svc).set_params(C=search.best_params_["svm__C"]), method="sigmoid",
+                                            ensemble=False,
+                                            cv=StratifiedKFold(folds, shuffle=True, random_state=self.seed))
+        self.pipeline = Pipeline([("scale", StandardScaler()), ("svm", calibrated)]).fit(features, labels)
         self.info = {"format": FORMAT, "feature_tag": feature_tag, "feature_dim": int(features.shape[1]),
                      "C": float(search.best_params_["svm__C"]), "cv_balanced_accuracy": float(search.best_score_),
                      "train_counts": counts.tolist()}

@@ -4,11 +4,13 @@ reports the mean absolute error in degrees on held-out objects, next to the cons
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 
 from ..models.elevation import ElevationMLP
 
@@ -16,8 +18,12 @@ LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
 
 
 class ElevationModule(L.LightningModule):
+    """`export_path` (default `<log dir>/elevation_mlp`) receives the trained MLP as a save_pretrained folder,
+    which `vfusion3d-lightning label` reads."""
+
     def __init__(self, feature_dim: int = 768, hidden_dim: int = 512, dropout: float = 0.0,
-                 loss: Literal["l1", "mse", "smooth_l1"] = "l1", lr: float = 1e-3, weight_decay: float = 1e-4):
+                 loss: Literal["l1", "mse", "smooth_l1"] = "l1", lr: float = 1e-3, weight_decay: float = 1e-4,
+                 export_path: str | None = None):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
@@ -34,6 +40,15 @@ class ElevationModule(L.LightningModule):
                                  f"{self.hparams.feature_dim}; set model.init_args.feature_dim {features.shape[1]}")
             self.model.set_normalization(features.to(self.device))
             self.baseline.fill_(datamodule.training_targets().float().mean().item())
+            self.model.config["feature_tag"] = datamodule.hparams.get("feature_tag", "")
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        path = Path(self.hparams.export_path or Path(self.trainer.log_dir or self.trainer.default_root_dir)
+                    / "elevation_mlp")
+        self.model.save_pretrained(path)
+        rank_zero_info(f"elevation MLP -> {path}")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (B, D) -> elevation (B,) radians."""
