@@ -1,0 +1,430 @@
+"""3D evaluation of LRMs on held-out multi-view renders, as in the paper's ablations, and the `evaluate` command.
+
+Protocol, per object of the shards (the 32-view `uniform32` sets; any N-view set with cameras works): view
+`input_view` (default 0) composited on white is the input; its camera becomes the canonical source camera and
+every view's pose is moved into that frame exactly as training does (`data.datamodules.LRMViews`); the LRM
+renders all N views from those ground-truth cameras at `render_size` (default: the shards' resolution), and each
+is compared with its ground truth on white by PSNR, SSIM (torchmetrics) and LPIPS (`losses.build_lpips`, so
+training and evaluation share weights and errors). Object scores are means over its N views, the input view
+included. PSNR of a view is capped at `PSNR_CAP` dB, so a perfect view (infinite PSNR) keeps means finite.
+
+CLIP similarity (cosine of projected embeddings, in [-1, 1], not CLIPScore's x100): `clip_image` between the
+input image and the rendered novel views (all views but the input one), `clip_text` between the sample's
+`prompt` and the same views (NaN when the sample has no prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import math
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .io import atomic_write, to_uint8_images
+from .losses import build_lpips, lpips_loss
+
+PSNR_CAP = 100.0  # dB; an MSE of 1e-10, far below 8-bit quantisation, so only exact copies reach it
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+METRICS = ("psnr", "ssim", "lpips", "clip_image", "clip_text")
+CSV_FIELDS = ("object_id", *METRICS, "views")
+LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "clip_image": "CLIP image ↑",
+          "clip_text": "CLIP text ↑"}
+
+
+@dataclasses.dataclass
+class ObjectScores:
+    """One object's scores: means over its `views` rendered views (NaN where a metric was not computed)."""
+
+    object_id: str
+    psnr: float
+    ssim: float
+    lpips: float
+    clip_image: float = math.nan
+    clip_text: float = math.nan
+    views: int = 0
+
+
+# ---------------------------------------------------------------- image metrics
+
+
+def psnr_per_view(rendered: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(V, 3, H, W) each, in [0, 1] -> (V,) PSNR in dB, capped at PSNR_CAP."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # imported late: keeps the CLI quick
+
+    psnr = peak_signal_noise_ratio(rendered.float(), target.float(), data_range=1.0, reduction="none",
+                                   dim=(1, 2, 3))
+    return psnr.nan_to_num(posinf=PSNR_CAP).clamp(max=PSNR_CAP)
+
+
+def ssim_per_view(rendered: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(V, 3, H, W) each, in [0, 1] -> (V,) SSIM (Gaussian 11x11 window, sigma 1.5)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(rendered.float(), target.float(), data_range=1.0, reduction="none")
+
+
+def image_scores(rendered: torch.Tensor, target: torch.Tensor, lpips_model: nn.Module,
+                 chunk: int = 8) -> dict[str, float]:
+    """Mean PSNR, SSIM and LPIPS over views: rendered and target (V, 3, H, W) in [0, 1], on one device.
+    Views go through LPIPS `chunk` at a time (VGG activations of 32 views at 512 px do not fit everywhere)."""
+    if rendered.shape != target.shape or rendered.ndim != 4:
+        raise ValueError(f"rendered {tuple(rendered.shape)} and target {tuple(target.shape)} must both be "
+                         "(V, 3, H, W)")
+    total = 0.0
+    for start in range(0, len(target), chunk):
+        part = slice(start, start + chunk)
+        total += lpips_loss(lpips_model, rendered[part], target[part]).item() * len(target[part])
+    return {"psnr": psnr_per_view(rendered, target).mean().item(),
+            "ssim": ssim_per_view(rendered, target).mean().item(),
+            "lpips": total / len(target)}
+
+
+# ---------------------------------------------------------------- CLIP
+
+
+class ClipSimilarity:
+    """CLIP (transformers CLIPModel + CLIPProcessor) cosine similarities of images and captions."""
+
+    def __init__(self, model: nn.Module, processor, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.processor = processor
+
+    @staticmethod
+    def _features(out) -> torch.Tensor:
+        # transformers 4 returns the projected embeddings; 5 returns an output whose pooler_output holds them
+        return F.normalize((out if isinstance(out, torch.Tensor) else out.pooler_output).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> unit embeddings (N, D); the processor resizes and normalises."""
+        pixels = self.processor.image_processor(images=list(to_uint8_images(images)), return_tensors="pt")
+        return self._features(self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device)))
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """N captions -> unit embeddings (N, D), truncated to the tokenizer's length (77 tokens for CLIP)."""
+        tokens = self.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        return self._features(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                                           attention_mask=tokens["attention_mask"].to(self.device)))
+
+    def similarities(self, reference: torch.Tensor, views: torch.Tensor,
+                     text: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """reference image (3, H, W) and views (V, 3, H', W') -> cosine similarities (V,) of each view to the
+        reference and, when `text` is given, (V,) to the caption (else None)."""
+        embeddings = self.embed_images(views)  # sizes may differ from the reference's: embedded apart
+        to_text = embeddings @ self.embed_texts([text])[0] if text else None
+        return embeddings @ self.embed_images(reference[None])[0], to_text
+
+
+def clip_download_hint() -> str:
+    """Where to get the default CLIP model and how to point at it."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    target = f"checkpoints/{Path(DEFAULT_CLIP).name}"
+    return (f"download it once where there is internet, e.g. `hf download {DEFAULT_CLIP} --local-dir {target}` "
+            f"and pass --clip {target}, or `hf download {DEFAULT_CLIP}` to fill the Hugging Face cache "
+            f"({HF_HUB_CACHE}, $HF_HOME) and keep the default; --clip none skips the CLIP metrics")
+
+
+def load_clip(source: str | Path = DEFAULT_CLIP, device: str | torch.device = "cpu") -> ClipSimilarity:
+    """CLIPModel + CLIPProcessor from a local folder, or a hub id already in the Hugging Face cache (nothing is
+    downloaded). A missing model raises FileNotFoundError saying what to download and where."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    source = str(source)
+    if Path(source).expanduser().is_dir():
+        source = str(Path(source).expanduser())
+    elif Path(source).expanduser().exists() or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"CLIP model folder {source} does not exist (or is not a folder); "
+                                + clip_download_hint())
+    try:
+        model = CLIPModel.from_pretrained(source, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as err:  # transformers says OSError for missing files, ValueError for bad ids
+        where = "folder" if Path(source).is_dir() else "hub id (not in the local Hugging Face cache)"
+        raise FileNotFoundError(
+            f"cannot load CLIP from {where} {source!r}: it needs config.json, the weights and the processor "
+            f"files (preprocessor_config.json, tokenizer) as CLIPModel/CLIPProcessor.save_pretrained write them; "
+            f"{clip_download_hint()}. ({type(err).__name__}: {err})") from err
+    return ClipSimilarity(model, processor, device)
+
+
+# ---------------------------------------------------------------- protocol
+
+
+def evaluation_views(sample, input_view: int = 0, input_size: int = 512, render_size: int | None = None) -> dict:
+    """One `MultiViewSample` -> the LRM's input and all N views' ground truth, through the training transform.
+
+    Returns input_image (3, input_size, input_size) and source_camera (16,) for the input view; target_images
+    (N, 3, S, S) on white and render_cameras (N, 25) in sample view order, in the frame where the input camera
+    is canonical (S = render_size, default the sample's width); input_view, object_id, prompt.
+    """
+    from .data.datamodules import LRMViews
+    from .data.schema import SampleError
+
+    n = sample.num_views
+    if not sample.has_cameras:
+        raise SampleError(f"sample {sample.key!r} has no cameras; evaluation needs cam2world and intrinsics")
+    if not -n <= input_view < n:
+        raise ValueError(f"input view {input_view} is not one of sample {sample.key!r}'s {n} views")
+    input_view %= n
+    order = [input_view] + [i for i in range(n) if i != input_view]  # LRMViews takes view 0 as the input
+    moved = dataclasses.replace(sample, images=sample.images[order], cam2world=sample.cam2world[order],
+                                intrinsics=sample.intrinsics[order], elevations=None, azimuths=None)
+    size = render_size or sample.images.shape[2]
+    batch = LRMViews(n, True, input_size, size)(moved, np.random.default_rng(0))
+    back = torch.from_numpy(np.argsort(order))  # undo the reordering: output view i is sample view i
+    return {"input_image": batch["input_image"], "source_camera": batch["source_camera"],
+            "target_images": batch["target_images"][back], "render_cameras": batch["render_cameras"][back],
+            "input_view": input_view, "object_id": sample.object_id, "prompt": sample.prompt}
+
+
+class Evaluator:
+    """Scores one LRM on multi-view samples: `evaluate(samples)` -> a list of `ObjectScores`.
+
+    `dtype` bfloat16 runs the LRM under autocast (planes and metrics stay float32); `views_per_batch` views
+    are rendered per call, each call in passes of at most `max_rays` rays (None: sized to free GPU memory as
+    `inference.max_rays_for` does, 2**16 on the CPU). The renderer's stratified jitter is seeded per object.
+    """
+
+    def __init__(self, model: nn.Module, lpips_model: nn.Module, clip: ClipSimilarity | None = None, *,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, input_view: int = 0,
+                 input_size: int = 512, render_size: int | None = None, views_per_batch: int = 8,
+                 max_rays: int | None = None, seed: int = 0):
+        from .inference import max_rays_for
+
+        if views_per_batch < 1:
+            raise ValueError(f"views_per_batch must be >= 1, got {views_per_batch}")
+        self.device, self.dtype = torch.device(device), dtype
+        self.model = model.eval().to(self.device)
+        self.lpips = lpips_model.to(self.device)
+        self.clip = clip
+        self.input_view, self.input_size, self.render_size = input_view, input_size, render_size
+        self.views_per_batch, self.seed = views_per_batch, seed
+        self.max_rays = max_rays or max_rays_for(self.model, self.device)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    @torch.no_grad()
+    def render(self, views: dict) -> torch.Tensor:
+        """`evaluation_views` output -> the N views rendered from its cameras: (N, 3, S, S) float32 in [0, 1]."""
+        cameras = views["render_cameras"][None].to(self.device)
+        size = views["target_images"].shape[-1]
+        generator = torch.Generator(self.device).manual_seed(self.seed)
+        with self._autocast():
+            planes = self.model(views["input_image"][None].to(self.device), views["source_camera"][None].to(self.device))
+        planes = planes.float()
+        frames = []
+        for start in range(0, cameras.shape[1], self.views_per_batch):
+            with self._autocast():
+                out = self.model.render(planes, cameras[:, start:start + self.views_per_batch], size,
+                                        generator=generator, max_rays=self.max_rays)
+            frames.append(out.rgb[0].float().clamp(0, 1))
+        return torch.cat(frames)
+
+    def score(self, views: dict, rendered: torch.Tensor) -> ObjectScores:
+        """Compare renders (N, 3, S, S) with the ground truth in `views` (evaluation_views output)."""
+        target = views["target_images"].to(rendered.device)
+        scores = ObjectScores(views["object_id"], **image_scores(rendered, target, self.lpips, self.views_per_batch),
+                              views=len(target))
+        if self.clip is not None:
+            novel = [i for i in range(len(rendered)) if i != views["input_view"]] or [0]
+            to_image, to_text = self.clip.similarities(views["input_image"], rendered[novel], views["prompt"])
+            scores.clip_image = to_image.mean().item()
+            scores.clip_text = math.nan if to_text is None else to_text.mean().item()
+        return scores
+
+    def evaluate_sample(self, sample) -> ObjectScores:
+        """One `MultiViewSample` (all its views, with cameras) -> its scores."""
+        views = evaluation_views(sample, self.input_view, self.input_size, self.render_size)
+        return self.score(views, self.render(views))
+
+    def evaluate(self, samples: Iterable, max_objects: int | None = None, total: int | None = None,
+                 desc: str = "evaluate") -> list[ObjectScores]:
+        """Score the first `max_objects` samples (all when None), with a tqdm bar."""
+        from itertools import islice
+
+        from tqdm import tqdm
+
+        if max_objects is not None:
+            total = max_objects if total is None else min(total, max_objects)
+        chosen = tqdm(islice(samples, max_objects), total=total, desc=desc, unit="object")
+        return [self.evaluate_sample(sample) for sample in chosen]
+
+
+def read_samples(pattern: str) -> Iterator:
+    """Validated `MultiViewSample`s with cameras from shards (brace pattern, glob or list), in shard order."""
+    import webdataset as wds
+
+    from .data.datamodules import expand_shards
+    from .data.schema import decode_sample
+
+    for raw in wds.tarfile_samples(iter([{"url": url} for url in expand_shards(pattern)])):
+        yield decode_sample(raw, require_cameras=True)
+
+
+def load_lrm(source: str | Path):
+    """An LRM from whatever `LRM.from_pretrained` accepts, or a Lightning .ckpt of `LRMModule`."""
+    from .models.lrm import LRM, LRMConfig
+    from .models.lrm.pretrained import load_into
+    from .registry import load_state_file
+
+    if not str(source).endswith(".ckpt"):
+        return LRM.from_pretrained(source)
+    checkpoint = load_state_file(source)
+    network = checkpoint.get("hyper_parameters", {}).get("network")
+    weights = {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
+    if network is None or not weights:
+        raise ValueError(f"{source} has no `hyper_parameters.network` or no `model.` weights: not a checkpoint of "
+                         "LRMModule; give a save_pretrained folder (LRMModule.export) or weights file instead")
+    model = LRM(LRMConfig.from_dict(network) if isinstance(network, dict) else network)
+    load_into(model, weights, str(source))
+    return model
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_csv(path: str | Path, scores: list[ObjectScores]) -> Path:
+    """One row per object: object_id, psnr, ssim, lpips, clip_image, clip_text, views."""
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            for item in scores:
+                row = dataclasses.asdict(item)
+                writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+
+    return atomic_write(path, write)
+
+
+def mean_std(values: list[float]) -> str:
+    """'mean ± std' (sample std) of the finite values, 'n/a' when there are none."""
+    array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]
+    if not len(array):
+        return "n/a"
+    std = array.std(ddof=1) if len(array) > 1 else 0.0
+    digits = 2 if abs(array.mean()) >= 10 else 4
+    return f"{array.mean():.{digits}f} ± {std:.{digits}f}"
+
+
+def summary_table(results: dict[str, list[ObjectScores]]) -> str:
+    """Markdown: one row per checkpoint, mean ± std over objects per metric."""
+    header = ["checkpoint", "objects", "views", *(LABELS[m] for m in METRICS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, scores in results.items():
+        counts = sorted({s.views for s in scores})
+        views = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        cells = [name, str(len(scores)), views, *(mean_std([getattr(s, m) for s in scores]) for m in METRICS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_distributions(results: dict[str, list[ObjectScores]], directory: str | Path) -> list[Path]:
+    """`<metric>.png` per metric with any finite value: one box (and its points) per checkpoint."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    written = []
+    for metric in METRICS:
+        data = {name: [v for s in scores if math.isfinite(v := getattr(s, metric))] for name, scores in results.items()}
+        if not any(data.values()):
+            continue
+        names = [name for name in data if data[name]]
+        figure = Figure(figsize=(1.6 + 1.4 * len(names), 3.6), layout="constrained")
+        FigureCanvasAgg(figure)  # Agg, without pyplot's global state
+        axes = figure.add_subplot()
+        axes.boxplot([data[n] for n in names], tick_labels=names, showmeans=True)
+        for i, name in enumerate(names, start=1):
+            jitter = np.random.default_rng(i).uniform(-0.08, 0.08, len(data[name]))
+            axes.scatter(i + jitter, data[name], s=8, alpha=0.5)
+        axes.set_ylabel(LABELS[metric])
+        axes.set_title(f"{LABELS[metric]} per object")
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=120)
+        written.append(atomic_write(Path(directory) / f"{metric}.png", lambda tmp: tmp.write_bytes(buffer.getvalue())))
+    return written
+
+
+def checkpoint_names(sources: list[str]) -> list[str]:
+    """Short unique folder-safe names: the file stem or folder name, numbered where two clash."""
+    names: list[str] = []
+    for source in sources:
+        path = Path(source)
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem if path.suffix in (".ckpt", ".safetensors", ".pt", ".pth")
+                      else path.name) or "checkpoint"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="LRM to evaluate: save_pretrained folder, weights file, registry name or LRMModule "
+                             ".ckpt; repeat to compare several side by side")
+    parser.add_argument("--shards", required=True, help="held-out multi-view shards (brace pattern or glob), "
+                                                        "e.g. renders made with `render --views uniform32`")
+    parser.add_argument("--out", required=True, help="folder for <checkpoint>/objects.csv, summary.md, plots/")
+    parser.add_argument("--clip", default=DEFAULT_CLIP,
+                        help="CLIP folder or hub id in the local cache (default %(default)s); 'none' skips CLIP")
+    parser.add_argument("--lpips-weights", default=None,
+                        help="torchvision VGG16 weights for LPIPS (default: the torch hub cache)")
+    parser.add_argument("--lpips-random-backbone", action="store_true",
+                        help="untrained LPIPS trunk: for tests only, the LPIPS numbers mean nothing")
+    parser.add_argument("--max-objects", type=int, default=None, help="evaluate the first N objects only")
+    parser.add_argument("--input-view", type=int, default=0, help="the view given to the LRM (default 0)")
+    parser.add_argument("--input-size", type=int, default=512, help="encoder input size (default 512)")
+    parser.add_argument("--render-size", type=int, default=None,
+                        help="render and compare at this size (default: the shards' resolution)")
+    parser.add_argument("--views-per-batch", type=int, default=8, help="views rendered per call")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16 runs the LRM under autocast")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the renderer's sample jitter")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .data.datamodules import count_samples, expand_shards
+
+    out = Path(args.out)
+    total = count_samples(expand_shards(args.shards)) if "://" not in args.shards else None
+    # weights of the judges first: a missing LPIPS or CLIP model fails before any LRM is loaded
+    lpips_model = build_lpips(args.lpips_weights, args.lpips_random_backbone)
+    clip = None if str(args.clip).lower() == "none" else load_clip(args.clip, args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    results: dict[str, list[ObjectScores]] = {}
+    for name, source in zip(checkpoint_names(args.checkpoint), args.checkpoint):
+        evaluator = Evaluator(load_lrm(source), lpips_model, clip, device=args.device, dtype=dtype,
+                              input_view=args.input_view, input_size=args.input_size, render_size=args.render_size,
+                              views_per_batch=args.views_per_batch, seed=args.seed)
+        scores = evaluator.evaluate(read_samples(args.shards), args.max_objects, total, desc=name)
+        if not scores:
+            raise ValueError(f"no samples in {args.shards}")
+        results[name] = scores
+        print(f"{name}: {len(scores)} objects -> {write_csv(out / name / 'objects.csv', scores)}")
+        del evaluator  # free the LRM before loading the next
+    table = summary_table(results)
+    note = (f"\nInput view {args.input_view}; means ± std over objects of per-object means over views; "
+            f"PSNR per view capped at {PSNR_CAP:g} dB; CLIP: cosine similarity, novel views only.\n")
+    atomic_write(out / "summary.md", lambda tmp: tmp.write_text(table + note))
+    print(table + note)
+    for path in plot_distributions(results, out / "plots"):
+        print(f"plot -> {path}")
+    return 0
