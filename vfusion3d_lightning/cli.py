@@ -240,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     label_ui_module.add_arguments(label_ui)
     label_ui.set_defaults(run=label_ui_module.run)
 
+    pipeline = commands.add_parser("pipeline", help="the whole system end to end, resumable: assets -> renders -> "
+                                                    "video model -> videos -> curation -> LRM -> metrics, samples")
+    from . import pipeline as pipeline_module
+
+    pipeline_module.add_arguments(pipeline)
+    pipeline.set_defaults(run=pipeline_module.run)
+
     evaluate = commands.add_parser("evaluate", help="3D metrics (PSNR, SSIM, LPIPS, CLIP) of LRM checkpoints on "
                                                     "held-out multi-view shards")
     from . import metrics as metrics_module
@@ -254,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     prompts_module.add_arguments(prompts)
     prompts.set_defaults(run=prompts_module.run)
 
+    sweep = commands.add_parser("sweep", help="grid or random search over config overrides: one `fit` per trial in "
+                                              "its own process and folder, results sorted by a metric (resumable)")
+    from . import sweep as sweep_module
+
+    sweep_module.add_arguments(sweep)
+    sweep.set_defaults(run=sweep_module.run)
+
     weights = commands.add_parser("weights", help="list known pretrained weights and whether they are present")
     weights.add_argument("--checkpoint-dir", default=None)
     weights.set_defaults(run=run_weights)
@@ -263,14 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def lightning_cli(argv: list[str] | None, run: bool = True):
+def lightning_cli(argv: list[str] | None, run: bool = True, overwrite_config: bool = False):
     """LightningCLI for any of our LightningModules and DataModules, chosen by `class_path` in the config.
-    `argv` None reads the command line."""
+    `argv` None reads the command line. `overwrite_config` lets a rerun write the run's config.yaml again
+    where there is no versioned log folder (predict)."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
     return LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
-                        subclass_mode_data=True, args=argv, run=run)
+                        subclass_mode_data=True, args=argv, run=run,
+                        save_config_kwargs={"overwrite": overwrite_config})
 
 
 def main(argv: list[str] | None = None) -> int:

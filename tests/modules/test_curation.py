@@ -11,6 +11,7 @@ import torch
 
 from vfusion3d_lightning.data.curation import CurationDataModule
 from vfusion3d_lightning.data.feature_cache import read_features, shard_paths
+from vfusion3d_lightning.data.spoil import SPOIL_KINDS, spoil_video
 from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter, complete_shards, decode_sample
 from vfusion3d_lightning.models.features import curation_indices, uniform_indices
 from vfusion3d_lightning.models.quality import QualitySVM
@@ -35,29 +36,6 @@ def read_samples(folder) -> list[MultiViewSample]:
                                                          shardshuffle=False)]
 
 
-def spoil(images: np.ndarray, other: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A bad video from a good one (N, H, W, 4) uint8, the ways generated orbits fail."""
-    out = images.copy()
-    n, size = images.shape[0], images.shape[1]
-    if kind == "switch":  # another object from the middle on
-        out[n // 2:] = other[n // 2:]
-    elif kind == "blur":
-        from PIL import Image, ImageFilter
-
-        for i in range(n):
-            out[i] = np.asarray(Image.fromarray(out[i], "RGBA").filter(ImageFilter.GaussianBlur(size / 10)))
-    elif kind == "noise":
-        rgb = out[..., :3].astype(np.float32) + rng.normal(0, 60, out[..., :3].shape)
-        out[..., :3] = np.clip(rgb, 0, 255).astype(np.uint8)
-        out[..., 3] = 255
-    else:  # coloured blotches on the background
-        for i in range(n):
-            for _ in range(3):
-                y, x = rng.integers(0, size - size // 4, 2)
-                out[i, y:y + size // 4, x:x + size // 4] = [*rng.integers(0, 255, 3), 255]
-    return out
-
-
 @pytest.fixture(scope="module")
 def quality_data(tmp_path_factory, procedural_shards):
     """48 good orbits and 48 spoiled ones (12 of each kind) in shards, with a labels file."""
@@ -65,12 +43,11 @@ def quality_data(tmp_path_factory, procedural_shards):
     pattern = procedural_shards(root / "renders", 48, seed=3, views="orbit16", resolution=48)
     good = read_samples(shard_paths(pattern)[0].parent)
     rng = np.random.default_rng(0)
-    kinds = ["switch", "blur", "noise", "blotches"]
     labels = root / "labels.jsonl"
     with ShardWriter(root / "videos", maxcount=8) as writer, open(labels, "w") as handle:
         for i, sample in enumerate(good):
             other = good[(i + 1) % len(good)].images
-            bad = spoil(sample.images, other, kinds[i % 4], rng)
+            bad = spoil_video(sample.images, other, SPOIL_KINDS[i % 4], rng)
             for key, images, label in ((f"good{i:02d}", sample.images, 1), (f"bad{i:02d}", bad, 0)):
                 writer.write_sample(MultiViewSample(key=key, object_id=sample.object_id, source="synthetic",
                                                     images=images, prompt="an object"))

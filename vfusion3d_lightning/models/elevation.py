@@ -32,7 +32,10 @@ class ElevationMLP(nn.Module):
     def set_normalization(self, features: torch.Tensor) -> None:
         """Standardise with the mean and std of training features (N, D)."""
         self.feature_mean.copy_(features.float().mean(0))
-        self.feature_std.copy_(features.float().std(0).clamp_min(1e-6))
+        std = features.float().std(0)
+        # a dimension nearly constant in training would blow up whatever it holds at test time (dead ReLU
+        # channels of a CNN): no dimension is scaled up more than 100x the median one's scaling
+        self.feature_std.copy_(std.clamp_min(max(1e-6, 0.01 * std.median().item())))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim != 2 or features.shape[1] != self.feature_mean.numel():
