@@ -1,10 +1,13 @@
-"""Inference timings: image -> planes, a 160-frame turntable, the 512^3 mesh grid; released-style and ours.
+"""Inference timings, released-style and ours in one process: image -> planes, a 160-frame turntable, the mesh.
 
-    python benchmarks/infer.py [--frames 160] [--size 384] [--grid 512]
+    python benchmarks/infer.py [--frames 160] [--size 384] [--grid 512] [--compile] [--repeats 3]
 
-Released-style: fp32, one turntable frame per call, dense density grid. Ours: frames batched per call with a
-bounded ray count, coarse-to-fine grid, and the same in bf16 autocast (with its difference from fp32).
-Random weights of the released sizes; the timings do not depend on the weight values.
+Released-style: fp32, the released decoder computation (240 concatenated features a sample through the whole
+MLP), one turntable frame per call, dense density grid, marching cubes on the CPU. Ours: bf16 autocast,
+planes projected by the decoder's first layer once (renderer.py), `--frames-per-batch` frames a call,
+coarse-to-fine grid; `--compile` adds torch.compile of the encoder/transformer and of the ray renderer.
+Each step: warm-up, then the median of `--repeats` runs with CUDA synchronised, and its peak memory.
+Random weights of the released sizes (timings do not depend on the values; errors are against fp32).
 """
 
 from __future__ import annotations
@@ -15,21 +18,52 @@ import time
 
 import torch
 
-from vfusion3d_lightning.inference import ImageTo3D
+from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
 from vfusion3d_lightning.mesh import coarse_to_fine_grid, density_grid
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 
 
-def timed(fn, repeats: int = 1):
-    """(last result, median seconds) with CUDA synchronised around each run."""
-    times, out = [], None
+def timed(fn, repeats: int):
+    """(last result, median seconds, peak GiB above the memory in use before) over `repeats` runs after one
+    warm-up run."""
+    out = fn()
+    times = []
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
         torch.cuda.synchronize()
         start = time.perf_counter()
         out = fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return out, statistics.median(times)
+    return out, statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def make_planes(model: LRM, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        return model(image, canonical_source_camera(1).cuda()).float()
+
+
+def turntable(model: LRM, planes: torch.Tensor, frames: int, size: int, per_call: int, max_rays: int,
+              dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    cameras = turntable_cameras(frames).cuda()
+    generator = torch.Generator("cuda").manual_seed(seed)
+    parts = []
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        for start in range(0, frames, per_call):
+            out = model.render(planes, cameras[start:start + per_call][None], size, generator=generator,
+                               max_rays=max_rays)
+            parts.append(out.rgb[0].float())
+    return torch.cat(parts)
+
+
+def marching_cubes_seconds(grid: torch.Tensor, threshold: float) -> tuple[float, int]:
+    import mcubes
+
+    start = time.perf_counter()
+    vertices, _ = mcubes.marching_cubes(grid.cpu().numpy(), threshold)
+    return time.perf_counter() - start, len(vertices)
 
 
 def main() -> None:
@@ -37,45 +71,68 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=160)
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--grid", type=int, default=512)
-    parser.add_argument("--frames-per-batch", type=int, default=8)
-    parser.add_argument("--max-rays", type=int, default=2**16, help="rays per renderer pass (ours)")
+    parser.add_argument("--frames-per-batch", type=int, default=16)
+    parser.add_argument("--max-rays", type=int, default=2**18, help="rays per renderer pass (ours)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="mesh density level (default: the median of the grid, so a random field has a surface)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = LRM(LRMConfig.vfusion3d()).cuda().eval()
-    fp32 = ImageTo3D(model, "cuda", torch.float32)
-    bf16 = ImageTo3D(model, "cuda", torch.bfloat16)
-    image = torch.rand(3, 512, 512)
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, released sizes, random weights")
-    for engine in (fp32, bf16):
-        engine.planes(image)  # warm-up
-    planes, t_planes = timed(lambda: fp32.planes(image), 5)
-    planes_bf16, t_planes_bf16 = timed(lambda: bf16.planes(image), 5)
-    torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(1)
-    released, t_released = timed(lambda: fp32.turntable(planes, args.frames, args.size, frames_per_batch=1,
-                                                        max_rays=args.size**2))
-    peak_released = torch.cuda.max_memory_allocated() / 2**30
-    torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(1)
-    ours, t_ours = timed(lambda: fp32.turntable(planes, args.frames, args.size, args.frames_per_batch,
-                                                max_rays=args.max_rays))
-    peak_ours = torch.cuda.max_memory_allocated() / 2**30
-    torch.manual_seed(1)
-    ours_bf16, t_ours_bf16 = timed(lambda: bf16.turntable(planes, args.frames, args.size, args.frames_per_batch,
-                                                          max_rays=args.max_rays))
-    _, t_dense = timed(lambda: density_grid(model, planes, args.grid))
-    _, t_c2f = timed(lambda: coarse_to_fine_grid(model, planes, args.grid))
-    print("| step | released-style (fp32) | ours fp32 | ours bf16 |")
-    print("| --- | --- | --- | --- |")
-    print(f"| image -> planes | {t_planes * 1e3:.0f} ms | {t_planes * 1e3:.0f} ms | {t_planes_bf16 * 1e3:.0f} ms |")
-    print(f"| {args.frames}-frame {args.size}^2 turntable | {t_released:.2f} s (1 frame a call, peak "
-          f"{peak_released:.1f} GiB) | {t_ours:.2f} s ({args.frames_per_batch} frames a call, peak {peak_ours:.1f} GiB)"
-          f" | {t_ours_bf16:.2f} s |")
-    print(f"| {args.grid}^3 density grid | {t_dense:.2f} s (dense) | {t_c2f:.2f} s (coarse-to-fine) | - |")
-    print(f"bf16 vs fp32: planes max |diff| {(planes_bf16 - planes).abs().max():.3g} (planes std "
-          f"{planes.std():.3g}); frames mean |diff| {(ours_bf16 - ours).abs().mean():.4f}, max "
-          f"{(ours_bf16 - ours).abs().max():.3f}; fp32 batched vs one-per-call frames mean |diff| "
-          f"{(ours - released).abs().mean():.4f} (stratified sampling noise)")
+    released = LRM(LRMConfig.vfusion3d()).cuda().eval()
+    released.renderer.project_planes = False
+    ours = LRM(LRMConfig.vfusion3d()).cuda().eval()
+    ours.load_state_dict(released.state_dict())
+    if args.compile:
+        ours.encoder = torch.compile(ours.encoder)
+        ours.transformer = torch.compile(ours.transformer)
+        ours.renderer.render_rays = torch.compile(ours.renderer.render_rays)
+    image = torch.rand(1, 3, 512, 512, device="cuda")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, released sizes, random weights, "
+          f"compile={args.compile}")
+    rows = []
+
+    planes, t_ref, m_ref = timed(lambda: make_planes(released, image, torch.float32), args.repeats)
+    planes_bf16, t_fast, m_fast = timed(lambda: make_planes(ours, image, torch.bfloat16), args.repeats)
+    rows.append(("image -> planes", t_ref, m_ref, t_fast, m_fast, "ms"))
+    planes_error = (planes_bf16 - planes).abs().max().item()
+
+    frames_ref, t_ref, m_ref = timed(lambda: turntable(released, planes, args.frames, args.size, 1, args.size**2,
+                                                       torch.float32), 1)
+    frames_fast, t_fast, m_fast = timed(lambda: turntable(ours, planes, args.frames, args.size,
+                                                          args.frames_per_batch, args.max_rays, torch.bfloat16),
+                                        args.repeats)
+    frames_fp32 = turntable(ours, planes, args.frames, args.size, args.frames_per_batch, args.max_rays,
+                            torch.float32)
+    frames_noise = turntable(ours, planes, args.frames, args.size, args.frames_per_batch, args.max_rays,
+                             torch.float32, seed=2)
+    rows.append((f"{args.frames}-frame {args.size}^2 turntable", t_ref, m_ref, t_fast, m_fast, "s"))
+
+    grid_ref, t_grid_ref, m_ref = timed(lambda: density_grid(released, planes, args.grid), 1)
+    threshold = args.threshold if args.threshold is not None else grid_ref.float().median().item()
+    mc_ref, vertices_ref = marching_cubes_seconds(grid_ref, threshold)
+    grid_fast, t_grid_fast, m_fast = timed(lambda: coarse_to_fine_grid(ours, planes, args.grid, threshold)[0],
+                                           args.repeats)
+    mc_fast, vertices_fast = marching_cubes_seconds(grid_fast, threshold)
+    rows.append((f"{args.grid}^3 density grid", t_grid_ref, m_ref, t_grid_fast, m_fast, "s"))
+    rows.append((f"{args.grid}^3 mesh (grid + CPU marching cubes)", t_grid_ref + mc_ref, None,
+                 t_grid_fast + mc_fast, None, "s"))
+
+    print("| step | released-style | ours | speed-up | peak GiB released-style / ours |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, t_ref, m_ref, t_fast, m_fast, unit in rows:
+        scale = 1e3 if unit == "ms" else 1
+        memory = "-" if m_ref is None else f"{m_ref:.1f} / {m_fast:.1f}"
+        print(f"| {name} | {t_ref * scale:.{0 if unit == 'ms' else 2}f} {unit} | {t_fast * scale:.{1 if unit == 'ms' else 2}f}"
+              f" {unit} | {t_ref / t_fast:.1f}x | {memory} |")
+    print(f"planes bf16 vs fp32: max |diff| {planes_error:.3g} (planes std {planes.std():.3g})")
+    print(f"turntable frames, ours bf16 vs ours fp32: mean |diff| {(frames_fast - frames_fp32).abs().mean():.5f}, max "
+          f"{(frames_fast - frames_fp32).abs().max():.4f}; ours fp32 vs released-style (same seed): mean |diff| "
+          f"{(frames_fp32 - frames_ref).abs().mean():.5f}; two fp32 renders with other sample jitter: mean |diff| "
+          f"{(frames_noise - frames_fp32).abs().mean():.5f}")
+    print(f"mesh at density {threshold:.4g}: {vertices_ref} vertices released-style, {vertices_fast} ours; "
+          f"marching cubes {mc_ref:.2f} s / {mc_fast:.2f} s; grids differ at "
+          f"{((grid_fast > threshold) != (grid_ref > threshold)).sum().item()} points")
 
 
 if __name__ == "__main__":

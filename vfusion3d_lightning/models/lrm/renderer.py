@@ -36,8 +36,30 @@ def sample_triplane(planes: torch.Tensor, points: torch.Tensor, box_size: float 
     return features.permute(0, 3, 1, 2).reshape(batch, -1, 3 * channels)
 
 
+def sample_projected(projected: torch.Tensor, points: torch.Tensor, box_size: float = 2.0) -> torch.Tensor:
+    """The sum over the three planes of bilinear features at `points`, channels first.
+
+    projected: (B, 3, D, H, W) (planes after `TriplaneDecoder.project`); points: (B, M, 3) -> (B, D, M).
+    """
+    batch, _, channels, height, width = projected.shape
+    coords = points * (2.0 / box_size)
+    grid = torch.stack([coords[..., list(axes)] for axes in PLANE_AXES], dim=1)  # (B, 3, M, 2)
+    grid = grid.reshape(batch * 3, 1, -1, 2).to(projected.dtype)
+    features = F.grid_sample(projected.reshape(batch * 3, channels, height, width), grid, mode="bilinear",
+                             padding_mode="zeros", align_corners=False)  # (B*3, D, 1, M)
+    return features.reshape(batch, 3, channels, -1).sum(dim=1)
+
+
 class TriplaneDecoder(nn.Module):
-    """MLP on triplane features -> raw density (B, M, 1) and colour in [-0.001, 1.001] (B, M, 3)."""
+    """MLP on triplane features -> raw density (B, M, 1) and colour in [-0.001, 1.001] (B, M, 3).
+
+    `forward` takes the concatenated features of the three planes, as released. The renderer uses the
+    same network in an equal, cheaper form: the first layer is linear and bilinear sampling is linear, so
+    projecting each plane by its block of the first layer's weights once (`project`, 80 -> 64 channels per
+    plane for the released sizes) and summing the three samples (`sample_projected`) gives the first
+    layer's output without its per-sample matrix product (two thirds of the decoder's FLOPs) or the
+    channels-last copy of 240 features a sample; `decode_projected` runs the rest channels first.
+    """
 
     def __init__(self, in_dim: int, hidden_dim: int = 64, num_layers: int = 4):
         super().__init__()
@@ -51,13 +73,47 @@ class TriplaneDecoder(nn.Module):
         for layer in self.layers[:-1]:
             x = F.relu(layer(x))
         x = self.layers[-1](x)
-        # MipNeRF's widened sigmoid lets colours reach exactly 0 and 1
-        return x[..., :1], torch.sigmoid(x[..., 1:]) * 1.002 - 0.001
+        return _outputs(x)
+
+    def project(self, planes: torch.Tensor) -> torch.Tensor:
+        """planes (B, 3, C, H, W) -> each plane through its block of the first layer: (B, 3, D, H, W)."""
+        first = self.layers[0]
+        blocks = first.weight.reshape(first.out_features, 3, -1).transpose(0, 1)  # (3, D, C)
+        return torch.einsum("pdc,bpchw->bpdhw", blocks.to(planes.dtype), planes)
+
+    def decode_projected(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's output before its bias, (B, D, M) from `sample_projected` -> as `forward`."""
+        first, last = self.layers[0], self.layers[-1]
+        x = F.relu(hidden + first.bias.to(hidden.dtype)[:, None])
+        for layer in self.layers[1:-1]:
+            x = F.relu(torch.matmul(layer.weight.to(x.dtype), x) + layer.bias.to(x.dtype)[:, None])
+        x = torch.matmul(last.weight.to(x.dtype), x) + last.bias.to(x.dtype)[:, None]  # (B, 4, M)
+        return _outputs(x.transpose(1, 2))
+
+
+def _outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # MipNeRF's widened sigmoid lets colours reach exactly 0 and 1
+    return x[..., :1], torch.sigmoid(x[..., 1:]) * 1.002 - 0.001
 
 
 def density_activation(raw_sigma: torch.Tensor) -> torch.Tensor:
     # the -1 bias makes a freshly initialised field nearly empty
     return F.softplus(raw_sigma - 1.0)
+
+
+@dataclass
+class Field:
+    """A triplane field ready to query: points (B, M, 3) -> raw density (B, M, 1), colour (B, M, 3)."""
+
+    planes: torch.Tensor  # (B, 3, D, H, W) projected, or (B, 3, C, H, W) as they are
+    decoder: TriplaneDecoder
+    projected: bool
+    box_size: float
+
+    def __call__(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.projected:
+            return self.decoder.decode_projected(sample_projected(self.planes, points, self.box_size))
+        return self.decoder(sample_triplane(self.planes, points, self.box_size))
 
 
 @dataclass
@@ -82,7 +138,8 @@ def camera_rays(
     x0, y0, extent = (0, 0, size) if patch is None else patch
     if extent <= 0 or x0 < 0 or y0 < 0 or x0 + extent > size or y0 + extent > size:
         raise ValueError(f"patch (x0={x0}, y0={y0}, size={extent}) does not fit in a {size}x{size} render")
-    if not bool(torch.isfinite(cameras).all()):
+    # checked where it costs nothing; on a GPU the check would stall every training step on the host
+    if cameras.device.type == "cpu" and not bool(torch.isfinite(cameras).all()):
         raise ValueError("render cameras hold NaN or inf values")
     pose, k = split_render_camera(cameras.float())
     device = cameras.device
@@ -130,22 +187,29 @@ class VolumeRenderer(nn.Module):
     """Importance volume rendering of a triplane field along rays (no parameters)."""
 
     def __init__(self, coarse_samples: int = 64, importance_samples: int = 64, box_size: float = 2.0,
-                 white_background: bool = True):
+                 white_background: bool = True, project_planes: bool = True):
         super().__init__()
         self.coarse_samples = coarse_samples
         self.importance_samples = importance_samples
         self.box_size = box_size
         self.white_background = white_background
+        # False: the released computation (concatenated features through the whole MLP), for comparisons
+        self.project_planes = project_planes
+
+    def field(self, planes: torch.Tensor, decoder: TriplaneDecoder) -> "Field":
+        """What the renderer queries: planes, projected once per call when `project_planes`."""
+        return Field(decoder.project(planes) if self.project_planes else planes, decoder, self.project_planes,
+                     self.box_size)
 
     def query(self, planes: torch.Tensor, decoder: TriplaneDecoder, points: torch.Tensor):
         """Raw density (B, M, 1) and colour (B, M, 3) at points (B, M, 3)."""
-        return decoder(sample_triplane(planes, points, self.box_size))
+        return self.field(planes, decoder)(points)
 
-    def _shade(self, planes, decoder, origins, directions, depths):
+    def _shade(self, field, origins, directions, depths):
         """Colours and raw densities of samples at `depths` (B, R, S, 1) -> (B, R, S, 3), (B, R, S, 1)."""
         points = origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)  # (B, R, S, 3)
         batch, rays, samples, _ = points.shape
-        raw_sigma, rgb = self.query(planes, decoder, points.reshape(batch, -1, 3))
+        raw_sigma, rgb = field(points.reshape(batch, -1, 3))
         half = self.box_size / 2
         inside = ((points >= -half) & (points <= half)).all(dim=-1, keepdim=True).reshape(batch, -1, 1)
         # outside the box: no colour and a density that softplus maps to 0
@@ -208,15 +272,15 @@ class VolumeRenderer(nn.Module):
             samples = bin_lo + (u - cdf_lo) / denom * (bin_hi - bin_lo)
             return samples.to(depths.dtype).reshape(*lead, self.importance_samples, 1)
 
-    def render_rays(self, planes, decoder, origins, directions, generator=None):
-        """planes (B, 3, C, H, W); origins, directions (B, R, 3) -> rgb (B, R, 3), depth (B, R, 1), opacity (B, R, 1)."""
+    def render_rays(self, field, origins, directions, generator=None):
+        """field (from `field`); origins, directions (B, R, 3) -> rgb (B, R, 3), depth (B, R, 1), opacity (B, R, 1)."""
         t_near, t_far = ray_box_limits(origins, directions, self.box_size / 2)
         depths = self._stratified(t_near, t_far, generator)
-        rgb, sigma = self._shade(planes, decoder, origins, directions, depths)
+        rgb, sigma = self._shade(field, origins, directions, depths)
         if self.importance_samples > 0:
             _, _, weights = self.composite(rgb, sigma, depths)
             fine_depths = self._importance(depths, weights, generator)
-            fine_rgb, fine_sigma = self._shade(planes, decoder, origins, directions, fine_depths)
+            fine_rgb, fine_sigma = self._shade(field, origins, directions, fine_depths)
             depths, order = torch.sort(torch.cat([depths, fine_depths], dim=-2), dim=-2)
             rgb = torch.cat([rgb, fine_rgb], dim=-2).gather(-2, order.expand(-1, -1, -1, 3))
             sigma = torch.cat([sigma, fine_sigma], dim=-2).gather(-2, order)
@@ -237,8 +301,9 @@ class VolumeRenderer(nn.Module):
         origins, directions = camera_rays(cameras, size, patch)  # (B, V, P, 3)
         origins, directions = origins.reshape(batch, -1, 3), directions.reshape(batch, -1, 3)
         step = origins.shape[1] if max_rays is None else max_rays
+        field = self.field(planes, decoder)
         outputs = [
-            self.render_rays(planes, decoder, origins[:, i: i + step], directions[:, i: i + step], generator)
+            self.render_rays(field, origins[:, i: i + step], directions[:, i: i + step], generator)
             for i in range(0, origins.shape[1], step)
         ]
         color, depth, opacity = (torch.cat(parts, dim=1) for parts in zip(*outputs))

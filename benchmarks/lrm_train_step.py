@@ -1,0 +1,145 @@
+"""LRM training step speed, FLOPs and MFU of the `vfusion3d` config, released-style and ours, per batch size.
+
+    python benchmarks/lrm_train_step.py [--batch-sizes 1 2 4 8 16 32] [--steps 10] [--checkpointing] [--compile]
+
+One step of `LRMModule.training_step` as Lightning runs it (bf16-mixed, AdamW, LPIPS-VGG with a random trunk,
+opacity loss): 512 px input, 4 supervision views rendered as 128x128 patches of a 384 px render. Released-
+style: the released decoder computation (concatenated features through the whole MLP); ours: planes
+projected by the decoder's first layer once. Model FLOPs a step are counted by torch's FlopCounterMode on the
+same step (forward and backward; matmuls, convolutions, attention); MFU is achieved FLOP/s over the GPU's
+dense bf16 peak. Timing: median step time over `--steps` steps after 3 warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
+from vfusion3d_lightning.losses import lpips_loss, opacity_loss
+from vfusion3d_lightning.models.lrm import LRMConfig
+from vfusion3d_lightning.modules import LRMModule
+
+# dense bf16 tensor-core peaks, FLOP/s
+PEAKS = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops() -> float:
+    name = torch.cuda.get_device_name()
+    for key, value in PEAKS.items():
+        if key in name:
+            return value
+    raise SystemExit(f"no bf16 peak known for {name}; add it to PEAKS")
+
+
+def synthetic_batch(batch_size: int, views: int = 4, size: int = 384) -> dict[str, torch.Tensor]:
+    cameras = turntable_cameras(views)
+    return {"input_image": torch.rand(batch_size, 3, 512, 512),
+            "source_camera": canonical_source_camera(batch_size),
+            "target_images": torch.rand(batch_size, views, 3, size, size),
+            "target_masks": (torch.rand(batch_size, views, 1, size, size) > 0.5).float(),
+            "render_cameras": cameras[None].expand(batch_size, -1, -1).contiguous()}
+
+
+class Repeat(IterableDataset):
+    """The same batch forever: the step, not data loading, is measured (benchmarks/data_decode.py does that)."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+class StepTimer(L.Callback):
+    def __init__(self):
+        self.times: list[float] = []
+        self.start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.start)
+
+
+def module(project: bool, checkpointing: bool) -> LRMModule:
+    m = LRMModule(network=LRMConfig.vfusion3d(), lr=4e-4, warmup_steps=0, render_size=384, patch_size=128,
+                  lpips_random_backbone=True, gradient_checkpointing=checkpointing, turntable_frames=0)
+    m.model.renderer.project_planes = project
+    return m
+
+
+def step_flops(m: LRMModule, batch: dict[str, torch.Tensor]) -> float:
+    """FLOPs of one forward + backward of the training step's computation."""
+    m = m.cuda().train()
+    batch = {k: v.cuda() for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter, torch.autocast("cuda", dtype=torch.bfloat16):
+        planes = m.model(batch["input_image"], batch["source_camera"])
+        out = m.model.render(planes, batch["render_cameras"], 384, patch=(128, 128, 128))
+        target = batch["target_images"][..., 128:256, 128:256].flatten(0, 1)
+        mask = batch["target_masks"][..., 128:256, 128:256]
+        loss = opacity_loss(out.opacity, mask) + lpips_loss(m.lpips, out.rgb.flatten(0, 1), target)
+        loss.backward()
+    m.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def measure(batch_size: int, project: bool, checkpointing: bool, steps: int, compile_model: bool):
+    torch.manual_seed(0)
+    m = module(project, checkpointing)
+    batch = synthetic_batch(batch_size)
+    flops = step_flops(m, batch)
+    if compile_model:
+        m.model.encoder = torch.compile(m.model.encoder)
+        m.model.transformer = torch.compile(m.model.transformer)
+        m.model.renderer.render_rays = torch.compile(m.model.renderer.render_rays)
+    timer = StepTimer()
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=3 + steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
+    torch.cuda.reset_peak_memory_stats()
+    trainer.fit(m, DataLoader(Repeat(batch), batch_size=None, pin_memory=True))
+    seconds = statistics.median(timer.times[3:])
+    return seconds, flops, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--paths", nargs="+", default=["released", "ours"], choices=["released", "ours"])
+    args = parser.parse_args()
+    peak = peak_flops()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, vfusion3d config, 4 views of 128^2 "
+          f"patches, bf16-mixed, checkpointing={args.checkpointing}, compile={args.compile}, peak {peak / 1e12:.0f} "
+          "TFLOP/s")
+    print("| path | batch | step | samples/s | TFLOP a step | MFU | peak memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for batch_size in args.batch_sizes:
+        for path in args.paths:
+            try:
+                seconds, flops, memory = measure(batch_size, path == "ours", args.checkpointing, args.steps,
+                                                 args.compile and path == "ours")
+            except torch.OutOfMemoryError:
+                print(f"| {path} | {batch_size} | out of memory | | | | |", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            print(f"| {path} | {batch_size} | {seconds * 1e3:.0f} ms | {batch_size / seconds:.1f} | "
+                  f"{flops / 1e12:.2f} | {flops / seconds / peak:.1%} | {memory:.1f} GiB |", flush=True)
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
