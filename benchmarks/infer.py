@@ -23,39 +23,62 @@ from vfusion3d_lightning.mesh import coarse_to_fine_grid, density_grid
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 
 
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # the CPU runs the tiny preset, to check the script
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int):
     """(last result, median seconds, peak GiB above the memory in use before) over `repeats` runs after one
     warm-up run."""
     out = fn()
     times = []
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    base = torch.cuda.memory_allocated() if CUDA else 0
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         out = fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
-    return out, statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if CUDA else 0.0
+    return out, statistics.median(times), peak
 
 
 def make_planes(model: LRM, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        return model(image, canonical_source_camera(1).cuda()).float()
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+        return model(image, canonical_source_camera(1).to(DEVICE)).float()
 
 
 def turntable(model: LRM, planes: torch.Tensor, frames: int, size: int, per_call: int, max_rays: int,
               dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
-    cameras = turntable_cameras(frames).cuda()
-    generator = torch.Generator("cuda").manual_seed(seed)
+    cameras = turntable_cameras(frames).to(DEVICE)
+    generator = torch.Generator(DEVICE).manual_seed(seed)
     parts = []
-    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
         for start in range(0, frames, per_call):
             out = model.render(planes, cameras[start:start + per_call][None], size, generator=generator,
                                max_rays=max_rays)
             parts.append(out.rgb[0].float())
     return torch.cat(parts)
+
+
+def profile_turntable(name: str, fn) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
+    print(f"## {name}")
+    print(prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total", row_limit=18,
+                                    max_name_column_width=50))
 
 
 def marching_cubes_seconds(grid: torch.Tensor, threshold: float) -> tuple[float, int]:
@@ -75,43 +98,57 @@ def main() -> None:
     parser.add_argument("--max-rays", type=int, default=2**18, help="rays per renderer pass (ours)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="mesh density level (default: the median of the grid, so a random field has a surface)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top kernels of 16 turntable frames, released-style and ours, and stop")
+    parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
+    parser.add_argument("--threshold", type=float, default=1.0, help="mesh density level (the release's 1.0)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    released = LRM(LRMConfig.vfusion3d()).cuda().eval()
+    config = LRMConfig.preset(args.preset)
+    released = LRM(config).to(DEVICE).eval()
     released.renderer.project_planes = False
-    ours = LRM(LRMConfig.vfusion3d()).cuda().eval()
+    ours = LRM(config).to(DEVICE).eval()
     ours.load_state_dict(released.state_dict())
     if args.compile:
         ours.encoder = torch.compile(ours.encoder)
         ours.transformer = torch.compile(ours.transformer)
         ours.renderer.render_rays = torch.compile(ours.renderer.render_rays)
-    image = torch.rand(1, 3, 512, 512, device="cuda")
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, released sizes, random weights, "
-          f"compile={args.compile}")
+    size = config.encoder_img_size or 512
+    image = torch.rand(1, 3, size, size, device=DEVICE)
+    print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} sizes, "
+          f"random weights, compile={args.compile}", flush=True)
     rows = []
+    if args.profile:
+        planes = make_planes(released, image, torch.float32)
+        for name, model, per_call, rays, dtype in (("released-style", released, 1, args.size**2, torch.float32),
+                                                  ("ours", ours, args.frames_per_batch, args.max_rays, torch.bfloat16)):
+            profile_turntable(name, lambda: turntable(model, planes, 16, args.size, per_call, rays, dtype))
+        return
 
     planes, t_ref, m_ref = timed(lambda: make_planes(released, image, torch.float32), args.repeats)
     planes_bf16, t_fast, m_fast = timed(lambda: make_planes(ours, image, torch.bfloat16), args.repeats)
     rows.append(("image -> planes", t_ref, m_ref, t_fast, m_fast, "ms"))
+    print(rows[-1], flush=True)  # as they come: a killed run still reports
     planes_error = (planes_bf16 - planes).abs().max().item()
 
     frames_ref, t_ref, m_ref = timed(lambda: turntable(released, planes, args.frames, args.size, 1, args.size**2,
                                                        torch.float32), 1)
+    print(f"released-style turntable {t_ref:.2f} s", flush=True)
     frames_fast, t_fast, m_fast = timed(lambda: turntable(ours, planes, args.frames, args.size,
                                                           args.frames_per_batch, args.max_rays, torch.bfloat16),
                                         args.repeats)
-    frames_fp32 = turntable(ours, planes, args.frames, args.size, args.frames_per_batch, args.max_rays,
-                            torch.float32)
+    frames_fp32, t_fp32, m_fp32 = timed(lambda: turntable(ours, planes, args.frames, args.size,
+                                                          args.frames_per_batch, args.max_rays, torch.float32), 1)
+    print(f"ours fp32 turntable {t_fp32:.2f} s, peak {m_fp32:.1f} GiB", flush=True)
     frames_noise = turntable(ours, planes, args.frames, args.size, args.frames_per_batch, args.max_rays,
                              torch.float32, seed=2)
     rows.append((f"{args.frames}-frame {args.size}^2 turntable", t_ref, m_ref, t_fast, m_fast, "s"))
+    print(rows[-1], flush=True)
 
     grid_ref, t_grid_ref, m_ref = timed(lambda: density_grid(released, planes, args.grid), 1)
-    threshold = args.threshold if args.threshold is not None else grid_ref.float().median().item()
+    threshold = args.threshold
     mc_ref, vertices_ref = marching_cubes_seconds(grid_ref, threshold)
-    grid_fast, t_grid_fast, m_fast = timed(lambda: coarse_to_fine_grid(ours, planes, args.grid, threshold)[0],
+    grid_fast, t_grid_fast, m_fast = timed(lambda: coarse_to_fine_grid(ours, planes, args.grid, threshold=threshold)[0],
                                            args.repeats)
     mc_fast, vertices_fast = marching_cubes_seconds(grid_fast, threshold)
     rows.append((f"{args.grid}^3 density grid", t_grid_ref, m_ref, t_grid_fast, m_fast, "s"))

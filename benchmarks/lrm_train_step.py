@@ -30,7 +30,18 @@ from vfusion3d_lightning.modules import LRMModule
 PEAKS = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12}
 
 
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # the CPU runs the tiny preset, to check the script
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
 def peak_flops() -> float:
+    if not CUDA:
+        return float("nan")
     name = torch.cuda.get_device_name()
     for key, value in PEAKS.items():
         if key in name:
@@ -38,9 +49,9 @@ def peak_flops() -> float:
     raise SystemExit(f"no bf16 peak known for {name}; add it to PEAKS")
 
 
-def synthetic_batch(batch_size: int, views: int = 4, size: int = 384) -> dict[str, torch.Tensor]:
+def synthetic_batch(batch_size: int, input_size: int, views: int = 4, size: int = 384) -> dict[str, torch.Tensor]:
     cameras = turntable_cameras(views)
-    return {"input_image": torch.rand(batch_size, 3, 512, 512),
+    return {"input_image": torch.rand(batch_size, 3, input_size, input_size),
             "source_camera": canonical_source_camera(batch_size),
             "target_images": torch.rand(batch_size, views, 3, size, size),
             "target_masks": (torch.rand(batch_size, views, 1, size, size) > 0.5).float(),
@@ -64,53 +75,76 @@ class StepTimer(L.Callback):
         self.start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        torch.cuda.synchronize()
+        sync()
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        torch.cuda.synchronize()
+        sync()
         self.times.append(time.perf_counter() - self.start)
 
 
-def module(project: bool, checkpointing: bool) -> LRMModule:
-    m = LRMModule(network=LRMConfig.vfusion3d(), lr=4e-4, warmup_steps=0, render_size=384, patch_size=128,
+def module(config: LRMConfig, project: bool, checkpointing: bool) -> LRMModule:
+    m = LRMModule(network=config, lr=4e-4, warmup_steps=0, render_size=384, patch_size=128,
                   lpips_random_backbone=True, gradient_checkpointing=checkpointing, turntable_frames=0)
     m.model.renderer.project_planes = project
     return m
 
 
-def step_flops(m: LRMModule, batch: dict[str, torch.Tensor]) -> float:
-    """FLOPs of one forward + backward of the training step's computation."""
-    m = m.cuda().train()
-    batch = {k: v.cuda() for k, v in batch.items()}
-    with FlopCounterMode(display=False) as counter, torch.autocast("cuda", dtype=torch.bfloat16):
+def forward_backward(m: LRMModule, batch: dict[str, torch.Tensor]) -> None:
+    """The training step's computation, forward and backward, outside Lightning."""
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         planes = m.model(batch["input_image"], batch["source_camera"])
         out = m.model.render(planes, batch["render_cameras"], 384, patch=(128, 128, 128))
         target = batch["target_images"][..., 128:256, 128:256].flatten(0, 1)
         mask = batch["target_masks"][..., 128:256, 128:256]
         loss = opacity_loss(out.opacity, mask) + lpips_loss(m.lpips, out.rgb.flatten(0, 1), target)
-        loss.backward()
+    loss.backward()
     m.zero_grad(set_to_none=True)
+
+
+def step_flops(m: LRMModule, batch: dict[str, torch.Tensor]) -> float:
+    """FLOPs of one forward + backward of the training step's computation."""
+    m = m.to(DEVICE).train()
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:
+        forward_backward(m, batch)
     return float(counter.get_total_flops())
 
 
-def measure(batch_size: int, project: bool, checkpointing: bool, steps: int, compile_model: bool):
+def profile(config: LRMConfig, batch_size: int, project: bool, rows: int = 25) -> None:
+    """The kernels that take the step's time (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    m = module(config, project, False).to(DEVICE).train()
+    batch = {k: v.to(DEVICE) for k, v in synthetic_batch(batch_size, config.encoder_img_size or 512).items()}
+    forward_backward(m, batch)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with torch_profile(activities=activities) as prof:
+        forward_backward(m, batch)
+        sync()
+    key = "cuda_time_total" if CUDA else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
+def measure(config: LRMConfig, batch_size: int, project: bool, checkpointing: bool, steps: int,
+            compile_model: bool):
     torch.manual_seed(0)
-    m = module(project, checkpointing)
-    batch = synthetic_batch(batch_size)
+    m = module(config, project, checkpointing)
+    batch = synthetic_batch(batch_size, config.encoder_img_size or 512)
     flops = step_flops(m, batch)
     if compile_model:
         m.model.encoder = torch.compile(m.model.encoder)
         m.model.transformer = torch.compile(m.model.transformer)
         m.model.renderer.render_rays = torch.compile(m.model.renderer.render_rays)
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=3 + steps, logger=False,
+    trainer = L.Trainer(accelerator=DEVICE, devices=1, precision="bf16-mixed", max_steps=3 + steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
-    torch.cuda.reset_peak_memory_stats()
-    trainer.fit(m, DataLoader(Repeat(batch), batch_size=None, pin_memory=True))
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(m, DataLoader(Repeat(batch), batch_size=None, pin_memory=CUDA))
     seconds = statistics.median(timer.times[3:])
-    return seconds, flops, torch.cuda.max_memory_allocated() / 2**30
+    return seconds, flops, torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
 
 
 def main() -> None:
@@ -119,10 +153,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of one step of ours, batch 1")
+    parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
     parser.add_argument("--paths", nargs="+", default=["released", "ours"], choices=["released", "ours"])
     args = parser.parse_args()
     peak = peak_flops()
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, vfusion3d config, 4 views of 128^2 "
+    config = LRMConfig.preset(args.preset)
+    if args.profile:
+        profile(config, args.batch_sizes[0], "ours" in args.paths)
+        return
+    print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} config, 4 views of 128^2 "
           f"patches, bf16-mixed, checkpointing={args.checkpointing}, compile={args.compile}, peak {peak / 1e12:.0f} "
           "TFLOP/s")
     print("| path | batch | step | samples/s | TFLOP a step | MFU | peak memory |")
@@ -130,7 +170,7 @@ def main() -> None:
     for batch_size in args.batch_sizes:
         for path in args.paths:
             try:
-                seconds, flops, memory = measure(batch_size, path == "ours", args.checkpointing, args.steps,
+                seconds, flops, memory = measure(config, batch_size, path == "ours", args.checkpointing, args.steps,
                                                  args.compile and path == "ours")
             except torch.OutOfMemoryError:
                 print(f"| {path} | {batch_size} | out of memory | | | | |", flush=True)
@@ -138,7 +178,8 @@ def main() -> None:
                 continue
             print(f"| {path} | {batch_size} | {seconds * 1e3:.0f} ms | {batch_size / seconds:.1f} | "
                   f"{flops / 1e12:.2f} | {flops / seconds / peak:.1%} | {memory:.1f} GiB |", flush=True)
-            torch.cuda.empty_cache()
+            if CUDA:
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -36,18 +36,34 @@ def sample_triplane(planes: torch.Tensor, points: torch.Tensor, box_size: float 
     return features.permute(0, 3, 1, 2).reshape(batch, -1, 3 * channels)
 
 
+# Training: samples are split into this many groups, each sampling its own copy of the planes. The gradient of
+# grid_sample adds every sample's share into the plane texels with atomics; millions of samples on a 64x64
+# plane collide on the same addresses, and that backward took 44% of an H100 training step. Copies divide
+# the collisions; their gradients are summed afterwards.
+GRADIENT_GROUPS = 32
+
+
 def sample_projected(projected: torch.Tensor, points: torch.Tensor, box_size: float = 2.0) -> torch.Tensor:
     """The sum over the three planes of bilinear features at `points`, channels first.
 
-    projected: (B, 3, D, H, W) (planes after `TriplaneDecoder.project`); points: (B, M, 3) -> (B, D, M).
+    projected: (B, 3, D, H, W) (planes after `TriplaneDecoder.project`); points: (B, M, 3) -> (B, G, D, M/G):
+    samples in G groups of consecutive points (G = GRADIENT_GROUPS when gradients reach the planes, else 1;
+    the points are padded to a multiple of G with points outside the box, whose features are 0).
     """
     batch, _, channels, height, width = projected.shape
+    groups = GRADIENT_GROUPS if torch.is_grad_enabled() and projected.requires_grad else 1
+    count = points.shape[1]
+    padded = -(-count // groups) * groups
+    if padded != count:
+        points = F.pad(points, (0, 0, 0, padded - count), value=2.0 * box_size)
     coords = points * (2.0 / box_size)
     grid = torch.stack([coords[..., list(axes)] for axes in PLANE_AXES], dim=1)  # (B, 3, M, 2)
-    grid = grid.reshape(batch * 3, 1, -1, 2).to(projected.dtype)
-    features = F.grid_sample(projected.reshape(batch * 3, channels, height, width), grid, mode="bilinear",
-                             padding_mode="zeros", align_corners=False)  # (B*3, D, 1, M)
-    return features.reshape(batch, 3, channels, -1).sum(dim=1)
+    # float32 sampling: bf16 coordinates would land up to 1/8 texel off, and bf16 grid_sample is slower
+    grid = grid.reshape(batch * 3 * groups, 1, -1, 2).float()
+    planes = projected.float().reshape(batch * 3, 1, channels, height, width).expand(-1, groups, -1, -1, -1)
+    features = F.grid_sample(planes.reshape(-1, channels, height, width), grid, mode="bilinear",
+                             padding_mode="zeros", align_corners=False)  # (B*3*G, D, 1, M/G)
+    return features.reshape(batch, 3, groups, channels, -1).sum(dim=1)
 
 
 class TriplaneDecoder(nn.Module):
@@ -82,13 +98,17 @@ class TriplaneDecoder(nn.Module):
         return torch.einsum("pdc,bpchw->bpdhw", blocks.to(planes.dtype), planes)
 
     def decode_projected(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first layer's output before its bias, (B, D, M) from `sample_projected` -> as `forward`."""
+        """The first layer's output before its bias, (B, G, D, M/G) from `sample_projected` -> as `forward`,
+        (B, G * M/G, 1) and (B, G * M/G, 3)."""
+        batch, groups, channels, count = hidden.shape
         first, last = self.layers[0], self.layers[-1]
-        x = F.relu(hidden + first.bias.to(hidden.dtype)[:, None])
+        x = F.relu(hidden.reshape(batch * groups, channels, count) + first.bias.to(hidden.dtype)[:, None])
+        # bmm on channels-first blocks; torch.matmul of a matrix by a batch would copy the batch transposed
         for layer in self.layers[1:-1]:
-            x = F.relu(torch.matmul(layer.weight.to(x.dtype), x) + layer.bias.to(x.dtype)[:, None])
-        x = torch.matmul(last.weight.to(x.dtype), x) + last.bias.to(x.dtype)[:, None]  # (B, 4, M)
-        return _outputs(x.transpose(1, 2))
+            weight = layer.weight.to(x.dtype).expand(len(x), -1, -1)
+            x = F.relu(torch.bmm(weight, x) + layer.bias.to(x.dtype)[:, None])
+        x = torch.bmm(last.weight.to(x.dtype).expand(len(x), -1, -1), x) + last.bias.to(x.dtype)[:, None]
+        return _outputs(x.reshape(batch, groups, 4, count).transpose(-1, -2).reshape(batch, groups * count, 4))
 
 
 def _outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +132,9 @@ class Field:
 
     def __call__(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.projected:
-            return self.decoder.decode_projected(sample_projected(self.planes, points, self.box_size))
+            count = points.shape[1]
+            raw_sigma, rgb = self.decoder.decode_projected(sample_projected(self.planes, points, self.box_size))
+            return raw_sigma[:, :count], rgb[:, :count]  # without the padding of the sample groups
         return self.decoder(sample_triplane(self.planes, points, self.box_size))
 
 
