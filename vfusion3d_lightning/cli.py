@@ -73,7 +73,8 @@ def run_infer(args: argparse.Namespace) -> int:
     images = input_images(args.input)
     model = LRM.from_pretrained(args.checkpoint)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    engine = ImageTo3D(model, args.device, dtype, args.input_size, args.border_ratio, args.background)
+    engine = ImageTo3D(model, args.device, dtype, args.input_size, args.border_ratio, args.background,
+                       compile=args.compile)
     video = None if args.video_format == "none" else args.video_format
     mesh = None if args.mesh_format == "none" else args.mesh_format
     for path in tqdm(images, desc="infer", unit="image", disable=len(images) == 1):
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: the alpha channel if any, else rembg; white: objects on plain white")
     infer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     infer.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    infer.add_argument("--compile", action="store_true",
+                       help="torch.compile the network and renderer: minutes of compiling, then faster (GPU)")
     infer.set_defaults(run=run_infer)
 
     generate = commands.add_parser("generate", help="condition images + prompts -> orbit videos as shards")

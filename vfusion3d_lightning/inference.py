@@ -46,10 +46,14 @@ class ImageTo3D:
     """The released inference, batched: `ImageTo3D(LRM.from_pretrained("vfusion3d")).run("photo.png")`."""
 
     def __init__(self, model: LRM, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 input_size: int = 512, border_ratio: float = 0.2, background: str = "auto"):
+                 input_size: int = 512, border_ratio: float = 0.2, background: str = "auto", compile: bool = False):
         self.model = model.eval().to(device)
         self.device, self.dtype = torch.device(device), dtype
         self.input_size, self.border_ratio, self.background = input_size, border_ratio, background
+        if compile:  # torch.compile: on an H100, 1.9x on turntables and 3.6x on image -> planes (BENCHMARKS.md)
+            self.model.encoder = torch.compile(self.model.encoder)
+            self.model.transformer = torch.compile(self.model.transformer)
+            self.model.renderer.render_rays = torch.compile(self.model.renderer.render_rays)
 
     def _autocast(self):
         enabled = self.dtype != torch.float32
