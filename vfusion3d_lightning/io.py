@@ -45,3 +45,13 @@ def on_white(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 4) uint8 RGBA -> (N, 3, H, W) floats in [0, 1], composited on white."""
     rgba = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
     return rgba[:, :3] * rgba[:, 3:] + (1 - rgba[:, 3:])
+
+
+def run_log_dir(trainer) -> Path:
+    """A Lightning run's log folder, as Trainer.log_dir gives it but without its broadcast: every rank must
+    join that broadcast, so rank-zero-only code that asks Trainer.log_dir hangs a multi-process run."""
+    logger = trainer.logger
+    directory = None
+    if logger is not None:
+        directory = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+    return Path(directory or trainer.default_root_dir)

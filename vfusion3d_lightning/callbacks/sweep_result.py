@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 
-from ..io import atomic_write
+from ..io import atomic_write, run_log_dir
 from ..sweep import RESULT_FILE
 
 
@@ -46,7 +46,7 @@ class SweepResult(L.Callback):
             "history": self.history,
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
-            "log_dir": trainer.log_dir,
+            "log_dir": str(run_log_dir(trainer)),
             "checkpoints": {"best": getattr(checkpoint, "best_model_path", "") or None,
                             "last": getattr(checkpoint, "last_model_path", "") or None},
         }

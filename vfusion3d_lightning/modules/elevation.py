@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..io import run_log_dir
 from ..models.elevation import ElevationMLP
 
 LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
@@ -45,7 +46,7 @@ class ElevationModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        path = Path(self.hparams.export_path or Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = Path(self.hparams.export_path or run_log_dir(self.trainer)
                     / "elevation_mlp")
         self.model.save_pretrained(path)
         rank_zero_info(f"elevation MLP -> {path}")

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ..cameras import turntable_cameras
-from ..io import atomic_write, to_uint8_images
+from ..io import atomic_write, run_log_dir, to_uint8_images
 from ..losses import build_lpips, lpips_loss, opacity_loss, pixel_l2
 from ..models.lrm import LRM, LRMConfig
 from ..models.lrm.pretrained import load_into
@@ -175,7 +175,7 @@ class LRMModule(L.LightningModule):
         frames = self.model.render(planes, cameras, size, max_rays=self.hparams.max_rays).rgb[0].float()
         row = torch.cat([F.interpolate(image.float(), size=(size, size), mode="area"), frames.clamp(0, 1)])
         grid = np.concatenate(list(to_uint8_images(row)), axis=1)  # one strip, left to right
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "turntables"
+        log_dir = run_log_dir(self.trainer) / "turntables"
         path = log_dir / f"epoch{self.current_epoch:03d}_step{self.global_step:07d}.png"
         atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp))
         experiment = getattr(self.logger, "experiment", None)

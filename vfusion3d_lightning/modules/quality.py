@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..io import run_log_dir
 from ..models.quality import QualitySVM
 
 
@@ -47,7 +48,7 @@ class QualityModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.svm.pipeline is None or not self.trainer.is_global_zero:
             return
-        path = Path(self.hparams.export_path or Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = Path(self.hparams.export_path or run_log_dir(self.trainer)
                     / "quality_svm.skops")
         self.svm.info["held_out"] = self.metrics
         self.svm.save(path)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..io import atomic_write, to_uint8_images
+from ..io import atomic_write, run_log_dir, to_uint8_images
 from ..models.video import (Conditioning, OrbitVideoPipeline, SamplerSettings, VideoDiffusionModel, objective_for,
                             train_temporal_only)
 from ..schedules import WarmupCosineRestarts
@@ -146,7 +146,7 @@ class VideoDiffusionModule(L.LightningModule):
         generated = OrbitVideoPipeline(self.model, settings)(frames[:, 0], prompts[:count] if prompts else None,
                                                              seeds=list(range(frames.shape[0])), progress=False)
         grid = orbit_grid(torch.stack([frames.float(), generated], 1).flatten(0, 1))
-        path = (Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
+        path = (run_log_dir(self.trainer) / "samples"
                 / f"epoch{self.current_epoch:03d}_step{self.global_step:07d}.png")
         atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
         experiment = getattr(self.logger, "experiment", None)
