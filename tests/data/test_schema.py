@@ -118,3 +118,29 @@ def test_writer_rotates_publishes_atomically_and_continues_numbering(tmp_path, s
     assert len(complete_shards(tmp_path)) == 4
     with tarfile.open(complete_shards(tmp_path)[0]) as tar:
         assert sorted(tar.getnames())[:3] == ["a0.000.png", "a0.001.png", "a0.json"]
+
+
+def test_a_full_disk_mid_shard_publishes_no_cut_shard(tmp_path, sample_factory):
+    import errno
+
+    with ShardWriter(tmp_path, maxcount=2) as writer:
+        writer.write_sample(sample_factory("old0", n_views=2))
+    before = complete_shards(tmp_path)[0].read_bytes()
+    with pytest.raises(OSError, match="No space left"):
+        with ShardWriter(tmp_path, maxcount=2) as writer:
+            for i in range(4):
+                if i == 3:  # the disk fills while the second shard's last sample is being written
+                    stream = writer.tarstream.tarstream.fileobj
+
+                    def full(data, write=stream.write):
+                        write(data[: len(data) // 2])
+                        raise OSError(errno.ENOSPC, "No space left on device")
+
+                    stream.write = full
+                writer.write_sample(sample_factory(f"new{i}", n_views=2))
+    shards = complete_shards(tmp_path)
+    assert [p.name for p in shards] == ["shard-000000.tar", "shard-000001.tar"]  # the cut third shard is gone
+    assert shards[0].read_bytes() == before  # what was there is untouched
+    assert keys_in_shards(shards) == {shards[0]: ["old0"], shards[1]: ["new0", "new1"]}
+    assert not list(tmp_path.glob("*.partial"))
+    assert [decode_sample(raw).key for raw in read_raw(shards[1])] == ["new0", "new1"]

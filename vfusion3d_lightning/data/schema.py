@@ -255,7 +255,9 @@ class ShardWriter(wds.ShardWriter):
     """webdataset's ShardWriter that writes `<prefix>-NNNNNN.tar` atomically.
 
     Each shard is written as `.tar.partial` and renamed when complete, so a killed job never leaves a
-    truncated shard under a final name; numbering continues after the shards already in `directory`.
+    truncated shard under a final name; an error while a sample is being written (a full disk) discards the
+    unfinished shard, one between samples publishes it; numbering continues after the shards already in
+    `directory`.
     """
 
     def __init__(self, directory: str | Path, prefix: str = "shard", maxcount: int = 1000, maxsize: float = 1e9,
@@ -284,6 +286,25 @@ class ShardWriter(wds.ShardWriter):
 
     def write_sample(self, sample: MultiViewSample) -> None:
         self.write(encode_sample(sample, self.image_format))
+
+    def write(self, obj: dict[str, Any]) -> None:
+        self._writing = True  # until the sample is whole in the tar
+        super().write(obj)
+        self._writing = False
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None or not getattr(self, "_writing", False):
+            self.close()  # every sample in the open shard is whole: publish it
+            return
+        # the error came while a sample was being written (a full disk): the shard may end in a cut sample,
+        # so it is dropped instead of published; a resumed job makes its samples again
+        if self.tarstream is not None:
+            try:
+                self.tarstream.close()
+            except OSError:
+                pass
+            self.tarstream = None
+            Path(self.fname).unlink(missing_ok=True)
 
 
 def shard_index(path: Path) -> int:
