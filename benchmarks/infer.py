@@ -110,9 +110,7 @@ def main() -> None:
     ours = LRM(config).to(DEVICE).eval()
     ours.load_state_dict(released.state_dict())
     if args.compile:
-        ours.encoder = torch.compile(ours.encoder)
-        ours.transformer = torch.compile(ours.transformer)
-        ours.renderer.render_rays = torch.compile(ours.renderer.render_rays)
+        ours.compile_for_speed()
     size = config.encoder_img_size or 512
     image = torch.rand(1, 3, size, size, device=DEVICE)
     print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} sizes, "

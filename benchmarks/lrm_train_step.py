@@ -133,9 +133,7 @@ def measure(config: LRMConfig, batch_size: int, project: bool, checkpointing: bo
     batch = synthetic_batch(batch_size, config.encoder_img_size or 512)
     flops = step_flops(m, batch)
     if compile_model:
-        m.model.encoder = torch.compile(m.model.encoder)
-        m.model.transformer = torch.compile(m.model.transformer)
-        m.model.renderer.render_rays = torch.compile(m.model.renderer.render_rays)
+        m.model.compile_for_speed()
     timer = StepTimer()
     trainer = L.Trainer(accelerator=DEVICE, devices=1, precision="bf16-mixed", max_steps=3 + steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

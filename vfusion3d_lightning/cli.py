@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -133,6 +134,17 @@ def run_label(args: argparse.Namespace) -> int:
     return 0
 
 
+MODULE_COMMANDS = (
+    ("label-ui", "label_ui", "a local web page to label generated videos good or bad"),
+    ("pipeline", "pipeline", "the whole system end to end, resumable: assets -> renders -> video model -> videos "
+                             "-> curation -> LRM -> metrics, samples"),
+    ("evaluate", "metrics", "3D metrics (PSNR, SSIM, LPIPS, CLIP) of LRM checkpoints on held-out multi-view shards"),
+    ("prompts", "prompts", "keep the captions an LLM judges to describe a single object (resumable)"),
+    ("sweep", "sweep", "grid or random search over config overrides: one `fit` per trial in its own process and "
+                       "folder, results sorted by a metric (resumable)"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfusion3d-lightning", description=__doc__,
@@ -237,39 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--radius", type=float, default=1.5, help="camera distance of the orbit, as rendered")
     label.set_defaults(run=run_label)
 
-    label_ui = commands.add_parser("label-ui", help="a local web page to label generated videos good or bad")
-    from . import label_ui as label_ui_module
-
-    label_ui_module.add_arguments(label_ui)
-    label_ui.set_defaults(run=label_ui_module.run)
-
-    pipeline = commands.add_parser("pipeline", help="the whole system end to end, resumable: assets -> renders -> "
-                                                    "video model -> videos -> curation -> LRM -> metrics, samples")
-    from . import pipeline as pipeline_module
-
-    pipeline_module.add_arguments(pipeline)
-    pipeline.set_defaults(run=pipeline_module.run)
-
-    evaluate = commands.add_parser("evaluate", help="3D metrics (PSNR, SSIM, LPIPS, CLIP) of LRM checkpoints on "
-                                                    "held-out multi-view shards")
-    from . import metrics as metrics_module
-
-    metrics_module.add_arguments(evaluate)
-    evaluate.set_defaults(run=metrics_module.run)
-
-    prompts = commands.add_parser("prompts", help="keep the captions an LLM judges to describe a single object "
-                                                  "(resumable)")
-    from . import prompts as prompts_module
-
-    prompts_module.add_arguments(prompts)
-    prompts.set_defaults(run=prompts_module.run)
-
-    sweep = commands.add_parser("sweep", help="grid or random search over config overrides: one `fit` per trial in "
-                                              "its own process and folder, results sorted by a metric (resumable)")
-    from . import sweep as sweep_module
-
-    sweep_module.add_arguments(sweep)
-    sweep.set_defaults(run=sweep_module.run)
+    # commands whose module defines add_arguments(parser) and run(args)
+    for name, module_name, text in MODULE_COMMANDS:
+        module = importlib.import_module(f".{module_name}", __package__)
+        command = commands.add_parser(name, help=text)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
 
     weights = commands.add_parser("weights", help="list known pretrained weights and whether they are present")
     weights.add_argument("--checkpoint-dir", default=None)

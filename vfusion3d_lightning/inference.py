@@ -50,10 +50,8 @@ class ImageTo3D:
         self.model = model.eval().to(device)
         self.device, self.dtype = torch.device(device), dtype
         self.input_size, self.border_ratio, self.background = input_size, border_ratio, background
-        if compile:  # torch.compile: on an H100, 1.9x on turntables and 3.6x on image -> planes (BENCHMARKS.md)
-            self.model.encoder = torch.compile(self.model.encoder)
-            self.model.transformer = torch.compile(self.model.transformer)
-            self.model.renderer.render_rays = torch.compile(self.model.renderer.render_rays)
+        if compile:  # on an H100, 1.9x on turntables and 3.6x on image -> planes (BENCHMARKS.md)
+            self.model.compile_for_speed()
 
     def _autocast(self):
         enabled = self.dtype != torch.float32

@@ -265,13 +265,10 @@ class Evaluator:
 
 def read_samples(pattern: str) -> Iterator:
     """Validated `MultiViewSample`s with cameras from shards (brace pattern, glob or list), in shard order."""
-    import webdataset as wds
-
     from .data.datamodules import expand_shards
-    from .data.schema import decode_sample
+    from .data.schema import read_samples as read_shard_samples
 
-    for raw in wds.tarfile_samples(iter([{"url": url} for url in expand_shards(pattern)])):
-        yield decode_sample(raw, require_cameras=True)
+    yield from read_shard_samples(expand_shards(pattern), require_cameras=True)
 
 
 def load_lrm(source: str | Path):

@@ -361,6 +361,13 @@ def stage_render(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     return outputs
 
 
+def _samples(folder: str, select=None) -> list:
+    """The samples of a stage's shard folder, in order; `select` picks views as decode_sample's does."""
+    from .data.schema import complete_shards, read_samples
+
+    return list(read_samples(complete_shards(folder), select))
+
+
 def _shards(folder: str) -> str:
     return str(Path(folder) / "shard-*.tar")
 
@@ -374,17 +381,14 @@ def stage_video(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 def _condition_images(pipe: Pipeline, folder: Path) -> Path:
     """First views of the training orbits on white, with the prompt beside each (the quickstart's inputs)."""
-    import webdataset as wds
     from PIL import Image
 
-    from .data.schema import complete_shards, decode_sample
     from .io import on_white, to_uint8_images
 
     cfg = pipe.config.generate
     inputs = folder / "inputs"
     inputs.mkdir(exist_ok=True)
-    urls = [str(p) for p in complete_shards(pipe.output("render", "orbit16"))]
-    renders = [decode_sample(raw, select=lambda n: [0]) for raw in wds.WebDataset(urls, shardshuffle=False)]
+    renders = _samples(pipe.output("render", "orbit16"), select=lambda n: [0])
     for i in range(cfg.count):  # more videos than renders: another seed per round
         sample = renders[i % len(renders)]
         stem = f"{sample.key}_{i // len(renders)}"
@@ -436,14 +440,11 @@ def stage_features(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 def _automatic_labels(pipe: Pipeline, folder: Path) -> tuple[str, str]:
     """Good: the orbit renders; bad: spoiled copies of them (data/spoil.py). Returns (shard folder, labels)."""
-    import webdataset as wds
-
-    from .data.schema import MultiViewSample, ShardWriter, complete_shards, decode_sample
+    from .data.schema import MultiViewSample, ShardWriter, complete_shards
     from .data.spoil import SPOIL_KINDS, spoil_video
 
     videos, labels = folder / "labelled", folder / "labels.jsonl"
-    urls = [str(p) for p in complete_shards(pipe.output("render", "orbit16"))]
-    good = [decode_sample(raw) for raw in wds.WebDataset(urls, shardshuffle=False)]
+    good = _samples(pipe.output("render", "orbit16"))
     rng = np.random.default_rng(pipe.config.seed)
     lines = []
     if not complete_shards(videos):
@@ -553,17 +554,14 @@ def stage_evaluate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 
 def stage_export(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    import webdataset as wds
     from PIL import Image
 
-    from .data.schema import complete_shards, decode_sample
     from .inference import ImageTo3D, save_outputs
     from .mesh import density_grid, extract_mesh
     from .models.lrm import LRM
 
     cfg = pipe.config.export
-    urls = [str(p) for p in complete_shards(pipe.output("render", "held_out32"))]
-    samples = [decode_sample(raw, select=lambda n: [0]) for raw in wds.WebDataset(urls, shardshuffle=False)]
+    samples = _samples(pipe.output("render", "held_out32"), select=lambda n: [0])
     engine = ImageTo3D(LRM.from_pretrained(pipe.output("lrm_finetune", "finetuned")), pipe.config.device,
                        input_size=cfg.input_size, border_ratio=0.2, background="alpha")
     files, thresholds = [], []

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ..io import atomic_write
+from ..registry import sha256_of
 from .feature_cache import cache_path, read_features, shard_paths, write_features
 from .render import default_intrinsics
 from .schema import decode_sample, encode_sample
@@ -65,11 +66,10 @@ class CurationReport:
 
 
 def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    for target in sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]:
-        if target.is_file():
-            digest.update(target.read_bytes())
-    return digest.hexdigest()[:16]
+    """A short digest of a file, or of a folder's files (an exported model), for the settings record."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return hashlib.sha256("".join(sha256_of(file) for file in files).encode()).hexdigest()[:16]
 
 
 def _write_shard(path: Path, samples: list[dict[str, Any]]) -> None:
@@ -198,14 +198,14 @@ def label_shards(shards: str | Path | list[str], out_dir: str | Path, labellers:
     quality_tag = labellers.quality.info.get("feature_tag") if labellers.quality is not None else None
 
     def estimates(shard: Path) -> tuple[dict[str, float], dict[str, float]]:
+        tables = {tag: read_features([str(shard)], tag) for tag in {elevation_tag, quality_tag} - {None}}
         elevation, quality = {}, {}
         if elevation_tag is not None:
-            table = read_features([str(shard)], elevation_tag)
+            table = tables[elevation_tag]
             with torch.no_grad():
-                predicted = labellers.elevation(table.elevation.float()).tolist()
-            elevation = dict(zip(table.keys, predicted))
+                elevation = dict(zip(table.keys, labellers.elevation(table.elevation.float()).tolist()))
         if quality_tag is not None:
-            table = read_features([str(shard)], quality_tag)
+            table = tables[quality_tag]
             quality = dict(zip(table.keys, labellers.quality.score(table.quality.numpy()).tolist()))
         return elevation, quality
 

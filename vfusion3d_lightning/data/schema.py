@@ -30,7 +30,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,6 +249,13 @@ def decode_sample(raw: dict[str, Any], require_cameras: bool = False,
     if require_cameras and not sample.has_cameras:
         raise SampleError(f"sample {where}: has no cameras (cam2world/intrinsics null); label it first")
     return sample
+
+
+def read_samples(paths: Sequence[str | Path], select: Callable[[int], Sequence[int]] | None = None,
+                 require_cameras: bool = False) -> Iterator[MultiViewSample]:
+    """The validated samples of these shard files, in order (`select` and `require_cameras` as decode_sample)."""
+    for raw in wds.tarfile_samples(iter([{"url": os.fspath(p)} for p in paths])):
+        yield decode_sample(raw, require_cameras, select)
 
 
 class ShardWriter(wds.ShardWriter):

@@ -78,6 +78,14 @@ class LRM(nn.Module):
         raw_sigma, rgb = self.renderer.query(planes, self.decoder, points)
         return density_activation(raw_sigma), rgb
 
+    def compile_for_speed(self) -> "LRM":
+        """torch.compile the encoder, the transformer and the ray renderer, in place (the parts that pay off:
+        BENCHMARKS.md). Returns the model."""
+        self.encoder = torch.compile(self.encoder)
+        self.transformer = torch.compile(self.transformer)
+        self.renderer.render_rays = torch.compile(self.renderer.render_rays)
+        return self
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute encoder and transformer blocks in the backward pass: less memory, more compute."""
         self.transformer.gradient_checkpointing = enabled

@@ -19,6 +19,12 @@ from ...cameras import split_render_camera
 PLANE_AXES = ((0, 1), (0, 2), (2, 1))
 
 
+def plane_coordinates(points: torch.Tensor, box_size: float) -> torch.Tensor:
+    """points (B, M, 3) in the box -> each plane's grid_sample coordinates in [-1, 1]: (B, 3, M, 2)."""
+    coords = points * (2.0 / box_size)
+    return torch.stack([coords[..., list(axes)] for axes in PLANE_AXES], dim=1)
+
+
 def sample_triplane(planes: torch.Tensor, points: torch.Tensor, box_size: float = 2.0) -> torch.Tensor:
     """Bilinear features of `points` from each plane, concatenated plane by plane.
 
@@ -27,9 +33,7 @@ def sample_triplane(planes: torch.Tensor, points: torch.Tensor, box_size: float 
     batch, n_planes, channels, height, width = planes.shape
     if n_planes != 3:
         raise ValueError(f"planes must be (B, 3, C, H, W), got shape {tuple(planes.shape)}")
-    coords = points * (2.0 / box_size)
-    grid = torch.stack([coords[..., list(axes)] for axes in PLANE_AXES], dim=1)  # (B, 3, M, 2)
-    grid = grid.reshape(batch * 3, 1, -1, 2).to(planes.dtype)
+    grid = plane_coordinates(points, box_size).reshape(batch * 3, 1, -1, 2).to(planes.dtype)
     features = F.grid_sample(planes.reshape(batch * 3, channels, height, width), grid, mode="bilinear",
                              padding_mode="zeros", align_corners=False)  # (B*3, C, 1, M)
     features = features.reshape(batch, 3, channels, -1)
@@ -56,10 +60,8 @@ def sample_projected(projected: torch.Tensor, points: torch.Tensor, box_size: fl
     padded = -(-count // groups) * groups
     if padded != count:
         points = F.pad(points, (0, 0, 0, padded - count), value=2.0 * box_size)
-    coords = points * (2.0 / box_size)
-    grid = torch.stack([coords[..., list(axes)] for axes in PLANE_AXES], dim=1)  # (B, 3, M, 2)
     # float32 sampling: bf16 coordinates would land up to 1/8 texel off, and bf16 grid_sample is slower
-    grid = grid.reshape(batch * 3 * groups, 1, -1, 2).float()
+    grid = plane_coordinates(points, box_size).reshape(batch * 3 * groups, 1, -1, 2).float()
     planes = projected.float().reshape(batch * 3, 1, channels, height, width).expand(-1, groups, -1, -1, -1)
     features = F.grid_sample(planes.reshape(-1, channels, height, width), grid, mode="bilinear",
                              padding_mode="zeros", align_corners=False)  # (B*3*G, D, 1, M/G)
