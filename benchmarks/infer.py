@@ -4,10 +4,13 @@
 
 Released-style: fp32, the released decoder computation (240 concatenated features a sample through the whole
 MLP), one turntable frame per call, dense density grid, marching cubes on the CPU. Ours: bf16 autocast,
-planes projected by the decoder's first layer once (renderer.py), `--frames-per-batch` frames a call,
-coarse-to-fine grid; `--compile` adds torch.compile of the encoder/transformer and of the ray renderer.
+planes projected by the decoder's first layer once (renderer.py), the one-kernel field query
+(fused_field.py), `--frames-per-batch` frames a call, empty-space skipping (`LRM.occupancy`), coarse-to-fine
+grid; `--compile` adds torch.compile of the encoder/transformer and of the ray renderer.
 Each step: warm-up, then the median of `--repeats` runs with CUDA synchronised, and its peak memory.
-Random weights of the released sizes (timings do not depend on the values; errors are against fp32).
+Released sizes. image -> planes uses random weights (its time does not depend on them); the turntable and
+the mesh use a sphere of radius 0.5 written into the decoder and planes (`analytic.write_sphere`), since
+random weights give fog of one density everywhere, with no surface and no empty space.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
 from vfusion3d_lightning.mesh import coarse_to_fine_grid, density_grid
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
+from vfusion3d_lightning.models.lrm.analytic import write_sphere
 
 
 CUDA = torch.cuda.is_available()
@@ -57,14 +61,15 @@ def make_planes(model: LRM, image: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 
 def turntable(model: LRM, planes: torch.Tensor, frames: int, size: int, per_call: int, max_rays: int,
-              dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+              dtype: torch.dtype, seed: int = 1, skip_empty: bool = False) -> torch.Tensor:
     cameras = turntable_cameras(frames).to(DEVICE)
     generator = torch.Generator(DEVICE).manual_seed(seed)
     parts = []
     with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+        occupancy = model.occupancy(planes) if skip_empty else None
         for start in range(0, frames, per_call):
             out = model.render(planes, cameras[start:start + per_call][None], size, generator=generator,
-                               max_rays=max_rays)
+                               max_rays=max_rays, occupancy=occupancy)
             parts.append(out.rgb[0].float())
     return torch.cat(parts)
 
@@ -109,6 +114,8 @@ def main() -> None:
     released.renderer.project_planes = False
     ours = LRM(config).to(DEVICE).eval()
     ours.load_state_dict(released.state_dict())
+    sphere = write_sphere(ours)
+    released.decoder.load_state_dict(ours.decoder.state_dict())
     if args.compile:
         ours.compile_for_speed()
     size = config.encoder_img_size or 512
@@ -117,10 +124,11 @@ def main() -> None:
           f"random weights, compile={args.compile}", flush=True)
     rows = []
     if args.profile:
-        planes = make_planes(released, image, torch.float32)
-        for name, model, per_call, rays, dtype in (("released-style", released, 1, args.size**2, torch.float32),
-                                                  ("ours", ours, args.frames_per_batch, args.max_rays, torch.bfloat16)):
-            profile_turntable(name, lambda: turntable(model, planes, 16, args.size, per_call, rays, dtype))
+        for name, model, per_call, rays, dtype, skip in (
+                ("released-style", released, 1, args.size**2, torch.float32, False),
+                ("ours", ours, args.frames_per_batch, args.max_rays, torch.bfloat16, True)):
+            profile_turntable(name, lambda: turntable(model, sphere, 16, args.size, per_call, rays, dtype,
+                                                      skip_empty=skip))
         return
 
     planes, t_ref, m_ref = timed(lambda: make_planes(released, image, torch.float32), args.repeats)
@@ -129,17 +137,23 @@ def main() -> None:
     print(rows[-1], flush=True)  # as they come: a killed run still reports
     planes_error = (planes_bf16 - planes).abs().max().item()
 
+    planes = sphere
     frames_ref, t_ref, m_ref = timed(lambda: turntable(released, planes, args.frames, args.size, 1, args.size**2,
                                                        torch.float32), 1)
     print(f"released-style turntable {t_ref:.2f} s", flush=True)
-    frames_fast, t_fast, m_fast = timed(lambda: turntable(ours, planes, args.frames, args.size,
-                                                          args.frames_per_batch, args.max_rays, torch.bfloat16),
-                                        args.repeats)
-    frames_fp32, t_fp32, m_fp32 = timed(lambda: turntable(ours, planes, args.frames, args.size,
-                                                          args.frames_per_batch, args.max_rays, torch.float32), 1)
-    print(f"ours fp32 turntable {t_fp32:.2f} s, peak {m_fp32:.1f} GiB", flush=True)
-    frames_noise = turntable(ours, planes, args.frames, args.size, args.frames_per_batch, args.max_rays,
-                             torch.float32, seed=2)
+
+    def ours_turntable(dtype, seed=1, skip_empty=True):
+        return turntable(ours, planes, args.frames, args.size, args.frames_per_batch, args.max_rays, dtype, seed,
+                         skip_empty)
+
+    frames_full, t_full, m_full = timed(lambda: ours_turntable(torch.bfloat16, skip_empty=False), args.repeats)
+    print(f"ours bf16 turntable without skipping {t_full:.2f} s, peak {m_full:.1f} GiB", flush=True)
+    frames_fast, t_fast, m_fast = timed(lambda: ours_turntable(torch.bfloat16), args.repeats)
+    frames_fp32, t_fp32, m_fp32 = timed(lambda: ours_turntable(torch.float32, skip_empty=False), 1)
+    print(f"ours fp32 turntable without skipping {t_fp32:.2f} s, peak {m_fp32:.1f} GiB", flush=True)
+    frames_noise = ours_turntable(torch.float32, seed=2, skip_empty=False)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        occupied = ours.occupancy(planes).fraction
     rows.append((f"{args.frames}-frame {args.size}^2 turntable", t_ref, m_ref, t_fast, m_fast, "s"))
     print(rows[-1], flush=True)
 
@@ -161,10 +175,13 @@ def main() -> None:
         print(f"| {name} | {t_ref * scale:.{0 if unit == 'ms' else 2}f} {unit} | {t_fast * scale:.{1 if unit == 'ms' else 2}f}"
               f" {unit} | {t_ref / t_fast:.1f}x | {memory} |")
     print(f"planes bf16 vs fp32: max |diff| {planes_error:.3g} (planes std {planes.std():.3g})")
-    print(f"turntable frames, ours bf16 vs ours fp32: mean |diff| {(frames_fast - frames_fp32).abs().mean():.5f}, max "
-          f"{(frames_fast - frames_fp32).abs().max():.4f}; ours fp32 vs released-style (same seed): mean |diff| "
-          f"{(frames_fp32 - frames_ref).abs().mean():.5f}; two fp32 renders with other sample jitter: mean |diff| "
-          f"{(frames_noise - frames_fp32).abs().mean():.5f}")
+    def gap(a, b):
+        return f"mean |diff| {(a - b).abs().mean():.5f}, max {(a - b).abs().max():.4f}"
+
+    print(f"turntable frames against ours fp32 without skipping: ours bf16 with skipping {gap(frames_fast, frames_fp32)}; "
+          f"ours bf16 without skipping {gap(frames_full, frames_fp32)}; released-style (same seed) "
+          f"{gap(frames_ref, frames_fp32)}; ours fp32 with other sample jitter {gap(frames_noise, frames_fp32)}")
+    print(f"occupancy: {occupied:.1%} of 128^3 cells; ours bf16 without skipping {t_full:.2f} s")
     print(f"mesh at density {threshold:.4g}: {vertices_ref} vertices released-style, {vertices_fast} ours; "
           f"marching cubes {mc_ref:.2f} s / {mc_fast:.2f} s; grids differ at "
           f"{((grid_fast > threshold) != (grid_ref > threshold)).sum().item()} points")

@@ -10,7 +10,7 @@ from torch import nn
 from ...cameras import SOURCE_CAMERA_DIM
 from .config import LRMConfig
 from .encoder import DinoEncoder
-from .renderer import RenderOutput, TriplaneDecoder, VolumeRenderer, density_activation
+from .renderer import Occupancy, RenderOutput, TriplaneDecoder, VolumeRenderer, density_activation
 from .transformer import CameraEmbedder, TriplaneTransformer
 
 
@@ -62,14 +62,20 @@ class LRM(nn.Module):
         patch: tuple[int, int, int] | None = None,
         generator: torch.Generator | None = None,
         max_rays: int | None = None,
+        occupancy: Occupancy | None = None,
     ) -> RenderOutput:
         """Volume-render views of `planes`.
 
         planes: (B, 3, C, H, W); render_cameras: (B, V, 25); size: full render resolution;
         patch: (x0, y0, patch_size) renders only that square of the size x size image.
+        occupancy: from `occupancy(planes)`: samples in its empty cells are skipped (inference).
         -> RenderOutput: rgb (B, V, 3, h, w), depth (B, V, 1, h, w), opacity (B, V, 1, h, w).
         """
-        return self.renderer(planes, self.decoder, render_cameras, size, patch, generator, max_rays)
+        return self.renderer(planes, self.decoder, render_cameras, size, patch, generator, max_rays, occupancy)
+
+    def occupancy(self, planes: torch.Tensor, resolution: int = 128, threshold: float | None = None) -> Occupancy:
+        """Where `planes` hold density, for `render(..., occupancy=)` (see `VolumeRenderer.occupancy`)."""
+        return self.renderer.occupancy(planes, self.decoder, resolution, threshold)
 
     def query(self, planes: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Activated density (B, M, 1) and colour (B, M, 3) at points (B, M, 3) in the box."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...cameras import split_render_camera
+from .fused_field import FusedField, fused_field_supported
 
 # Channels of each plane's 2D coordinates: plane 0 is XY, plane 1 XZ, plane 2 ZY (EG3D issue 67 fix).
 PLANE_AXES = ((0, 1), (0, 2), (2, 1))
@@ -131,13 +132,54 @@ class Field:
     decoder: TriplaneDecoder
     projected: bool
     box_size: float
+    fused: FusedField | None = None  # the one-kernel query, when no gradient is needed (fused_field.py)
 
     def __call__(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused is not None:
+            batch, count = points.shape[:2]
+            item = torch.arange(batch, device=points.device).repeat_interleave(count)
+            raw_sigma, rgb = self.fused(points.reshape(-1, 3), item)
+            return raw_sigma.reshape(batch, count, 1), rgb.reshape(batch, count, 3)
         if self.projected:
             count = points.shape[1]
             raw_sigma, rgb = self.decoder.decode_projected(sample_projected(self.planes, points, self.box_size))
             return raw_sigma[:, :count], rgb[:, :count]  # without the padding of the sample groups
         return self.decoder(sample_triplane(self.planes, points, self.box_size))
+
+    def at(self, points: torch.Tensor, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat query: points (N, 3) of batch items `item` (N,) -> raw density (N, 1), colour (N, 3)."""
+        if self.fused is not None:
+            return self.fused(points, item)
+        parts = [self(points[item == b][None]) for b in range(self.planes.shape[0])]
+        raw_sigma = torch.empty(len(points), 1, device=points.device, dtype=parts[0][0].dtype)
+        rgb = torch.empty(len(points), 3, device=points.device, dtype=parts[0][1].dtype)
+        for b, (part_sigma, part_rgb) in enumerate(parts):
+            raw_sigma[item == b], rgb[item == b] = part_sigma[0], part_rgb[0]
+        return raw_sigma, rgb
+
+
+@dataclass
+class Occupancy:
+    """Cells of a R^3 grid over the box where the field may hold density; samples elsewhere are skipped.
+
+    cells: (B, R, R, R) bool indexed [x, y, z], from `VolumeRenderer.occupancy`."""
+
+    cells: torch.Tensor
+    box_size: float
+
+    @property
+    def fraction(self) -> float:
+        """The share of cells occupied."""
+        return self.cells.float().mean().item()
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        """points (B, M, 3) -> (B, M) bool: in an occupied cell (points outside the box are not)."""
+        batch, resolution = self.cells.shape[0], self.cells.shape[-1]
+        half = self.box_size / 2
+        inside = ((points >= -half) & (points <= half)).all(dim=-1)
+        index = ((points + half) * (resolution / self.box_size)).long().clamp(0, resolution - 1)
+        items = torch.arange(batch, device=points.device)[:, None].expand(points.shape[:2])
+        return inside & self.cells[items, index[..., 0], index[..., 1], index[..., 2]]
 
 
 @dataclass
@@ -211,7 +253,7 @@ class VolumeRenderer(nn.Module):
     """Importance volume rendering of a triplane field along rays (no parameters)."""
 
     def __init__(self, coarse_samples: int = 64, importance_samples: int = 64, box_size: float = 2.0,
-                 white_background: bool = True, project_planes: bool = True):
+                 white_background: bool = True, project_planes: bool = True, fused: bool = True):
         super().__init__()
         self.coarse_samples = coarse_samples
         self.importance_samples = importance_samples
@@ -219,21 +261,67 @@ class VolumeRenderer(nn.Module):
         self.white_background = white_background
         # False: the released computation (concatenated features through the whole MLP), for comparisons
         self.project_planes = project_planes
+        # False: never the one-kernel query of fused_field.py (it needs projected planes and no gradient)
+        self.fused = fused
 
     def field(self, planes: torch.Tensor, decoder: TriplaneDecoder) -> "Field":
-        """What the renderer queries: planes, projected once per call when `project_planes`."""
-        return Field(decoder.project(planes) if self.project_planes else planes, decoder, self.project_planes,
-                     self.box_size)
+        """What the renderer queries: planes, projected once per call when `project_planes`; without gradients
+        on a GPU, through the one-kernel query (bf16 under autocast, else fp32)."""
+        if not self.project_planes:
+            return Field(planes, decoder, False, self.box_size)
+        projected = decoder.project(planes)
+        fused = None
+        needs_gradient = torch.is_grad_enabled() and (planes.requires_grad or decoder.layers[0].weight.requires_grad)
+        if self.fused and not needs_gradient and fused_field_supported(planes.device, decoder.layers[0].out_features):
+            bf16 = torch.is_autocast_enabled(planes.device.type)
+            fused = FusedField(projected, decoder, self.box_size, bf16)
+        return Field(projected, decoder, True, self.box_size, fused)
+
+    @torch.no_grad()
+    def occupancy(self, planes: torch.Tensor, decoder: TriplaneDecoder, resolution: int = 128,
+                  threshold: float | None = None) -> Occupancy:
+        """Cells of a `resolution`^3 grid over the box whose corners reach activated density `threshold`,
+        grown by one cell each way so that density between the corners is not missed.
+
+        The default threshold, 0.5 / 255 over the box's diagonal, bounds what skipping removes: a ray that
+        crosses the whole box through density below it loses under half a grey level of opacity.
+        """
+        if resolution < 1:
+            raise ValueError(f"occupancy resolution must be positive, got {resolution}")
+        if threshold is None:
+            threshold = 0.5 / 255 / (self.box_size * 3**0.5)
+        field = self.field(planes, decoder)
+        half = self.box_size / 2
+        axis = torch.linspace(-half, half, resolution + 1, device=planes.device)
+        nodes = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(1, -1, 3)
+        batch = planes.shape[0]
+        raw_sigma, _ = field(nodes.expand(batch, -1, -1))
+        dense = (density_activation(raw_sigma.float()) > threshold).reshape(batch, 1, *(resolution + 1,) * 3)
+        # a cell is occupied when any of its 8 corners is, then one more cell each way
+        cells = F.max_pool3d(dense.float(), 2, 1)
+        cells = F.max_pool3d(cells, 3, 1, padding=1)[:, 0] > 0
+        return Occupancy(cells, self.box_size)
 
     def query(self, planes: torch.Tensor, decoder: TriplaneDecoder, points: torch.Tensor):
         """Raw density (B, M, 1) and colour (B, M, 3) at points (B, M, 3)."""
         return self.field(planes, decoder)(points)
 
-    def _shade(self, field, origins, directions, depths):
-        """Colours and raw densities of samples at `depths` (B, R, S, 1) -> (B, R, S, 3), (B, R, S, 1)."""
+    def _shade(self, field, origins, directions, depths, occupancy=None):
+        """Colours and raw densities of samples at `depths` (B, R, S, 1) -> (B, R, S, 3), (B, R, S, 1).
+        With an `Occupancy`, only samples in its occupied cells are queried; the rest are empty space."""
         points = origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)  # (B, R, S, 3)
         batch, rays, samples, _ = points.shape
-        raw_sigma, rgb = field(points.reshape(batch, -1, 3))
+        flat = points.reshape(batch, -1, 3)
+        if occupancy is not None:
+            keep = occupancy(flat)  # (B, M)
+            where = keep.nonzero()  # one host sync a pass: only inference skips
+            kept_sigma, kept_rgb = field.at(flat[where[:, 0], where[:, 1]], where[:, 0])
+            empty = torch.finfo(kept_sigma.dtype).min / 3
+            raw_sigma = torch.full((batch, flat.shape[1], 1), empty, dtype=kept_sigma.dtype, device=flat.device)
+            rgb = torch.zeros((batch, flat.shape[1], 3), dtype=kept_rgb.dtype, device=flat.device)
+            raw_sigma[keep], rgb[keep] = kept_sigma, kept_rgb  # boolean indexing walks in nonzero's order
+            return rgb.reshape(batch, rays, samples, 3), raw_sigma.reshape(batch, rays, samples, 1)
+        raw_sigma, rgb = field(flat)
         half = self.box_size / 2
         inside = ((points >= -half) & (points <= half)).all(dim=-1, keepdim=True).reshape(batch, -1, 1)
         # outside the box: no colour and a density that softplus maps to 0
@@ -296,25 +384,28 @@ class VolumeRenderer(nn.Module):
             samples = bin_lo + (u - cdf_lo) / denom * (bin_hi - bin_lo)
             return samples.to(depths.dtype).reshape(*lead, self.importance_samples, 1)
 
-    def render_rays(self, field, origins, directions, generator=None):
-        """field (from `field`); origins, directions (B, R, 3) -> rgb (B, R, 3), depth (B, R, 1), opacity (B, R, 1)."""
+    def render_rays(self, field, origins, directions, generator=None, occupancy=None):
+        """field (from `field`); origins, directions (B, R, 3) -> rgb (B, R, 3), depth (B, R, 1), opacity (B, R, 1).
+        occupancy: an `Occupancy` whose empty cells are skipped, or None."""
         t_near, t_far = ray_box_limits(origins, directions, self.box_size / 2)
         depths = self._stratified(t_near, t_far, generator)
-        rgb, sigma = self._shade(field, origins, directions, depths)
+        rgb, sigma = self._shade(field, origins, directions, depths, occupancy)
         if self.importance_samples > 0:
             _, _, weights = self.composite(rgb, sigma, depths)
             fine_depths = self._importance(depths, weights, generator)
-            fine_rgb, fine_sigma = self._shade(field, origins, directions, fine_depths)
+            fine_rgb, fine_sigma = self._shade(field, origins, directions, fine_depths, occupancy)
             depths, order = torch.sort(torch.cat([depths, fine_depths], dim=-2), dim=-2)
             rgb = torch.cat([rgb, fine_rgb], dim=-2).gather(-2, order.expand(-1, -1, -1, 3))
             sigma = torch.cat([sigma, fine_sigma], dim=-2).gather(-2, order)
         color, depth, weights = self.composite(rgb, sigma, depths)
         return color, depth, weights.sum(dim=-2)
 
-    def forward(self, planes, decoder, cameras, size, patch=None, generator=None, max_rays=None) -> RenderOutput:
+    def forward(self, planes, decoder, cameras, size, patch=None, generator=None, max_rays=None,
+                occupancy=None) -> RenderOutput:
         """planes (B, 3, C, H, W); cameras (B, V, 25) -> RenderOutput with (B, V, *, h, w) images.
 
         `max_rays` bounds the rays per batch item in one pass (memory); None renders all at once.
+        `occupancy` (from `occupancy`) skips the samples in its empty cells.
         """
         if cameras.ndim != 3 or cameras.shape[0] != planes.shape[0]:
             raise ValueError(
@@ -327,7 +418,7 @@ class VolumeRenderer(nn.Module):
         step = origins.shape[1] if max_rays is None else max_rays
         field = self.field(planes, decoder)
         outputs = [
-            self.render_rays(field, origins[:, i: i + step], directions[:, i: i + step], generator)
+            self.render_rays(field, origins[:, i: i + step], directions[:, i: i + step], generator, occupancy)
             for i in range(0, origins.shape[1], step)
         ]
         color, depth, opacity = (torch.cat(parts, dim=1) for parts in zip(*outputs))
