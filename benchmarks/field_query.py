@@ -1,6 +1,6 @@
 """Triplane field queries a second: the unfused torch path against the one-kernel query (fused_field.py).
 
-    python benchmarks/field_query.py [--points 4194304] [--blocks 64 128 256] [--preset vfusion3d]
+    python benchmarks/field_query.py [--points 4194304] [--blocks 16 32] [--warps 2 4] [--preset vfusion3d]
 
 Released sizes by default (64x64 planes of 80 channels projected to 64, decoder 64 wide), random points in
 the box, no gradients. Prints the median time of `--repeats` calls after a warm-up, points a second, and
@@ -40,7 +40,8 @@ def timed(fn, repeats: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=2**22)
-    parser.add_argument("--blocks", type=int, nargs="+", default=[128])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[fused_field.BLOCK])
+    parser.add_argument("--warps", type=int, nargs="+", default=[fused_field.NUM_WARPS])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
     args = parser.parse_args()
@@ -63,11 +64,11 @@ def main() -> None:
 
     (ref_sigma, ref_rgb), _ = timed(lambda: query(False, torch.float32), 1)
     runs = [("unfused fp32", False, torch.float32), ("unfused bf16", False, torch.bfloat16)]
-    runs += [(f"fused {name} block {block}", True, dtype, block) for block in args.blocks
-             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))]
-    for name, fused, dtype, *block in runs:
-        if block:
-            fused_field.BLOCK = block[0]
+    runs += [(f"fused {name} block {block} warps {warps}", True, dtype, block, warps) for block in args.blocks
+             for warps in args.warps for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))]
+    for name, fused, dtype, *launch in runs:
+        if launch:
+            fused_field.BLOCK, fused_field.NUM_WARPS = launch
         (raw_sigma, rgb), seconds = timed(lambda: query(fused, dtype), args.repeats)
         print(f"| {name} | {seconds * 1e3:.2f} ms | {args.points / seconds / 1e9:.2f} G | "
               f"{(raw_sigma - ref_sigma).abs().max():.3g} | {(rgb - ref_rgb).abs().max():.3g} |", flush=True)

@@ -1,9 +1,14 @@
-"""Density grid for meshing: dense (as released) vs coarse-to-fine, on a released-size decoder.
+"""Meshing a density grid: dense (as released) vs coarse-to-fine grids, then PyMCubes (CPU, as released) vs
+surface nets (on --device), on a released-size decoder.
 
     python benchmarks/mesh_grid.py --resolutions 128 256 [--device cuda]
 
 The field is a sphere of radius 0.5 written into 80-channel 256^2 planes and a 240 -> 64 -> 64 -> 64 -> 4
-decoder by hand, so both paths have a real surface to find; the script checks they give the same mesh.
+decoder by hand, so both paths have a real surface to find; the script checks the two grids give the same
+marching-cubes mesh. The second table times the isosurface step alone on the dense grid (already on
+--device) and gives the largest distance, in voxels, from any vertex of either mesh to the other's nearest
+vertex (an upper bound on the distance to the other's surface), and on CUDA the peak memory allocated
+during surface nets (grid included).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import mcubes
 import numpy as np
 import torch
 
+from vfusion3d_lightning.isosurface import surface_nets
 from vfusion3d_lightning.mesh import coarse_to_fine_grid, density_grid
 from vfusion3d_lightning.models.lrm.renderer import TriplaneDecoder, density_activation, sample_triplane
 
@@ -60,16 +66,34 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def max_nearest_distance(points: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> float:
+    """Largest distance from a point (N, 3) to its nearest target (M, 3), by torch.cdist in chunks.
+
+    Exact up to 2 (voxels): each chunk of x-sorted points sees only targets within 2 of its x range."""
+    order = points[:, 0].argsort()
+    targets = targets[targets[:, 0].argsort()].contiguous()
+    worst = 0.0
+    for index in order.split(chunk):
+        part = points[index]
+        bounds = torch.stack([part[:, 0].min() - 2, part[:, 0].max() + 2])
+        lo, hi = torch.searchsorted(targets[:, 0].contiguous(), bounds).tolist()
+        near = targets[lo:hi]
+        worst = max(worst, torch.cdist(part, near).min(dim=1).values.max().item() if len(near) else math.inf)
+    return worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     field = SphereField(args.device)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU"
+    cuda = torch.device(args.device).type == "cuda"
+    name = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU"
     print(f"# {name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| grid | dense | coarse-to-fine | speed-up | points evaluated | marching cubes (CPU) | same mesh |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    surfaces = []
     for resolution in args.resolutions:
         density_grid(field, field.planes, 32)  # warm-up
         dense, t_dense = timed(lambda: density_grid(field, field.planes, resolution))
@@ -79,6 +103,24 @@ def main() -> None:
         same = np.array_equal(faces, fine_faces) and np.allclose(vertices, fine_vertices)
         print(f"| {resolution}^3 | {t_dense:.2f} s | {t_fine:.2f} s | {t_dense / t_fine:.1f}x | {fraction:.1%} "
               f"| {t_mc:.2f} s | {same} |")
+
+        del fine
+        surface_nets(dense[::8, ::8, ::8].contiguous(), 1.0)  # warm-up on a coarse copy, surface included
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        (nets_vertices, nets_faces), t_nets = timed(lambda: surface_nets(dense, 1.0))
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "-"
+        mc_vertices = torch.as_tensor(vertices, dtype=torch.float32, device=nets_vertices.device)
+        distance = max(max_nearest_distance(nets_vertices, mc_vertices),
+                       max_nearest_distance(mc_vertices, nets_vertices))
+        surfaces.append(f"| {resolution}^3 | {t_mc:.3f} s | {t_nets:.3f} s | {t_mc / t_nets:.1f}x "
+                        f"| {len(vertices)} / {len(faces)} | {len(nets_vertices)} / {len(nets_faces)} "
+                        f"| {distance:.3f} | {peak} |")
+    print(f"\n# isosurface of the dense grid: PyMCubes on the CPU vs surface nets on {args.device}")
+    print("| grid | marching cubes | surface nets | speed-up | mc vertices / faces | nets vertices / faces "
+          "| max vertex distance (voxels) | peak CUDA memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(surfaces))
 
 
 if __name__ == "__main__":

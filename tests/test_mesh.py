@@ -5,7 +5,7 @@ import pytest
 import torch
 import trimesh
 
-from vfusion3d_lightning.mesh import coarse_to_fine_grid, density_grid, export_mesh, extract_mesh
+from vfusion3d_lightning.mesh import SURFACES, coarse_to_fine_grid, density_grid, export_mesh, extract_mesh
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 
 RADIUS = 0.5
@@ -67,16 +67,19 @@ def test_density_grid_matches_the_sphere_field(sphere):
     assert torch.allclose(grid[3, 8, 12], density[0, 0, 0])
 
 
-def test_sphere_mesh_vertices_lie_on_the_sphere_and_are_red(sphere):
+@pytest.mark.parametrize("surface", SURFACES)
+def test_sphere_mesh_vertices_lie_on_the_sphere_and_are_red(sphere, surface):
     model, planes = sphere
     resolution = 48
-    mesh = extract_mesh(model, planes, resolution=resolution, threshold=THRESHOLD)
+    mesh = extract_mesh(model, planes, resolution=resolution, threshold=THRESHOLD, surface=surface)
     assert len(mesh.faces) > 500
     radii = np.linalg.norm(mesh.vertices, axis=1)
     cell = 2 / (resolution - 1)
     assert np.abs(radii - RADIUS).max() < 2 * cell
-    # marching cubes interpolates a smooth field: far better than a cell on average
+    # both interpolate a smooth field along grid edges: far better than a cell on average
     assert np.abs(radii - RADIUS).mean() < 0.1 * cell
+    # outward faces, as marching cubes makes them (trimesh's volume is signed)
+    assert np.all(np.einsum("ij,ij->i", mesh.face_normals, mesh.triangles_center) > 0)
     assert mesh.is_watertight
     assert abs(mesh.volume - 4 / 3 * math.pi * RADIUS**3) < 0.05 * 4 / 3 * math.pi * RADIUS**3
     colours = np.asarray(mesh.visual.vertex_colors)
@@ -110,10 +113,37 @@ def test_coarse_to_fine_gives_the_dense_mesh(sphere, coarse, max_fraction):
     v_fast, f_fast = mcubes.marching_cubes(grid.numpy(), THRESHOLD)
     assert np.array_equal(f_dense, f_fast)
     assert np.allclose(v_dense, v_fast, atol=1e-6)
+    # and through extract_mesh's default surface nets (marching cubes is compared directly above)
     mesh_dense = extract_mesh(model, planes, resolution, THRESHOLD, method="dense")
     mesh_fast = extract_mesh(model, planes, resolution, THRESHOLD, method="coarse_to_fine")
     assert np.array_equal(mesh_dense.faces, mesh_fast.faces)
     assert np.allclose(mesh_dense.vertices, mesh_fast.vertices, atol=1e-6)
+
+
+def test_marching_cubes_surface_is_the_released_mcubes_mesh(sphere):
+    model, planes = sphere
+    import mcubes
+
+    vertices, faces = mcubes.marching_cubes(density_grid(model, planes, 24).numpy(), THRESHOLD)
+    mesh = extract_mesh(model, planes, 24, THRESHOLD, surface="marching_cubes")
+    assert np.array_equal(mesh.faces, faces)
+    assert np.array_equal(mesh.vertices, vertices / 23 * 2 - 1)
+
+
+def test_surface_nets_mesh_is_within_a_voxel_of_marching_cubes(sphere):
+    model, planes = sphere
+    resolution = 40
+    nets = extract_mesh(model, planes, resolution, THRESHOLD)  # the default surface
+    cubes = extract_mesh(model, planes, resolution, THRESHOLD, surface="marching_cubes")
+    cell = 2 / (resolution - 1)
+    # the nearest marching-cubes vertex is on its surface, so this bounds the distance to that surface
+    nearest = torch.cdist(torch.as_tensor(nets.vertices), torch.as_tensor(cubes.vertices)).min(dim=1).values
+    assert nearest.max() < cell
+    back = torch.cdist(torch.as_tensor(cubes.vertices), torch.as_tensor(nets.vertices)).min(dim=1).values
+    assert back.max() < cell
+    assert nets.is_watertight and nets.is_winding_consistent
+    assert nets.volume == pytest.approx(cubes.volume, rel=0.02)
+    assert np.asarray(nets.visual.vertex_colors).shape == (len(nets.vertices), 4)
 
 
 def test_coarse_to_fine_evaluates_nothing_fine_far_from_an_empty_surface():
@@ -153,13 +183,16 @@ def test_empty_field_raises_with_threshold_and_range():
         model.decoder.layers[-1].weight.zero_()
         model.decoder.layers[-1].bias[0] = -200.0  # softplus(-201) == 0 in float32
     for method in ("dense", "coarse_to_fine"):
-        with pytest.raises(ValueError, match=r"threshold 2\.5.*\[0, 0\]"):
-            extract_mesh(model, planes, resolution=16, threshold=2.5, method=method)
+        for surface in SURFACES:
+            with pytest.raises(ValueError, match=r"threshold 2\.5.*\[0, 0\]"):
+                extract_mesh(model, planes, resolution=16, threshold=2.5, method=method, surface=surface)
 
 
 def test_bad_arguments_raise():
     model, planes = sphere_model()
     with pytest.raises(ValueError, match="method"):
         extract_mesh(model, planes, resolution=16, method="fast")
+    with pytest.raises(ValueError, match=r"isosurface.*'surface_nets', 'marching_cubes'"):
+        extract_mesh(model, planes, resolution=16, surface="dual_contouring")
     with pytest.raises(ValueError, match="one triplane"):
         density_grid(model, planes.expand(2, -1, -1, -1, -1), resolution=8)

@@ -28,7 +28,8 @@ except ImportError:  # triton ships with CUDA builds of torch; without it the un
     triton = None
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK = 128  # samples a program: (128, 64) fp32 activations live in registers
+BLOCK = 32  # samples a program; measured on an H100 (benchmarks/field_query.py)
+NUM_WARPS = 4
 OUT_WIDTH = 16  # the 4 outputs padded to the smallest matrix width tl.dot takes
 
 
@@ -45,11 +46,15 @@ if triton is not None:
 
     @triton.jit
     def _dot(a, b, BF16: tl.constexpr):
+        # one return: a return inside a constexpr branch does not end the compiled function
         if BF16:
             if _INTERPRETED_DOT:  # the interpreter's bf16 dot is wrong; the same products in fp32 are exact
-                return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.float32), input_precision="ieee")
-            return tl.dot(a.to(tl.bfloat16), b)
-        return tl.dot(a, b, input_precision="ieee")
+                out = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            else:
+                out = tl.dot(a.to(tl.bfloat16), b)
+        else:
+            out = tl.dot(a, b, input_precision="ieee")
+        return out
 
     @triton.jit
     def _bilinear(plane, u, v, height, width, cols, valid, D: tl.constexpr):
@@ -145,6 +150,6 @@ class FusedField:
                 points, item, self.planes, self.first_bias, self.hidden_weights, self.hidden_biases,
                 self.last_weight, self.last_bias, out, count, height, width, 2.0 / self.box_size,
                 D=self.width, HIDDEN_LAYERS=self.hidden_layers, OUT=OUT_WIDTH, BLOCK_SIZE=BLOCK, BF16=self.bf16,
-                num_warps=4,
+                num_warps=NUM_WARPS,
             )
         return out[:, :1], out[:, 1:]
