@@ -79,8 +79,14 @@ def run_infer(args: argparse.Namespace) -> int:
     video = None if args.video_format == "none" else args.video_format
     mesh = None if args.mesh_format == "none" else args.mesh_format
     for path in tqdm(images, desc="infer", unit="image", disable=len(images) == 1):
-        result = engine.run(path, args.frames, args.render_size, args.frames_per_batch, args.mesh_resolution,
-                            args.mesh_threshold, args.mesh_method, video=video is not None, mesh=mesh is not None)
+        try:
+            result = engine.run(path, args.frames, args.render_size, args.frames_per_batch, args.mesh_resolution,
+                                args.mesh_threshold, args.mesh_method, video=video is not None,
+                                mesh=mesh is not None)
+        except ValueError as err:  # an empty mask or mesh: say which image of a folder it was
+            if str(path) in str(err):
+                raise
+            raise ValueError(f"{path}: {err}") from err
         written = save_outputs(result, Path(args.out) / path.stem, video, mesh, args.fps)
         print(f"{path} -> " + ", ".join(str(p) for p in written))
     return 0

@@ -33,7 +33,7 @@ from PIL import Image
 
 from .data.labels import read_labels
 from .io import on_white, to_uint8_images
-from .data.schema import MultiViewSample, SampleError, complete_shards, decode_sample
+from .data.schema import MultiViewSample, SampleError, complete_shards, decode_sample, unreadable_shard
 
 LABELS = {"good": 1, "bad": 0}
 
@@ -48,20 +48,23 @@ def _index_shards(folder: Path) -> dict[str, dict]:
     videos: dict[str, dict] = {}
     for shard in shards:
         found: dict[str, dict] = {}
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, suffix = os.path.basename(member.name).partition(".")
-                entry = found.setdefault(key, {"shard": shard, "members": {}})
-                entry["members"][suffix] = (member.offset_data, member.size)
-                if suffix == "json":
-                    try:
-                        meta = json.loads(tar.extractfile(member).read())
-                    except ValueError as err:
-                        raise SampleError(f"sample {key!r} in {shard}: .json is not valid JSON ({err})") from err
-                    entry.update(object_id=str(meta.get("object_id", "")), prompt=meta.get("prompt"),
-                                 frames=int(meta.get("num_views", 0)))
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, suffix = os.path.basename(member.name).partition(".")
+                    entry = found.setdefault(key, {"shard": shard, "members": {}})
+                    entry["members"][suffix] = (member.offset_data, member.size)
+                    if suffix == "json":
+                        try:
+                            meta = json.loads(tar.extractfile(member).read())
+                        except ValueError as err:
+                            raise SampleError(f"sample {key!r} in {shard}: .json is not valid JSON ({err})") from err
+                        entry.update(object_id=str(meta.get("object_id", "")), prompt=meta.get("prompt"),
+                                     frames=int(meta.get("num_views", 0)))
+        except tarfile.TarError as err:  # tarfile's message does not name the shard
+            raise unreadable_shard(shard, err) from err
         for key, entry in found.items():
             videos.setdefault(key, entry)  # a key repeated in a later shard is the same video; keep the first
     return videos

@@ -38,8 +38,15 @@ def build_lpips(backbone_weights: str | None = None, random_backbone: bool = Fal
                 f"{VGG16_SOURCE} and save it as {torch_hub_vgg16()} (the torch hub cache, $TORCH_HOME) or pass its "
                 "path as lpips_backbone_weights; lpips_random_backbone: true builds an untrained trunk for tests."
             )
+        from .registry import load_state_file
+
         vgg = torchvision.models.vgg16()
-        vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = load_state_file(path)  # refuses pickled code, names a cut file
+        try:
+            vgg.load_state_dict(state)
+        except RuntimeError as err:  # torch's message does not name the file
+            raise ValueError(f"{path} is not torchvision's VGG16 state dict ({VGG16_FILE} from {VGG16_SOURCE}): "
+                             f"{str(err)[:300]}") from err
         for stage in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4, model.net.slice5):
             for index, layer in stage.named_children():
                 layer.load_state_dict(vgg.features[int(index)].state_dict())

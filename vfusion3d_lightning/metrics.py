@@ -266,9 +266,16 @@ class Evaluator:
 def read_samples(pattern: str) -> Iterator:
     """Validated `MultiViewSample`s with cameras from shards (brace pattern, glob or list), in shard order."""
     from .data.datamodules import expand_shards
+    from .data.schema import SampleError, ShardError
     from .data.schema import read_samples as read_shard_samples
 
-    yield from read_shard_samples(expand_shards(pattern), require_cameras=True)
+    try:
+        yield from read_shard_samples(expand_shards(pattern), require_cameras=True)
+    except ShardError:
+        raise
+    except SampleError as err:  # training skips bad samples; a comparison of checkpoints must not
+        raise SampleError(f"{err}; evaluation scores every object of the shards: mend that sample or leave its "
+                          "shard out of --shards") from err
 
 
 def load_lrm(source: str | Path):

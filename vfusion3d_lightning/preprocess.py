@@ -25,7 +25,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     except (FileNotFoundError, IsADirectoryError):
         raise FileNotFoundError(f"input image {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read {path} as an image ({err})") from err
+        raise ValueError(f"cannot read {path} as an image ({err}); replace it by a PNG, JPEG, WebP or BMP file, "
+                         "or move it out of the inputs") from err
 
 
 def rembg_model_path() -> Path:

@@ -103,8 +103,9 @@ def locate_weights(source: str | os.PathLike, directory: str | Path | None = Non
     raise FileNotFoundError(missing.format(path=path))
 
 
-def load_state_file(path: str | Path) -> dict:
-    """Read a weights file without executing code: safetensors, or torch.load(weights_only=True)."""
+def load_state_file(path: str | Path, mmap: bool = False) -> dict:
+    """Read a weights file without executing code: safetensors, or torch.load(weights_only=True). `mmap`
+    leaves a torch file's tensors on disk until used (a cheap look at a large checkpoint's other entries)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
@@ -114,7 +115,7 @@ def load_state_file(path: str | Path) -> dict:
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"refusing to load {path}: it holds objects other than tensors and plain containers, and unpickling "

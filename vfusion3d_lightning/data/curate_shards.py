@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from ..io import atomic_write
 from ..registry import sha256_of
 from .feature_cache import cache_path, read_features, shard_paths, write_features
 from .render import default_intrinsics
-from .schema import decode_sample, encode_sample
+from .schema import SampleError, decode_sample, encode_sample, unreadable_shard
 
 FILTER_REPORT, LABEL_REPORT = "filter_report.json", "label_report.json"
 
@@ -75,10 +76,13 @@ def file_digest(path: str | Path) -> str:
 def _write_shard(path: Path, samples: list[dict[str, Any]]) -> None:
     """webdataset sample dicts -> one tar at `path`, published only when complete."""
     partial = path.with_name(path.name + ".partial")
-    with wds.TarWriter(str(partial)) as writer:
-        for sample in samples:
-            writer.write(sample)
-    partial.replace(path)
+    try:
+        with wds.TarWriter(str(partial)) as writer:
+            for sample in samples:
+                writer.write(sample)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)  # a full disk leaves no cut shard behind
 
 
 def _carry_features(shard: Path, out_shard: Path, keys: list[str], kept: list[str]) -> None:
@@ -113,7 +117,13 @@ def _run(shards: str | Path | list[str], out_dir: str | Path, report_name: str, 
     for shard in tqdm(inputs, desc=description, unit="shard", disable=not progress):
         if shard.name in report.shards:
             continue
-        report.shards[shard.name] = process(shard, out_dir / shard.name)
+        try:
+            report.shards[shard.name] = process(shard, out_dir / shard.name)
+        except tarfile.TarError as err:
+            raise unreadable_shard(shard, err) from err
+        except SampleError as err:  # names the sample; say which shard to mend and that the rest is kept
+            raise SampleError(f"{err}; write shard {shard} again or move it out of the folder, then rerun "
+                              f"({report_name} keeps the shards already done)") from err
         report.save(out_dir / report_name)  # after the shard, so a kill redoes at most this one
     report.save(out_dir / report_name)
     return report
@@ -139,6 +149,9 @@ def filter_shards(shards: str | Path | list[str], out_dir: str | Path, svm, thre
         kept_samples, kept = [], []
         for raw in _raw_samples(shard):
             key = raw["__key__"]
+            if "json" not in raw:  # filter reads only the metadata; decode_sample would say the same
+                raise SampleError(f"sample {key!r} in {shard}: missing its .json metadata (files present: "
+                                  f"{sorted(raw)})")
             if key not in scores:
                 raise ValueError(f"sample {key!r} of {shard} has no cached features; encode the shard again "
                                  "(vfusion3d-lightning predict --config configs/curation/features.yaml "

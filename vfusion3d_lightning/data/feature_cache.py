@@ -74,6 +74,13 @@ def read_features(shards: str | Path | list[str], tag: str) -> FeatureTable:
             shard_keys = json.loads(handle.metadata()["keys"])
             quality.append(handle.get_tensor("quality"))
             elevation.append(handle.get_tensor("elevation"))
+        finite = torch.isfinite(quality[-1]).all(1) & torch.isfinite(elevation[-1]).all(1)
+        if not finite.all():  # they would become NaN scores and NaN elevations, hence NaN cameras, downstream
+            bad = [k for k, ok in zip(shard_keys, finite.tolist()) if not ok]
+            raise ValueError(
+                f"{path} holds NaN or inf features for samples {bad[:5]}; encode {shard} again: vfusion3d-lightning "
+                f"predict --config configs/curation/features.yaml --data.init_args.shards {shard.parent} "
+                "--data.init_args.recompute true")
         keys += shard_keys
         owners += [shard] * len(shard_keys)
     return FeatureTable(keys, owners, torch.cat(quality), torch.cat(elevation))

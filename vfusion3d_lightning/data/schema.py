@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,10 @@ _CORE_KEYS = {"schema", "object_id", "source", "num_views", "width", "height", "
 
 class SampleError(ValueError):
     """A shard sample that does not follow the schema; the message names the sample and the problem."""
+
+
+class ShardError(SampleError):
+    """A shard that is not a whole tar: cut short by a kill or a full disk, or another file."""
 
 
 @dataclass
@@ -134,16 +139,16 @@ def _decode_image(data: bytes, key: str, name: str, mode: str) -> np.ndarray:
         raise SampleError(f"sample {key!r}: view file {name} cannot be decoded ({err})") from err
 
 
-def _array(meta: dict, name: str, shape: tuple[int, ...], key: str) -> np.ndarray | None:
+def _array(meta: dict, name: str, shape: tuple[int, ...], where: str) -> np.ndarray | None:
     value = meta.get(name)
     if value is None:
         return None
     try:
         array = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError) as err:
-        raise SampleError(f"sample {key!r}: {name} is not numeric ({err})") from err
+        raise SampleError(f"sample {where}: {name} is not numeric ({err})") from err
     if array.shape != shape:
-        raise SampleError(f"sample {key!r}: {name} has shape {array.shape}, expected {shape}")
+        raise SampleError(f"sample {where}: {name} has shape {array.shape}, expected {shape}")
     return array
 
 
@@ -151,35 +156,36 @@ def _subset(array: np.ndarray | None, indices: list[int]) -> np.ndarray | None:
     return None if array is None else array[indices]
 
 
-def _check_sample(sample: MultiViewSample, key: str) -> None:
+def _check_sample(sample: MultiViewSample, key: str, where: str | None = None) -> None:
+    where = where or repr(key)  # the sample, and its shard where known
     if not key or "." in key:
         raise SampleError(f"sample key {key!r} must be non-empty and contain no dots (webdataset splits at dots)")
     if sample.source not in SOURCES:
-        raise SampleError(f"sample {key!r}: source is {sample.source!r}, expected one of {SOURCES}")
+        raise SampleError(f"sample {where}: source is {sample.source!r}, expected one of {SOURCES}")
     images = sample.images
     if images.ndim != 4 or images.shape[-1] != 4 or images.dtype != np.uint8 or images.shape[0] < 1:
-        raise SampleError(f"sample {key!r}: images must be (N, H, W, 4) uint8 RGBA, got {images.shape} {images.dtype}")
+        raise SampleError(f"sample {where}: images must be (N, H, W, 4) uint8 RGBA, got {images.shape} {images.dtype}")
     n = images.shape[0]
     for name, array, shape in (("cam2world", sample.cam2world, (n, 4, 4)), ("intrinsics", sample.intrinsics, (n, 3, 3)),
                                ("elevations", sample.elevations, (n,)), ("azimuths", sample.azimuths, (n,))):
         if array is None:
             continue
         if np.shape(array) != shape:
-            raise SampleError(f"sample {key!r}: {name} has shape {np.shape(array)}, expected {shape}")
+            raise SampleError(f"sample {where}: {name} has shape {np.shape(array)}, expected {shape}")
         if not np.isfinite(array).all():
             bad = sorted({int(i) for i in np.argwhere(~np.isfinite(np.asarray(array)))[:, 0]})
-            raise SampleError(f"sample {key!r}: {name} holds NaN or inf (views {bad})")
+            raise SampleError(f"sample {where}: {name} holds NaN or inf (views {bad})")
     if sample.cam2world is not None:
         if not np.allclose(sample.cam2world[:, 3], [0, 0, 0, 1], atol=1e-5):
-            raise SampleError(f"sample {key!r}: cam2world matrices must end in the row [0, 0, 0, 1]")
+            raise SampleError(f"sample {where}: cam2world matrices must end in the row [0, 0, 0, 1]")
         rotation = np.asarray(sample.cam2world)[:, :3, :3]
         error = np.abs(rotation @ rotation.transpose(0, 2, 1) - np.eye(3)).max()
         if error > 1e-3:
-            raise SampleError(f"sample {key!r}: cam2world rotations are not orthonormal (error {error:.2g})")
+            raise SampleError(f"sample {where}: cam2world rotations are not orthonormal (error {error:.2g})")
     if sample.intrinsics is not None and (sample.intrinsics[:, 0, 0] <= 0).any() | (sample.intrinsics[:, 1, 1] <= 0).any():
-        raise SampleError(f"sample {key!r}: intrinsics need positive focal lengths")
+        raise SampleError(f"sample {where}: intrinsics need positive focal lengths")
     if sample.quality is not None and not math.isfinite(sample.quality):
-        raise SampleError(f"sample {key!r}: quality is {sample.quality}")
+        raise SampleError(f"sample {where}: quality is {sample.quality}")
 
 
 def decode_sample(raw: dict[str, Any], require_cameras: bool = False,
@@ -245,17 +251,33 @@ def decode_sample(raw: dict[str, Any], require_cameras: bool = False,
         quality=None if meta.get("quality") is None else float(meta["quality"]),
         extra={k: v for k, v in meta.items() if k not in _CORE_KEYS},
     )
-    _check_sample(sample, key)
+    _check_sample(sample, key, where)
     if require_cameras and not sample.has_cameras:
         raise SampleError(f"sample {where}: has no cameras (cam2world/intrinsics null); label it first")
     return sample
 
 
+def unreadable_shard(path: str | Path, err: Exception) -> ShardError:
+    """The error for a shard that is not a whole tar, naming it and what to do."""
+    # webdataset appends the stream and the url to a tar error's args: the first is the reason
+    reason = err.args[0] if isinstance(err, tarfile.TarError) and err.args else err
+    return ShardError(f"shard {path} cannot be read ({type(err).__name__}: {reason}); write it again or move it "
+                       "out of the folder, then rerun")
+
+
 def read_samples(paths: Sequence[str | Path], select: Callable[[int], Sequence[int]] | None = None,
                  require_cameras: bool = False) -> Iterator[MultiViewSample]:
     """The validated samples of these shard files, in order (`select` and `require_cameras` as decode_sample)."""
-    for raw in wds.tarfile_samples(iter([{"url": os.fspath(p)} for p in paths])):
-        yield decode_sample(raw, require_cameras, select)
+    for path in paths:
+        samples = wds.tarfile_samples(iter([{"url": os.fspath(path)}]))
+        while True:
+            try:
+                raw = next(samples)
+            except StopIteration:
+                break
+            except tarfile.TarError as err:
+                raise unreadable_shard(path, err) from err
+            yield decode_sample(raw, require_cameras, select)
 
 
 class ShardWriter(wds.ShardWriter):
@@ -324,15 +346,16 @@ def complete_shards(directory: str | Path, prefix: str = "shard") -> list[Path]:
 
 def keys_in_shards(paths: list[Path]) -> dict[Path, list[str]]:
     """The sample keys of each tar, from its member names only (no image decoding)."""
-    import tarfile
-
     keys = {}
     for path in paths:
-        with tarfile.open(path) as tar:
-            seen: dict[str, None] = {}
-            for member in tar:
-                if member.isfile():
-                    seen.setdefault(os.path.basename(member.name).split(".", 1)[0], None)
+        seen: dict[str, None] = {}
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if member.isfile():
+                        seen.setdefault(os.path.basename(member.name).split(".", 1)[0], None)
+        except tarfile.TarError as err:  # a cut shard under a final name would otherwise fail without its name
+            raise unreadable_shard(path, err) from err
         keys[path] = list(seen)
     return keys
 

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..io import atomic_write
+from ..registry import load_state_file
 
 FORMAT = "vfusion3d-elevation-mlp/1"
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
@@ -47,9 +48,14 @@ class ElevationMLP(nn.Module):
         """Write `model.safetensors` and `config.json` into `directory`."""
         directory = Path(directory)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp)))
         text = json.dumps({"format": FORMAT, **self.config}, indent=2)
-        atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp))
+            # the config goes in while the new weights wait beside it: a full disk leaves the old pair whole
+            atomic_write(directory / CONFIG_NAME, lambda config: config.write_text(text))
+
+        atomic_write(directory / WEIGHTS_NAME, write)
         return directory
 
     @classmethod
@@ -65,5 +71,10 @@ class ElevationMLP(nn.Module):
         if config.pop("format", None) != FORMAT:
             raise ValueError(f"{config_path} is not an elevation MLP config ({FORMAT})")
         model = cls(**config)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        state = load_state_file(directory / WEIGHTS_NAME)  # a clear error for a cut or foreign file
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:  # torch's message names neither file
+            raise ValueError(f"{directory / WEIGHTS_NAME} does not fit the elevation MLP that {config_path} "
+                             f"describes; both must come from one save_pretrained ({err})") from err
         return model.eval()

@@ -103,15 +103,26 @@ class QualitySVM:
         if not path.is_file():
             raise FileNotFoundError(f"quality SVM file {path} does not exist; train one with "
                                     "vfusion3d-lightning fit --config configs/curation/quality.yaml")
-        untrusted = skops.io.get_untrusted_types(file=path)
+        untrusted = cls._untrusted_types(lambda: skops.io.get_untrusted_types(file=path), str(path))
         return cls._from_state(lambda: skops.io.load(path, trusted=untrusted), untrusted, str(path))
 
     @classmethod
     def loads(cls, data: bytes) -> "QualitySVM":
         import skops.io
 
-        untrusted = skops.io.get_untrusted_types(data=data)
+        untrusted = cls._untrusted_types(lambda: skops.io.get_untrusted_types(data=data), "checkpoint data")
         return cls._from_state(lambda: skops.io.loads(data, trusted=untrusted), untrusted, "checkpoint data")
+
+    @staticmethod
+    def _untrusted_types(read, source: str) -> list[str]:
+        import zipfile
+
+        try:
+            return read()
+        except (zipfile.BadZipFile, KeyError, ValueError) as err:  # not a skops zip: a pickle, weights, a cut file
+            raise ValueError(f"{source} is not a quality SVM written by QualitySVM.save (a skops file: "
+                             f"{type(err).__name__}: {err}); pickles are refused, as loading one runs code from it. "
+                             "Train one with vfusion3d-lightning fit --config configs/curation/quality.yaml") from err
 
     @classmethod
     def _from_state(cls, load, untrusted: list[str], source: str) -> "QualitySVM":

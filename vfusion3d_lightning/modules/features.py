@@ -52,6 +52,10 @@ class ShardFrames(Dataset):
                                       f"reads frames {self.frames} (orbits of 16 frames)")
                 return self.frames
             sample = decode_sample(raw, select=select)
+            if frames and sample.images.shape != frames[0].shape:  # a shard is encoded as one batch
+                raise SampleError(f"sample {sample.key!r} in {shard} has {sample.images.shape[2]}x"
+                                  f"{sample.images.shape[1]} frames, sample {keys[0]!r} {frames[0].shape[2]}x"
+                                  f"{frames[0].shape[1]}; write each shard's videos at one size")
             keys.append(sample.key)
             frames.append(torch.from_numpy(sample.images))
         return keys, frames

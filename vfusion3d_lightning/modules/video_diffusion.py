@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from ..io import atomic_write, run_log_dir, to_uint8_images
+from ..registry import load_state_file
 from ..models.video import (Conditioning, OrbitVideoPipeline, SamplerSettings, VideoDiffusionModel, objective_for,
                             train_temporal_only)
 from ..schedules import WarmupCosineRestarts
@@ -194,6 +195,15 @@ def load_video_model(source: str | Path, use_ema: bool = True) -> VideoDiffusion
     if str(source).endswith(".ckpt"):
         if not Path(source).is_file():
             raise FileNotFoundError(f"checkpoint {source} does not exist")
+        # a look first, tensors left on disk: our refusal of pickled code, and a clear error for another
+        # module's checkpoint (Lightning would build the default model and fail on its missing weights)
+        checkpoint = load_state_file(source, mmap=True)
+        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        hparams = hparams if isinstance(hparams, dict) else {}
+        if not {"model", "trainable", "condition_dropout"} <= set(hparams):
+            raise ValueError(f"{source} is not a checkpoint of VideoDiffusionModule (its hyper-parameters are "
+                             f"{sorted(hparams)[:8]}); give one that `vfusion3d-lightning fit --config "
+                             "configs/video/...` wrote, an exported folder, a diffusers folder or an architecture name")
         module = VideoDiffusionModule.load_from_checkpoint(source, map_location="cpu", weights_only=True)
         if use_ema and module._pending_ema is not None:
             ema = ParameterEMA(module.model.unet, module.hparams.ema_decay or 0.999)

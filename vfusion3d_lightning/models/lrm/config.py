@@ -129,4 +129,11 @@ class LRMConfig:
             values = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
-        return cls.from_dict(values)
+        if not isinstance(values, dict) or "format" in values:  # our other models' configs record a format
+            kind = values.get("format") if isinstance(values, dict) else type(values).__name__
+            raise ValueError(f"{path} is not an LRM config ({kind}): give the folder LRM.save_pretrained or "
+                             "LRMModule.export wrote")
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path} is not an LRM config: {err}") from err

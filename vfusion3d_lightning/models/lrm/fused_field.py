@@ -87,9 +87,10 @@ if triton is not None:
                                BLOCK_SIZE: tl.constexpr, BF16: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         valid = rows < count
-        x = tl.load(points + rows * 3 + 0, mask=valid, other=0.0) * scale
-        y = tl.load(points + rows * 3 + 1, mask=valid, other=0.0) * scale
-        z = tl.load(points + rows * 3 + 2, mask=valid, other=0.0) * scale
+        # the casts keep fp32 where torch.compile passes the Python float `scale` as fp64
+        x = (tl.load(points + rows * 3 + 0, mask=valid, other=0.0) * scale).to(tl.float32)
+        y = (tl.load(points + rows * 3 + 1, mask=valid, other=0.0) * scale).to(tl.float32)
+        z = (tl.load(points + rows * 3 + 2, mask=valid, other=0.0) * scale).to(tl.float32)
         batch = tl.load(item + rows, mask=valid, other=0).to(tl.int64)
         plane_size = height * width * D
         base = planes + batch[:, None] * (3 * plane_size)

@@ -24,8 +24,13 @@ def save_pretrained(model: "LRM", directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, model.config.save)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        # the config goes in while the new weights wait beside it: a full disk leaves the old pair whole
+        atomic_write(directory / CONFIG_NAME, model.config.save)
+
+    atomic_write(directory / WEIGHTS_NAME, write)
     return directory
 
 

@@ -174,12 +174,16 @@ class Occupancy:
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         """points (B, M, 3) -> (B, M) bool: in an occupied cell (points outside the box are not)."""
-        batch, resolution = self.cells.shape[0], self.cells.shape[-1]
-        half = self.box_size / 2
+        batch, count = points.shape[:2]
+        item = torch.arange(batch, device=points.device).repeat_interleave(count)
+        return self.at(points.reshape(-1, 3), item).reshape(batch, count)
+
+    def at(self, points: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """Flat form: points (N, 3) of batch items `item` (N,) -> (N,) bool."""
+        resolution, half = self.cells.shape[-1], self.box_size / 2
         inside = ((points >= -half) & (points <= half)).all(dim=-1)
         index = ((points + half) * (resolution / self.box_size)).long().clamp(0, resolution - 1)
-        items = torch.arange(batch, device=points.device)[:, None].expand(points.shape[:2])
-        return inside & self.cells[items, index[..., 0], index[..., 1], index[..., 2]]
+        return inside & self.cells[item, index[:, 0], index[:, 1], index[:, 2]]
 
 
 @dataclass
@@ -306,21 +310,11 @@ class VolumeRenderer(nn.Module):
         """Raw density (B, M, 1) and colour (B, M, 3) at points (B, M, 3)."""
         return self.field(planes, decoder)(points)
 
-    def _shade(self, field, origins, directions, depths, occupancy=None):
-        """Colours and raw densities of samples at `depths` (B, R, S, 1) -> (B, R, S, 3), (B, R, S, 1).
-        With an `Occupancy`, only samples in its occupied cells are queried; the rest are empty space."""
+    def _shade(self, field, origins, directions, depths):
+        """Colours and raw densities of samples at `depths` (B, R, S, 1) -> (B, R, S, 3), (B, R, S, 1)."""
         points = origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)  # (B, R, S, 3)
         batch, rays, samples, _ = points.shape
         flat = points.reshape(batch, -1, 3)
-        if occupancy is not None:
-            keep = occupancy(flat)  # (B, M)
-            where = keep.nonzero()  # one host sync a pass: only inference skips
-            kept_sigma, kept_rgb = field.at(flat[where[:, 0], where[:, 1]], where[:, 0])
-            empty = torch.finfo(kept_sigma.dtype).min / 3
-            raw_sigma = torch.full((batch, flat.shape[1], 1), empty, dtype=kept_sigma.dtype, device=flat.device)
-            rgb = torch.zeros((batch, flat.shape[1], 3), dtype=kept_rgb.dtype, device=flat.device)
-            raw_sigma[keep], rgb[keep] = kept_sigma, kept_rgb  # boolean indexing walks in nonzero's order
-            return rgb.reshape(batch, rays, samples, 3), raw_sigma.reshape(batch, rays, samples, 1)
         raw_sigma, rgb = field(flat)
         half = self.box_size / 2
         inside = ((points >= -half) & (points <= half)).all(dim=-1, keepdim=True).reshape(batch, -1, 1)
@@ -359,8 +353,13 @@ class VolumeRenderer(nn.Module):
         jitter = torch.rand(depths.shape, generator=generator, device=depths.device, dtype=depths.dtype)
         return (depths + jitter * span / (n - 1)).unsqueeze(-1)
 
-    def _importance(self, depths, weights, generator):
-        """Inverse-CDF samples from smoothed coarse weights: (B, R, S, 1), (B, R, S-1, 1) -> (B, R, N, 1)."""
+    def _uniforms(self, rays: int, device: torch.device, generator) -> torch.Tensor:
+        """The importance sampler's random numbers for `rays` rays: (rays, N) float32."""
+        return torch.rand(rays, self.importance_samples, generator=generator, device=device)
+
+    def _importance(self, depths, weights, generator, u=None):
+        """Inverse-CDF samples from smoothed coarse weights: (B, R, S, 1), (B, R, S-1, 1) -> (B, R, N, 1).
+        u: the sampler's uniforms (B*R, N), drawn from `generator` when None."""
         with torch.no_grad():
             lead = depths.shape[:-2]
             z = depths.reshape(-1, depths.shape[-2])
@@ -372,8 +371,7 @@ class VolumeRenderer(nn.Module):
             bins = z_mid[:, : w.shape[1] + 1]
             cdf = torch.cumsum(w / w.sum(-1, keepdim=True), dim=-1)
             cdf = torch.cat([torch.zeros_like(cdf[:, :1]), cdf], dim=-1)
-            u = torch.rand(z.shape[0], self.importance_samples, generator=generator, device=z.device,
-                           dtype=cdf.dtype).contiguous()
+            u = self._uniforms(z.shape[0], z.device, generator) if u is None else u
             idx = torch.searchsorted(cdf, u, right=True)
             below = (idx - 1).clamp_min(0)
             above = idx.clamp_max(w.shape[1])
@@ -386,19 +384,69 @@ class VolumeRenderer(nn.Module):
 
     def render_rays(self, field, origins, directions, generator=None, occupancy=None):
         """field (from `field`); origins, directions (B, R, 3) -> rgb (B, R, 3), depth (B, R, 1), opacity (B, R, 1).
-        occupancy: an `Occupancy` whose empty cells are skipped, or None."""
+        occupancy: an `Occupancy` whose empty cells are skipped (`_render_occupied`), or None."""
         t_near, t_far = ray_box_limits(origins, directions, self.box_size / 2)
         depths = self._stratified(t_near, t_far, generator)
-        rgb, sigma = self._shade(field, origins, directions, depths, occupancy)
+        if occupancy is not None:
+            return self._render_occupied(field, origins, directions, depths, generator, occupancy)
+        rgb, sigma = self._shade(field, origins, directions, depths)
         if self.importance_samples > 0:
             _, _, weights = self.composite(rgb, sigma, depths)
             fine_depths = self._importance(depths, weights, generator)
-            fine_rgb, fine_sigma = self._shade(field, origins, directions, fine_depths, occupancy)
+            fine_rgb, fine_sigma = self._shade(field, origins, directions, fine_depths)
             depths, order = torch.sort(torch.cat([depths, fine_depths], dim=-2), dim=-2)
             rgb = torch.cat([rgb, fine_rgb], dim=-2).gather(-2, order.expand(-1, -1, -1, 3))
             sigma = torch.cat([sigma, fine_sigma], dim=-2).gather(-2, order)
         color, depth, weights = self.composite(rgb, sigma, depths)
         return color, depth, weights.sum(dim=-2)
+
+    def _shade_occupied(self, field, origins, directions, depths, item, occupancy):
+        """Flat rays: origins, directions (R, 3), depths (R, S, 1), batch items (R,) -> colours (R, S, 3),
+        raw densities (R, S, 1) and which samples were queried (R, S); the others are empty space."""
+        rays, samples = depths.shape[:2]
+        points = (origins[:, None] + depths * directions[:, None]).reshape(-1, 3)
+        item = item.repeat_interleave(samples)
+        keep = occupancy.at(points, item)
+        where = keep.nonzero().squeeze(1)  # a host sync: only inference skips
+        kept_sigma, kept_rgb = field.at(points[where], item[where])
+        raw_sigma = torch.full((len(points), 1), torch.finfo(kept_sigma.dtype).min / 3, dtype=kept_sigma.dtype,
+                               device=points.device)  # softplus maps it to 0
+        rgb = torch.zeros((len(points), 3), dtype=kept_rgb.dtype, device=points.device)
+        raw_sigma[where], rgb[where] = kept_sigma, kept_rgb
+        return rgb.reshape(rays, samples, 3), raw_sigma.reshape(rays, samples, 1), keep.reshape(rays, samples)
+
+    @torch.no_grad()
+    def _render_occupied(self, field, origins, directions, depths, generator, occupancy):
+        """`render_rays` querying only samples in occupied cells, and finishing only the rays that have one.
+
+        A ray with no coarse sample in an occupied cell is background: its importance samples would follow
+        flat weights through the same empty cells. Random numbers are drawn as in the full render, so frames
+        differ from it only where skipped space held density below the occupancy threshold (and in the depth
+        of rays that see nothing, which composite clamps over the rays rendered together).
+        """
+        batch, rays, samples = depths.shape[:3]
+        uniforms = self._uniforms(batch * rays, depths.device, generator) if self.importance_samples else None
+        origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
+        depths = depths.reshape(-1, samples, 1)
+        item = torch.arange(batch, device=depths.device).repeat_interleave(rays)
+        rgb, sigma, kept = self._shade_occupied(field, origins, directions, depths, item, occupancy)
+        live = kept.any(dim=1).nonzero().squeeze(1)
+        color = torch.full((batch * rays, 3), 1.0 if self.white_background else 0.0, device=depths.device)
+        depth = depths.max().expand(batch * rays, 1).clone()
+        opacity = torch.zeros(batch * rays, 1, device=depths.device)
+        if len(live):
+            origins, directions, depths, item = origins[live], directions[live], depths[live], item[live]
+            rgb, sigma = rgb[live], sigma[live]
+            if self.importance_samples > 0:
+                _, _, weights = self.composite(rgb, sigma, depths)
+                fine_depths = self._importance(depths, weights, None, uniforms[live])
+                fine_rgb, fine_sigma, _ = self._shade_occupied(field, origins, directions, fine_depths, item, occupancy)
+                depths, order = torch.sort(torch.cat([depths, fine_depths], dim=-2), dim=-2)
+                rgb = torch.cat([rgb, fine_rgb], dim=-2).gather(-2, order.expand(-1, -1, 3))
+                sigma = torch.cat([sigma, fine_sigma], dim=-2).gather(-2, order)
+            live_color, live_depth, weights = self.composite(rgb, sigma, depths)
+            color[live], depth[live], opacity[live] = live_color.float(), live_depth.float(), weights.sum(dim=-2).float()
+        return color.reshape(batch, rays, 3), depth.reshape(batch, rays, 1), opacity.reshape(batch, rays, 1)
 
     def forward(self, planes, decoder, cameras, size, patch=None, generator=None, max_rays=None,
                 occupancy=None) -> RenderOutput:
