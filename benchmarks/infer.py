@@ -6,7 +6,8 @@ Released-style: fp32, the released decoder computation (240 concatenated feature
 MLP), one turntable frame per call, dense density grid, marching cubes on the CPU. Ours: bf16 autocast,
 planes projected by the decoder's first layer once (renderer.py), the one-kernel field query
 (fused_field.py), `--frames-per-batch` frames a call, empty-space skipping (`LRM.occupancy`), coarse-to-fine
-grid; `--compile` adds torch.compile of the encoder/transformer and of the ray renderer.
+grid; `--compile` adds torch.compile of the encoder/transformer (replayed as CUDA graphs) and of the ray
+renderer.
 Each step: warm-up, then the median of `--repeats` runs with CUDA synchronised, and its peak memory.
 Released sizes. image -> planes uses random weights (its time does not depend on them); the turntable and
 the mesh use a sphere of radius 0.5 written into the decoder and planes (`analytic.write_sphere`), since
@@ -29,6 +30,7 @@ from vfusion3d_lightning.models.lrm.analytic import write_sphere
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # the CPU runs the tiny preset, to check the script
+VERBOSE = False  # --verbose: every repeat's time
 
 
 def sync() -> None:
@@ -52,12 +54,14 @@ def timed(fn, repeats: int):
         sync()
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if CUDA else 0.0
+    if VERBOSE:
+        print(f"  times: {' '.join(f'{t * 1e3:.1f}' for t in times)} ms", flush=True)
     return out, statistics.median(times), peak
 
 
 def make_planes(model: LRM, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
-        return model(image, canonical_source_camera(1).to(DEVICE)).float()
+        return model(image, canonical_source_camera(1).to(DEVICE)).float().clone()  # CUDA graphs reuse the output
 
 
 def turntable(model: LRM, planes: torch.Tensor, frames: int, size: int, per_call: int, max_rays: int,
@@ -74,7 +78,7 @@ def turntable(model: LRM, planes: torch.Tensor, frames: int, size: int, per_call
     return torch.cat(parts)
 
 
-def profile_turntable(name: str, fn) -> None:
+def profile_step(name: str, fn) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -100,11 +104,15 @@ def main() -> None:
     parser.add_argument("--max-rays", type=int, default=2**18, help="rays per renderer pass (ours)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--profile", action="store_true",
-                        help="print the top kernels of 16 turntable frames, released-style and ours, and stop")
+    parser.add_argument("--verbose", action="store_true", help="print every repeat's time")
+    parser.add_argument("--profile", choices=["turntable", "planes"],
+                        help="print the top kernels of 16 turntable frames or of image -> planes, released-style and "
+                             "ours, and stop")
     parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
     parser.add_argument("--threshold", type=float, default=1.0, help="mesh density level (the release's 1.0)")
     args = parser.parse_args()
+    global VERBOSE
+    VERBOSE = args.verbose
     torch.manual_seed(0)
     config = LRMConfig.preset(args.preset)
     released = LRM(config).to(DEVICE).eval()
@@ -114,17 +122,21 @@ def main() -> None:
     sphere = write_sphere(ours)
     released.decoder.load_state_dict(ours.decoder.state_dict())
     if args.compile:
-        ours.compile_for_speed()
+        ours.compile_for_speed(cuda_graphs=CUDA)
     size = config.encoder_img_size or 512
     image = torch.rand(1, 3, size, size, device=DEVICE)
     print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} sizes, "
           f"random weights, compile={args.compile}", flush=True)
     rows = []
+    if args.profile == "planes":
+        for name, model, dtype in (("released-style", released, torch.float32), ("ours", ours, torch.bfloat16)):
+            profile_step(name, lambda: make_planes(model, image, dtype))
+        return
     if args.profile:
         for name, model, per_call, rays, dtype, skip in (
                 ("released-style", released, 1, args.size**2, torch.float32, False),
                 ("ours", ours, args.frames_per_batch, args.max_rays, torch.bfloat16, True)):
-            profile_turntable(name, lambda: turntable(model, sphere, 16, args.size, per_call, rays, dtype,
+            profile_step(name, lambda: turntable(model, sphere, 16, args.size, per_call, rays, dtype,
                                                       skip_empty=skip))
         return
 

@@ -50,8 +50,8 @@ class ImageTo3D:
         self.model = model.eval().to(device)
         self.device, self.dtype = torch.device(device), dtype
         self.input_size, self.border_ratio, self.background = input_size, border_ratio, background
-        if compile:  # on an H100, 1.9x on turntables and 3.6x on image -> planes (BENCHMARKS.md)
-            self.model.compile_for_speed()
+        if compile:  # BENCHMARKS.md: turntables and image -> planes on an H100
+            self.model.compile_for_speed(cuda_graphs=self.device.type == "cuda")
 
     def _autocast(self):
         enabled = self.dtype != torch.float32
@@ -62,7 +62,7 @@ class ImageTo3D:
         """(3, S, S) in [0, 1] -> planes (1, 3, C, H, W) in float32."""
         with self._autocast():
             planes = self.model(image[None].to(self.device), canonical_source_camera(1).to(self.device))
-        return planes.float()
+        return planes.float().clone()  # a copy: with CUDA graphs the next call overwrites the output
 
     def max_rays(self, memory_fraction: float = 0.5) -> int:
         return max_rays_for(self.model, self.device, memory_fraction)

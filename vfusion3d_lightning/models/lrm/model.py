@@ -51,6 +51,9 @@ class LRM(nn.Module):
         # on the CPU only: on a GPU the check would stall every step on the host (the data modules check)
         if source_camera.device.type == "cpu" and not bool(torch.isfinite(source_camera).all()):
             raise ValueError("source_camera holds NaN or inf values")
+        return self._planes(image, source_camera)
+
+    def _planes(self, image: torch.Tensor, source_camera: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder(image)
         return self.transformer(tokens, self.camera_embedder(source_camera.to(tokens.dtype)))
 
@@ -84,11 +87,24 @@ class LRM(nn.Module):
         raw_sigma, rgb = self.renderer.query(planes, self.decoder, points)
         return density_activation(raw_sigma), rgb
 
-    def compile_for_speed(self) -> "LRM":
+    def compile_for_speed(self, cuda_graphs: bool = False) -> "LRM":
         """torch.compile the encoder, the transformer and the ray renderer, in place (the parts that pay off:
-        BENCHMARKS.md). Returns the model."""
-        self.encoder = torch.compile(self.encoder)
-        self.transformer = torch.compile(self.transformer)
+        BENCHMARKS.md). Returns the model.
+
+        cuda_graphs: compile image -> planes as one function replayed as a CUDA graph (inference): at batch 1
+        launching its kernels took the CPU longer than the GPU took to run them. A replay overwrites the
+        planes of the call before, so copy planes you keep."""
+        if cuda_graphs:
+            graphed = torch.compile(self._planes, mode="reduce-overhead")
+
+            def planes_replayed(image: torch.Tensor, source_camera: torch.Tensor) -> torch.Tensor:
+                torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: earlier outputs may go
+                return graphed(image, source_camera)
+
+            self._planes = planes_replayed
+        else:
+            self.encoder = torch.compile(self.encoder)
+            self.transformer = torch.compile(self.transformer)
         self.renderer.render_rays = torch.compile(self.renderer.render_rays)
         return self
 
