@@ -1,6 +1,6 @@
 """LRM training step speed, FLOPs and MFU of the `vfusion3d` config, released-style and ours, per batch size.
 
-    python benchmarks/lrm_train_step.py [--batch-sizes 1 2 4 8 16 32] [--steps 10] [--checkpointing] [--compile]
+    python benchmarks/lrm_train_step.py [--batch-sizes 1 2 4 8 16 32] [--steps 10] [--checkpointing --max-rays 16384] [--compile]
 
 One step of `LRMModule.training_step` as Lightning runs it (bf16-mixed, AdamW, LPIPS-VGG with a random trunk,
 opacity loss): 512 px input, 4 supervision views rendered as 128x128 patches of a 384 px render. Released-
@@ -83,9 +83,10 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def module(config: LRMConfig, project: bool, checkpointing: bool) -> LRMModule:
+def module(config: LRMConfig, project: bool, checkpointing: bool, max_rays: int | None = None) -> LRMModule:
     m = LRMModule(network=config, lr=4e-4, warmup_steps=0, render_size=384, patch_size=128,
-                  lpips_random_backbone=True, gradient_checkpointing=checkpointing, turntable_frames=0)
+                  lpips_random_backbone=True, gradient_checkpointing=checkpointing, turntable_frames=0,
+                  max_rays=max_rays)
     m.model.renderer.project_planes = project
     return m
 
@@ -127,11 +128,13 @@ def profile(config: LRMConfig, batch_size: int, project: bool, rows: int = 25) -
 
 
 def measure(config: LRMConfig, batch_size: int, project: bool, checkpointing: bool, steps: int,
-            compile_model: bool):
+            compile_model: bool, max_rays: int | None = None):
     torch.manual_seed(0)
-    m = module(config, project, checkpointing)
+    m = module(config, project, checkpointing, max_rays)
     batch = synthetic_batch(batch_size, config.encoder_img_size or 512)
-    flops = step_flops(m, batch)
+    # counted on one item and scaled: every FLOP is per item, and the counting pass runs in fp32 without
+    # autocast, which at batch 8 with checkpointing ran out of memory before training did
+    flops = step_flops(m, synthetic_batch(1, config.encoder_img_size or 512)) * batch_size
     if compile_model:
         m.model.compile_for_speed()
     timer = StepTimer()
@@ -149,7 +152,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="recompute encoder, transformer and each renderer pass of --max-rays rays")
+    parser.add_argument("--max-rays", type=int, default=None, help="rays per renderer pass and batch item")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one step of ours, batch 1")
     parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
@@ -161,7 +166,7 @@ def main() -> None:
         profile(config, args.batch_sizes[0], "ours" in args.paths)
         return
     print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} config, 4 views of 128^2 "
-          f"patches, bf16-mixed, checkpointing={args.checkpointing}, compile={args.compile}, peak {peak / 1e12:.0f} "
+          f"patches, bf16-mixed, checkpointing={args.checkpointing}, max_rays={args.max_rays}, compile={args.compile}, peak {peak / 1e12:.0f} "
           "TFLOP/s")
     print("| path | batch | step | samples/s | TFLOP a step | MFU | peak memory |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -169,7 +174,7 @@ def main() -> None:
         for path in args.paths:
             try:
                 seconds, flops, memory = measure(config, batch_size, path == "ours", args.checkpointing, args.steps,
-                                                 args.compile and path == "ours")
+                                                 args.compile and path == "ours", args.max_rays)
             except torch.OutOfMemoryError:
                 print(f"| {path} | {batch_size} | out of memory | | | | |", flush=True)
                 torch.cuda.empty_cache()

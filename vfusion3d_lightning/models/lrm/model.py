@@ -109,9 +109,11 @@ class LRM(nn.Module):
         return self
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute encoder and transformer blocks in the backward pass: less memory, more compute."""
+        """Recompute encoder and transformer blocks, and each renderer pass of `max_rays` rays, in the backward
+        pass: less memory, more compute."""
         self.transformer.gradient_checkpointing = enabled
         self.encoder.gradient_checkpointing = enabled
+        self.renderer.gradient_checkpointing = enabled
 
     def load_encoder_weights(self, source: str | Path, checkpoint_dir: str | Path | None = None) -> None:
         """Load pretrained DINOv2 weights into the encoder (a file, or a registry name such as "dinov2-base")."""

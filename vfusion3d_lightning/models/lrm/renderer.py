@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ...cameras import split_render_camera
 from .fused_field import FusedField, fused_field_supported
@@ -267,6 +268,8 @@ class VolumeRenderer(nn.Module):
         self.project_planes = project_planes
         # False: never the one-kernel query of fused_field.py (it needs projected planes and no gradient)
         self.fused = fused
+        # recompute each pass of rays in the backward: a pass's samples, not the whole batch's, stay in memory
+        self.gradient_checkpointing = False
 
     def field(self, planes: torch.Tensor, decoder: TriplaneDecoder) -> "Field":
         """What the renderer queries: planes, projected once per call when `project_planes`; without gradients
@@ -448,6 +451,28 @@ class VolumeRenderer(nn.Module):
             color[live], depth[live], opacity[live] = live_color.float(), live_depth.float(), weights.sum(dim=-2).float()
         return color.reshape(batch, rays, 3), depth.reshape(batch, rays, 1), opacity.reshape(batch, rays, 1)
 
+    def _render_pass(self, field, origins, directions, generator, occupancy):
+        """`render_rays`, recomputed in the backward pass under `gradient_checkpointing`."""
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return self.render_rays(field, origins, directions, generator, occupancy)
+        # checkpoint replays the global RNG for the recompute, not a caller's generator: replay it here, and
+        # leave it where the later passes' forward left it
+        state = None if generator is None else generator.get_state()
+        runs = []
+
+        def rerun(origins, directions):
+            if state is None or not runs:
+                runs.append(True)
+                return self.render_rays(field, origins, directions, generator, occupancy)
+            now = generator.get_state()
+            generator.set_state(state)
+            try:
+                return self.render_rays(field, origins, directions, generator, occupancy)
+            finally:  # checkpoint may stop the recompute early, by an exception, once it has what it needs
+                generator.set_state(now)
+
+        return checkpoint(rerun, origins, directions, use_reentrant=False)
+
     def forward(self, planes, decoder, cameras, size, patch=None, generator=None, max_rays=None,
                 occupancy=None) -> RenderOutput:
         """planes (B, 3, C, H, W); cameras (B, V, 25) -> RenderOutput with (B, V, *, h, w) images.
@@ -466,7 +491,7 @@ class VolumeRenderer(nn.Module):
         step = origins.shape[1] if max_rays is None else max_rays
         field = self.field(planes, decoder)
         outputs = [
-            self.render_rays(field, origins[:, i: i + step], directions[:, i: i + step], generator, occupancy)
+            self._render_pass(field, origins[:, i: i + step], directions[:, i: i + step], generator, occupancy)
             for i in range(0, origins.shape[1], step)
         ]
         color, depth, opacity = (torch.cat(parts, dim=1) for parts in zip(*outputs))
