@@ -83,11 +83,13 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def module(config: LRMConfig, project: bool, checkpointing: bool, max_rays: int | None = None) -> LRMModule:
+def module(config: LRMConfig, project: bool, checkpointing: bool, max_rays: int | None = None,
+           fused: bool = False) -> LRMModule:
     m = LRMModule(network=config, lr=4e-4, warmup_steps=0, render_size=384, patch_size=128,
                   lpips_random_backbone=True, gradient_checkpointing=checkpointing, turntable_frames=0,
                   max_rays=max_rays)
     m.model.renderer.project_planes = project
+    m.model.renderer.fused_training = fused and project
     return m
 
 
@@ -128,9 +130,9 @@ def profile(config: LRMConfig, batch_size: int, project: bool, rows: int = 25) -
 
 
 def measure(config: LRMConfig, batch_size: int, project: bool, checkpointing: bool, steps: int,
-            compile_model: bool, max_rays: int | None = None):
+            compile_model: bool, max_rays: int | None = None, fused: bool = False):
     torch.manual_seed(0)
-    m = module(config, project, checkpointing, max_rays)
+    m = module(config, project, checkpointing, max_rays, fused)
     batch = synthetic_batch(batch_size, config.encoder_img_size or 512)
     # counted on one item and scaled: every FLOP is per item, and the counting pass runs in fp32 without
     # autocast, which at batch 8 with checkpointing ran out of memory before training did
@@ -155,6 +157,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true",
                         help="recompute encoder, transformer and each renderer pass of --max-rays rays")
     parser.add_argument("--max-rays", type=int, default=None, help="rays per renderer pass and batch item")
+    parser.add_argument("--fused", action="store_true", help="ours with the one-kernel field query under autograd")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one step of ours, batch 1")
     parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
@@ -174,7 +177,7 @@ def main() -> None:
         for path in args.paths:
             try:
                 seconds, flops, memory = measure(config, batch_size, path == "ours", args.checkpointing, args.steps,
-                                                 args.compile and path == "ours", args.max_rays)
+                                                 args.compile and path == "ours", args.max_rays, args.fused)
             except torch.OutOfMemoryError:
                 print(f"| {path} | {batch_size} | out of memory | | | | |", flush=True)
                 torch.cuda.empty_cache()

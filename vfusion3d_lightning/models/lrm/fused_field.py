@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -49,36 +50,72 @@ if triton is not None:
         # one return: a return inside a constexpr branch does not end the compiled function
         if BF16:
             if _INTERPRETED_DOT:  # the interpreter's bf16 dot is wrong; the same products in fp32 are exact
-                out = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.float32), input_precision="ieee")
+                out = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
+                             input_precision="ieee")
             else:
-                out = tl.dot(a.to(tl.bfloat16), b)
+                out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
         else:
             out = tl.dot(a, b, input_precision="ieee")
         return out
 
     @triton.jit
-    def _bilinear(plane, u, v, height, width, cols, valid, D: tl.constexpr):
-        """Features (BLOCK, D) at grid coordinates u (width) and v (height) in [-1, 1]: grid_sample with
-        align_corners=False and zero padding."""
+    def _cell(u, v, height, width):
+        """grid_sample's source cell (align_corners=False) of coordinates u (width), v (height) in [-1, 1]:
+        its low corner and the fractions towards the high one."""
         x = ((u + 1.0) * width - 1.0) * 0.5
         y = ((v + 1.0) * height - 1.0) * 0.5
         x_floor = tl.floor(x)
         y_floor = tl.floor(y)
-        fx = x - x_floor
-        fy = y - y_floor
-        x0 = x_floor.to(tl.int32)
-        y0 = y_floor.to(tl.int32)
+        return x_floor.to(tl.int32), y_floor.to(tl.int32), x - x_floor, y - y_floor
+
+    @triton.jit
+    def _corner(x0, y0, fx, fy, dx: tl.constexpr, dy: tl.constexpr, height, width, valid, D: tl.constexpr):
+        """Bilinear weight, whether it lies on the plane (zero padding outside), and offset of one corner."""
+        xi = x0 + dx
+        yi = y0 + dy
+        weight = (fx * dx + (1.0 - fx) * (1 - dx)) * (fy * dy + (1.0 - fy) * (1 - dy))
+        inside = valid & (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+        return weight, inside, (yi * width + xi).to(tl.int64) * D
+
+    @triton.jit
+    def _bilinear(plane, u, v, height, width, cols, valid, D: tl.constexpr):
+        """Features (BLOCK, D) at grid coordinates u (width) and v (height) in [-1, 1]: grid_sample with
+        align_corners=False and zero padding."""
+        x0, y0, fx, fy = _cell(u, v, height, width)
         acc = tl.zeros((u.shape[0], D), dtype=tl.float32)
         for dy in tl.static_range(2):
             for dx in tl.static_range(2):
-                xi = x0 + dx
-                yi = y0 + dy
-                weight = (fx * dx + (1.0 - fx) * (1 - dx)) * (fy * dy + (1.0 - fy) * (1 - dy))
-                inside = valid & (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-                offsets = (yi * width + xi).to(tl.int64) * D
+                weight, inside, offsets = _corner(x0, y0, fx, fy, dx, dy, height, width, valid, D)
                 corner = tl.load(plane + offsets[:, None] + cols[None, :], mask=inside[:, None], other=0.0)
                 acc += weight[:, None] * corner.to(tl.float32)
         return acc
+
+    @triton.jit
+    def _hidden_activation(first, hidden_weights, hidden_biases, cols, LAYERS: tl.constexpr, D: tl.constexpr,
+                           BF16: tl.constexpr):
+        """The activation after the first `LAYERS` hidden layers, from the first layer's (BLOCK, D)."""
+        hidden = first
+        for layer in tl.static_range(LAYERS):
+            weight = tl.load(hidden_weights + layer * D * D + cols[:, None] * D + cols[None, :])  # (in, out)
+            bias = tl.load(hidden_biases + layer * D + cols).to(tl.float32)
+            hidden = tl.maximum(_dot(hidden, weight, BF16) + bias[None, :], 0.0)
+        return hidden
+
+    @triton.jit
+    def _first_layer(points, item, planes, first_bias, rows, valid, height, width, scale, cols, D: tl.constexpr):
+        """A block's sampling coordinates, batch items and first-layer activation (BLOCK, D)."""
+        # the casts keep fp32 where torch.compile passes the Python float `scale` as fp64
+        x = (tl.load(points + rows * 3 + 0, mask=valid, other=0.0) * scale).to(tl.float32)
+        y = (tl.load(points + rows * 3 + 1, mask=valid, other=0.0) * scale).to(tl.float32)
+        z = (tl.load(points + rows * 3 + 2, mask=valid, other=0.0) * scale).to(tl.float32)
+        batch = tl.load(item + rows, mask=valid, other=0).to(tl.int64)
+        plane_size = height * width * D
+        base = planes + batch[:, None] * (3 * plane_size)
+        # planes XY, XZ, ZY (renderer.PLANE_AXES)
+        hidden = _bilinear(base, x, y, height, width, cols, valid, D)
+        hidden += _bilinear(base + plane_size, x, z, height, width, cols, valid, D)
+        hidden += _bilinear(base + 2 * plane_size, z, y, height, width, cols, valid, D)
+        return x, y, z, batch, tl.maximum(hidden + tl.load(first_bias + cols)[None, :], 0.0)
 
     @triton.jit
     def _triplane_field_kernel(points, item, planes, first_bias, hidden_weights, hidden_biases, last_weight,
@@ -87,23 +124,9 @@ if triton is not None:
                                BLOCK_SIZE: tl.constexpr, BF16: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         valid = rows < count
-        # the casts keep fp32 where torch.compile passes the Python float `scale` as fp64
-        x = (tl.load(points + rows * 3 + 0, mask=valid, other=0.0) * scale).to(tl.float32)
-        y = (tl.load(points + rows * 3 + 1, mask=valid, other=0.0) * scale).to(tl.float32)
-        z = (tl.load(points + rows * 3 + 2, mask=valid, other=0.0) * scale).to(tl.float32)
-        batch = tl.load(item + rows, mask=valid, other=0).to(tl.int64)
-        plane_size = height * width * D
-        base = planes + batch[:, None] * (3 * plane_size)
         cols = tl.arange(0, D)
-        # planes XY, XZ, ZY (renderer.PLANE_AXES)
-        hidden = _bilinear(base, x, y, height, width, cols, valid, D)
-        hidden += _bilinear(base + plane_size, x, z, height, width, cols, valid, D)
-        hidden += _bilinear(base + 2 * plane_size, z, y, height, width, cols, valid, D)
-        hidden = tl.maximum(hidden + tl.load(first_bias + cols)[None, :], 0.0)
-        for layer in tl.static_range(HIDDEN_LAYERS):
-            weight = tl.load(hidden_weights + layer * D * D + cols[:, None] * D + cols[None, :])  # (in, out)
-            bias = tl.load(hidden_biases + layer * D + cols).to(tl.float32)
-            hidden = tl.maximum(_dot(hidden, weight, BF16) + bias[None, :], 0.0)
+        _, _, _, _, first = _first_layer(points, item, planes, first_bias, rows, valid, height, width, scale, cols, D)
+        hidden = _hidden_activation(first, hidden_weights, hidden_biases, cols, HIDDEN_LAYERS, D, BF16)
         outs = tl.arange(0, OUT)
         weight = tl.load(last_weight + cols[:, None] * OUT + outs[None, :])
         raw = _dot(hidden, weight, BF16) + tl.load(last_bias + outs).to(tl.float32)[None, :]
@@ -111,6 +134,103 @@ if triton is not None:
         value = tl.where(outs[None, :] == 0, raw, tl.sigmoid(raw) * 1.002 - 0.001)
         tl.store(out + rows[:, None] * 4 + outs[None, :], value, mask=valid[:, None] & (outs[None, :] < 4))
 
+    @triton.jit
+    def _bilinear_scatter(plane, u, v, height, width, cols, valid, grad, D: tl.constexpr):
+        """The adjoint of `_bilinear`: adds grad (BLOCK, D) into the 4 corners of each sample."""
+        x0, y0, fx, fy = _cell(u, v, height, width)
+        for dy in tl.static_range(2):
+            for dx in tl.static_range(2):
+                weight, inside, offsets = _corner(x0, y0, fx, fy, dx, dy, height, width, valid, D)
+                tl.atomic_add(plane + offsets[:, None] + cols[None, :], weight[:, None] * grad, mask=inside[:, None])
+
+    @triton.jit
+    def _triplane_field_backward_kernel(points, item, planes, first_bias, hidden_weights, hidden_biases,
+                                        last_weight, last_bias, grad_out, grad_planes, grad_first_bias,
+                                        grad_hidden_weights, grad_hidden_biases, grad_last_weight, grad_last_bias,
+                                        count, height, width, scale, copy_size, copies,
+                                        D: tl.constexpr, HIDDEN_LAYERS: tl.constexpr, OUT: tl.constexpr,
+                                        BLOCK_SIZE: tl.constexpr, BF16: tl.constexpr):
+        """Recomputes a block's forward pass and adds its gradients: weights and biases by atomics, planes
+        by atomics into copy (program % copies) of `grad_planes`, which spreads colliding texels."""
+        program = tl.program_id(0)
+        rows = program * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        valid = rows < count
+        cols = tl.arange(0, D)
+        x, y, z, batch, first = _first_layer(points, item, planes, first_bias, rows, valid, height, width, scale,
+                                             cols, D)
+        last_hidden = _hidden_activation(first, hidden_weights, hidden_biases, cols, HIDDEN_LAYERS, D, BF16)
+        outs = tl.arange(0, OUT)
+        weight = tl.load(last_weight + cols[:, None] * OUT + outs[None, :])
+        raw = _dot(last_hidden, weight, BF16) + tl.load(last_bias + outs).to(tl.float32)[None, :]
+        upstream = tl.load(grad_out + rows[:, None] * 4 + outs[None, :], mask=valid[:, None] & (outs[None, :] < 4),
+                           other=0.0)
+        sigmoid = tl.sigmoid(raw)
+        grad = tl.where(outs[None, :] == 0, upstream, upstream * sigmoid * (1.0 - sigmoid) * 1.002)
+        tl.atomic_add(grad_last_weight + cols[:, None] * OUT + outs[None, :], _dot(tl.trans(last_hidden), grad, BF16))
+        tl.atomic_add(grad_last_bias + outs, tl.sum(grad, axis=0))
+        grad_hidden = _dot(grad, tl.trans(weight), BF16)  # (BLOCK, D)
+        for step in tl.static_range(HIDDEN_LAYERS):
+            layer = HIDDEN_LAYERS - 1 - step
+            # recomputed rather than kept: the activations of every layer would not fit in registers
+            inputs = _hidden_activation(first, hidden_weights, hidden_biases, cols, layer, D, BF16)
+            outputs = _hidden_activation(first, hidden_weights, hidden_biases, cols, layer + 1, D, BF16)
+            grad_hidden = tl.where(outputs > 0, grad_hidden, 0.0)
+            offsets = layer * D * D + cols[:, None] * D + cols[None, :]
+            tl.atomic_add(grad_hidden_weights + offsets, _dot(tl.trans(inputs), grad_hidden, BF16))
+            tl.atomic_add(grad_hidden_biases + layer * D + cols, tl.sum(grad_hidden, axis=0))
+            grad_hidden = _dot(grad_hidden, tl.trans(tl.load(hidden_weights + offsets)), BF16)
+        grad_first = tl.where(first > 0, grad_hidden, 0.0)
+        tl.atomic_add(grad_first_bias + cols, tl.sum(grad_first, axis=0))
+        plane_size = height * width * D
+        grad_base = grad_planes + (program % copies) * copy_size + batch[:, None] * (3 * plane_size)
+        _bilinear_scatter(grad_base, x, y, height, width, cols, valid, grad_first, D)
+        _bilinear_scatter(grad_base + plane_size, x, z, height, width, cols, valid, grad_first, D)
+        _bilinear_scatter(grad_base + 2 * plane_size, z, y, height, width, cols, valid, grad_first, D)
+
+
+
+GRADIENT_COPIES = 8  # copies of the plane gradient that blocks add into in turn (fewer colliding atomics)
+
+
+def _launch_forward(points, item, packed, settings) -> torch.Tensor:
+    box_size, bf16, hidden_layers = settings
+    planes, first_bias, hidden_weights, hidden_biases, last_weight, last_bias = packed
+    count = points.shape[0]
+    out = torch.empty(count, 4, device=points.device, dtype=torch.float32)
+    if count:
+        height, width, channels = planes.shape[2:]
+        _triplane_field_kernel[(triton.cdiv(count, BLOCK),)](
+            points, item, planes, first_bias, hidden_weights, hidden_biases, last_weight, last_bias, out, count,
+            height, width, 2.0 / box_size, D=channels, HIDDEN_LAYERS=hidden_layers, OUT=OUT_WIDTH, BLOCK_SIZE=BLOCK,
+            BF16=bf16, num_warps=NUM_WARPS)
+    return out
+
+
+class _FusedQuery(torch.autograd.Function):
+    """The kernel with gradients for the packed planes and decoder (none for the points)."""
+
+    @staticmethod
+    def forward(ctx, points, item, settings, *packed):
+        ctx.save_for_backward(points, item, *packed)
+        ctx.settings = settings
+        return _launch_forward(points, item, packed, settings)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        points, item, *packed = ctx.saved_tensors
+        box_size, bf16, hidden_layers = ctx.settings
+        planes = packed[0]
+        grads = [torch.zeros((GRADIENT_COPIES, *planes.shape), device=planes.device)]
+        grads += [torch.zeros(t.shape, device=t.device) for t in packed[1:]]
+        count = points.shape[0]
+        if count:
+            height, width, channels = planes.shape[2:]
+            _triplane_field_backward_kernel[(triton.cdiv(count, BLOCK),)](
+                points, item, *packed, grad_out.float().contiguous(), *grads, count, height, width, 2.0 / box_size,
+                planes.numel(), GRADIENT_COPIES, D=channels, HIDDEN_LAYERS=hidden_layers, OUT=OUT_WIDTH,
+                BLOCK_SIZE=BLOCK, BF16=bf16, num_warps=NUM_WARPS)
+        grads[0] = grads[0].sum(dim=0)
+        return (None, None, None, *(g.to(t.dtype) for g, t in zip(grads, packed)))
 
 
 class FusedField:
@@ -122,35 +242,26 @@ class FusedField:
     def __init__(self, projected: torch.Tensor, decoder, box_size: float, bf16: bool):
         dtype = torch.bfloat16 if bf16 else torch.float32
         first, *hidden, last = decoder.layers
-        width = first.out_features
-        self.bf16, self.box_size, self.width = bf16, box_size, width
-        self.planes = projected.detach().permute(0, 1, 3, 4, 2).contiguous().to(dtype)  # (B, 3, H, W, D)
-        self.first_bias = first.bias.detach().float().contiguous()
+        # packed by differentiable ops, so that gradients of the packed tensors reach planes and decoder
+        planes = projected.permute(0, 1, 3, 4, 2).contiguous().to(dtype)  # (B, 3, H, W, D)
+        first_bias = first.bias.float().contiguous()
         if hidden:
-            self.hidden_weights = torch.stack([layer.weight.detach().t() for layer in hidden]).to(dtype).contiguous()
-            self.hidden_biases = torch.stack([layer.bias.detach() for layer in hidden]).float().contiguous()
-        else:  # a decoder of two layers; the kernel loops zero times
-            self.hidden_weights = self.hidden_biases = self.first_bias
-        self.hidden_layers = len(hidden)
-        last_weight = torch.zeros(width, OUT_WIDTH, device=projected.device, dtype=dtype)
-        last_weight[:, : last.out_features] = last.weight.detach().t().to(dtype)
-        last_bias = torch.zeros(OUT_WIDTH, device=projected.device)
-        last_bias[: last.out_features] = last.bias.detach().float()
-        self.last_weight, self.last_bias = last_weight, last_bias
+            hidden_weights = torch.stack([layer.weight.t() for layer in hidden]).to(dtype).contiguous()
+            hidden_biases = torch.stack([layer.bias for layer in hidden]).float().contiguous()
+        else:  # a decoder of two layers; the kernel loops zero times over these stand-ins
+            hidden_weights = hidden_biases = torch.zeros(1, device=projected.device)
+        last_weight = F.pad(last.weight.t(), (0, OUT_WIDTH - last.out_features)).to(dtype).contiguous()
+        last_bias = F.pad(last.bias.float(), (0, OUT_WIDTH - last.out_features))
+        self.packed = (planes, first_bias, hidden_weights, hidden_biases, last_weight, last_bias)
+        self.settings = (box_size, bf16, len(hidden))
 
     def __call__(self, points: torch.Tensor, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """points (N, 3) with item (N,) the batch index of each -> raw density (N, 1), colour (N, 3), fp32."""
-        points = points.float().contiguous()
+        """points (N, 3) with item (N,) the batch index of each -> raw density (N, 1), colour (N, 3), fp32.
+        Differentiable in the planes and decoder when gradients are on."""
+        points = points.detach().float().contiguous()
         item = item.to(torch.int32).contiguous()
-        count = points.shape[0]
-        out = torch.empty(count, 4, device=points.device, dtype=torch.float32)
-        if count:
-            height, width = self.planes.shape[2:4]
-            grid = (triton.cdiv(count, BLOCK),)
-            _triplane_field_kernel[grid](
-                points, item, self.planes, self.first_bias, self.hidden_weights, self.hidden_biases,
-                self.last_weight, self.last_bias, out, count, height, width, 2.0 / self.box_size,
-                D=self.width, HIDDEN_LAYERS=self.hidden_layers, OUT=OUT_WIDTH, BLOCK_SIZE=BLOCK, BF16=self.bf16,
-                num_warps=NUM_WARPS,
-            )
+        if torch.is_grad_enabled() and any(t.requires_grad for t in self.packed):
+            out = _FusedQuery.apply(points, item, self.settings, *self.packed)
+        else:
+            out = _launch_forward(points, item, self.packed, self.settings)
         return out[:, :1], out[:, 1:]

@@ -270,6 +270,9 @@ class VolumeRenderer(nn.Module):
         self.fused = fused
         # recompute each pass of rays in the backward: a pass's samples, not the whole batch's, stay in memory
         self.gradient_checkpointing = False
+        # the one-kernel query under autograd too (its backward recomputes and adds gradients by atomics);
+        # off until measured against the unfused training step on a GPU
+        self.fused_training = False
 
     def field(self, planes: torch.Tensor, decoder: TriplaneDecoder) -> "Field":
         """What the renderer queries: planes, projected once per call when `project_planes`; without gradients
@@ -279,7 +282,8 @@ class VolumeRenderer(nn.Module):
         projected = decoder.project(planes)
         fused = None
         needs_gradient = torch.is_grad_enabled() and (planes.requires_grad or decoder.layers[0].weight.requires_grad)
-        if self.fused and not needs_gradient and fused_field_supported(planes.device, decoder.layers[0].out_features):
+        wanted = self.fused_training if needs_gradient else self.fused
+        if wanted and fused_field_supported(planes.device, decoder.layers[0].out_features):
             bf16 = torch.is_autocast_enabled(planes.device.type)
             fused = FusedField(projected, decoder, self.box_size, bf16)
         return Field(projected, decoder, True, self.box_size, fused)
