@@ -195,3 +195,39 @@ def test_occupancy_rejects_a_bad_resolution(sphere_model):
     model, planes = sphere_model
     with pytest.raises(ValueError, match="occupancy resolution"):
         model.occupancy(planes, resolution=0)
+
+
+KERNEL_ARGUMENTS = {
+    "forward": ("points item planes first_bias hidden_weights hidden_biases last_weight last_bias out count height "
+                "width scale"),
+    "backward": ("points item planes first_bias hidden_weights hidden_biases last_weight last_bias grad_out "
+                 "grad_planes grad_first_bias grad_hidden_weights grad_hidden_biases grad_last_weight grad_last_bias "
+                 "count height width scale copy_size copies"),
+}
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_kernels_compile_for_an_h100_without_one(direction, bf16):
+    # The interpreter runs the kernels' Python, not Triton's compiler, whose stricter rules (constexpr loops
+    # and branches, operand dtypes) failed twice on the GPU only. Compiling for sm_90 needs no GPU.
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vfusion3d_lightning.models.lrm import fused_field
+
+    kernel = {"forward": fused_field._triplane_field_kernel,
+              "backward": fused_field._triplane_field_backward_kernel}[direction]
+    packed = "*bf16" if bf16 else "*fp32"
+    types = {"item": "*i32", "planes": packed, "hidden_weights": packed, "last_weight": packed, "scale": "fp32",
+             **{name: "i32" for name in ("count", "height", "width", "copy_size", "copies")}}
+    signature = {name: types.get(name, "*fp32") for name in KERNEL_ARGUMENTS[direction].split()}
+    constants = {"D": 64, "HIDDEN_LAYERS": 2, "OUT": fused_field.OUT_WIDTH, "BLOCK_SIZE": fused_field.BLOCK,
+                 "BF16": bf16}
+    signature.update({name: "constexpr" for name in constants})
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", 90, 32))
+    assert ".target sm_90" in compiled.asm["ptx"]
+    if bf16:  # the decoder's products run on tensor cores
+        assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in compiled.asm["ptx"]

@@ -169,8 +169,7 @@ if triton is not None:
         tl.atomic_add(grad_last_weight + cols[:, None] * OUT + outs[None, :], _dot(tl.trans(last_hidden), grad, BF16))
         tl.atomic_add(grad_last_bias + outs, tl.sum(grad, axis=0))
         grad_hidden = _dot(grad, tl.trans(weight), BF16)  # (BLOCK, D)
-        for step in tl.static_range(HIDDEN_LAYERS):
-            layer = HIDDEN_LAYERS - 1 - step
+        for layer in tl.static_range(HIDDEN_LAYERS - 1, -1, -1):  # last hidden layer first
             # recomputed rather than kept: the activations of every layer would not fit in registers
             inputs = _hidden_activation(first, hidden_weights, hidden_biases, cols, layer, D, BF16)
             outputs = _hidden_activation(first, hidden_weights, hidden_biases, cols, layer + 1, D, BF16)
