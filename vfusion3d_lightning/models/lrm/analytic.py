@@ -23,9 +23,6 @@ def write_sphere(model: LRM, radius: float = 0.5, seed: int = 0) -> torch.Tensor
     """Set `model.decoder` so that planes from this function hold a sphere of activated density 1 at
     `radius`, rising inside and falling to about 1e-6 at the box's faces; colours are grey with small
     random variation. Returns the planes (1, 3, C, H, W) on the model's device.
-
-    Planes carry x^2 and y^2 in the XY plane and z^2 in the XZ plane; the decoder's first unit sums them to
-    r^2, the hidden layers pass it on, and the raw density is a + b r^2.
     """
     if not 0 < radius < model.config.box_size / 2:
         raise ValueError(f"radius must be inside the box (0, {model.config.box_size / 2}), got {radius}")
@@ -33,24 +30,34 @@ def write_sphere(model: LRM, radius: float = 0.5, seed: int = 0) -> torch.Tensor
     channels, size = model.config.triplane_dim, model.config.triplane_high_res
     if channels < 2:
         raise ValueError(f"the sphere needs triplane_dim >= 2, got {channels}")
-    half = model.config.box_size / 2
-    # texel centres in box coordinates (grid_sample, align_corners=False)
-    ramp = ((torch.arange(size) + 0.5) / size * 2 - 1) * half
-    across, down = ramp.view(1, size).expand(size, size), ramp.view(size, 1).expand(size, size)
     planes = torch.randn(1, 3, channels, size, size, generator=generator) * 0.01
-    planes[0, 0, 0], planes[0, 0, 1], planes[0, 1, 1] = across**2, down**2, down**2  # x^2, y^2 (XY), z^2 (XZ)
-
-    first, *middle, last = model.decoder.layers
     for layer in model.decoder.layers:
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.01)
         layer.bias.zero_()
+    write_radius_squared(planes, model.decoder, radius, STEEPNESS, model.config.box_size)
+    return planes.to(model.decoder.layers[0].weight.device)
+
+
+@torch.no_grad()
+def write_radius_squared(planes: torch.Tensor, decoder, radius: float, steepness: float,
+                         box_size: float = 2.0) -> None:
+    """In place: x^2 and y^2 into channels 0 and 1 of the XY plane and z^2 into channel 1 of the XZ plane of
+    `planes` (1, 3, C, S, S); the decoder's first unit sums them to r^2, its hidden layers pass it on, and
+    its raw density is 1 + log(e - 1) + steepness (radius^2 - r^2), activated density 1 at `radius`. The
+    other weights and channels are left as they are (small noise)."""
+    channels, size = planes.shape[2], planes.shape[-1]
+    half = box_size / 2
+    # texel centres in box coordinates (grid_sample, align_corners=False)
+    ramp = ((torch.arange(size) + 0.5) / size * 2 - 1) * half
+    across, down = ramp.view(1, size).expand(size, size), ramp.view(size, 1).expand(size, size)
+    planes[0, 0, 0], planes[0, 0, 1], planes[0, 1, 1] = across**2, down**2, down**2
+    first, *middle, last = decoder.layers
     first.weight[0].zero_()
     first.weight[0, [0, 1, channels + 1]] = 1  # r^2
     for layer in middle:
         layer.weight[0].zero_()
         layer.weight[0, 0] = 1
     last.weight[0].zero_()
-    last.weight[0, 0] = -STEEPNESS
+    last.weight[0, 0] = -steepness
     # density_activation(raw) = softplus(raw - 1) is 1 where raw = 1 + log(e - 1)
-    last.bias[0] = 1 + STEEPNESS * radius**2 + math.log(math.e - 1)
-    return planes.to(first.weight.device)
+    last.bias[0] = 1 + steepness * radius**2 + math.log(math.e - 1)
