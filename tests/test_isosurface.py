@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vfusion3d_lightning.isosurface import surface_nets
+from vfusion3d_lightning.isosurface import nearest_vertex_distance, surface_nets
 
 
 def coords(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,24 +48,6 @@ CLOSED = {"sphere": sphere, "ellipsoid": ellipsoid, "two_blobs": two_blobs, "tor
 FIELDS = {**CLOSED, "random_smooth": random_smooth}
 
 
-def nearest_distance(points: torch.Tensor, targets: torch.Tensor, within: float = 2.0, chunk: int = 2048):
-    """(N, 3), (M, 3) -> (N,) distance from each point to the nearest target, exact where it is < `within`.
-
-    torch.cdist in chunks of points sorted by x, each against only the targets whose x is within `within` of
-    the chunk's: a nearer target can't be outside that slab, and a farther answer stays >= `within` (or inf).
-    """
-    order = points[:, 0].argsort()
-    targets = targets[targets[:, 0].argsort()]
-    out = torch.empty(len(points))
-    for index in order.split(chunk):
-        part = points[index]
-        lo, hi = torch.searchsorted(targets[:, 0].contiguous(), torch.stack([part[:, 0].min() - within,
-                                                                                  part[:, 0].max() + within]))
-        near = targets[lo:hi]
-        out[index] = torch.cdist(part, near).min(dim=1).values if len(near) else torch.inf
-    return out
-
-
 def marching_cubes(grid: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     vertices, faces = mcubes.marching_cubes(grid.numpy(), threshold)
     return torch.from_numpy(vertices).float(), torch.from_numpy(faces.astype(np.int64))
@@ -97,12 +79,12 @@ def test_vertices_lie_within_a_voxel_of_marching_cubes(meshes):
     assert torch.equal(torch.unique(faces), torch.arange(len(vertices)))  # no unused vertices
     # Marching cubes' vertices lie on its surface, so the distance to the nearest one bounds the distance to
     # that surface from above: passing this check passes "within a voxel of the surface" too.
-    assert nearest_distance(vertices, mc_vertices).max() < 1.0, name
+    assert nearest_vertex_distance(vertices, mc_vertices, within=2.0).max() < 1.0, name
     # and the other way round: no part of marching cubes' surface is missed, except where it runs into the
     # grid's outer faces: there surface nets stop at the outermost cells' vertices, inside the last cell
     size = torch.tensor(grid.shape) - 1
     away = ((mc_vertices >= 1) & (mc_vertices <= size - 1)).all(dim=1)
-    assert nearest_distance(mc_vertices[away], vertices).max() < 1.0, name
+    assert nearest_vertex_distance(mc_vertices[away], vertices, within=2.0).max() < 1.0, name
     # both put one vertex per crossed edge (mc) or per cell around one (here): similar counts, a sanity check
     assert 0.5 < len(vertices) / len(mc_vertices) < 2
 
@@ -148,7 +130,7 @@ def test_threshold_convention_matches_marching_cubes():
         mc_vertices, mc_faces = marching_cubes(grid, 1.0)
         assert (len(faces) > 0) == (len(mc_faces) > 0) == has_surface
         if has_surface:
-            assert nearest_distance(vertices, mc_vertices).max() < 1.0
+            assert nearest_vertex_distance(vertices, mc_vertices, within=2.0).max() < 1.0
     # the threshold is compared in the grid's dtype, as mcubes does: float32(0.1) is not above 0.1 here
     grid = torch.zeros(4, 4, 4)
     grid[1:3, 1:3, 1:3] = 0.1
@@ -159,8 +141,8 @@ def test_threshold_convention_matches_marching_cubes():
     grid = torch.where(x.abs() < 0.5, 0.5, torch.where(x < 0, 1.0, 0.0))
     vertices, faces = surface_nets(grid, 0.5)
     mc_vertices, _ = marching_cubes(grid, 0.5)
-    assert nearest_distance(vertices, mc_vertices).max() < 1.0
-    assert nearest_distance(mc_vertices, vertices).max() < 1.0
+    assert nearest_vertex_distance(vertices, mc_vertices, within=2.0).max() < 1.0
+    assert nearest_vertex_distance(mc_vertices, vertices, within=2.0).max() < 1.0
 
 
 def test_empty_grid_gives_no_faces():
@@ -201,7 +183,7 @@ def test_dtypes_give_the_same_mesh():
         if other.dtype == torch.float64:
             assert torch.equal(f, faces) and torch.allclose(v, vertices, atol=1e-4)
         else:  # half precision moves crossings slightly but keeps the mesh close
-            assert nearest_distance(v, vertices).max() < 0.5
+            assert nearest_vertex_distance(v, vertices, within=2.0).max() < 0.5
 
 
 @pytest.mark.parametrize(

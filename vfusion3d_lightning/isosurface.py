@@ -158,3 +158,25 @@ def surface_nets(grid: torch.Tensor, threshold: float) -> tuple[torch.Tensor, to
     second = torch.where(split02, quads[:, [0, 2, 3]], quads[:, [1, 2, 3]])
     faces = torch.stack([first, second], dim=1).reshape(-1, 3)  # a quad's two triangles side by side
     return vertices, faces
+
+
+def nearest_vertex_distance(points: torch.Tensor, targets: torch.Tensor, within: float = math.inf,
+                            chunk: int = 2048) -> torch.Tensor:
+    """Distance from each of `points` (N, 3) to its nearest vertex of `targets` (M, 3), on points' device:
+    (N,), exact where it is below `within`, else at least `within` (inf when no target comes that near).
+
+    Compares two meshes' vertices (the nearest vertex of a mesh lies on its surface, so this bounds the
+    distance to that surface). torch.cdist runs in chunks of points sorted by x, each against only the
+    targets whose x lies within `within` of the chunk's: a nearer target cannot lie outside that slab.
+    """
+    order = points[:, 0].argsort()
+    targets = targets[targets[:, 0].argsort()]
+    target_x = targets[:, 0].contiguous()
+    out = torch.empty(len(points), device=points.device, dtype=points.dtype)
+    for index in order.split(chunk):
+        part = points[index]
+        bounds = torch.stack([part[:, 0].min() - within, part[:, 0].max() + within])
+        lo, hi = torch.searchsorted(target_x, bounds.to(target_x.dtype)).tolist()
+        near = targets[lo:hi]
+        out[index] = torch.cdist(part, near).min(dim=1).values if len(near) else math.inf
+    return out
