@@ -254,6 +254,15 @@ def ray_box_limits(origins: torch.Tensor, directions: torch.Tensor, half: float)
     return t_near, t_far
 
 
+def _merge_samples(coarse, fine):
+    """(depths, rgb, raw sigma) of two sample sets along the same rays, (..., S, 1|3) each -> one set sorted
+    by depth."""
+    depths, order = torch.sort(torch.cat([coarse[0], fine[0]], dim=-2), dim=-2)
+    rgb = torch.cat([coarse[1], fine[1]], dim=-2).gather(-2, order.expand(*order.shape[:-1], 3))
+    sigma = torch.cat([coarse[2], fine[2]], dim=-2).gather(-2, order)
+    return depths, rgb, sigma
+
+
 class VolumeRenderer(nn.Module):
     """Importance volume rendering of a triplane field along rays (no parameters)."""
 
@@ -321,8 +330,7 @@ class VolumeRenderer(nn.Module):
         """Colours and raw densities of samples at `depths` (B, R, S, 1) -> (B, R, S, 3), (B, R, S, 1)."""
         points = origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)  # (B, R, S, 3)
         batch, rays, samples, _ = points.shape
-        flat = points.reshape(batch, -1, 3)
-        raw_sigma, rgb = field(flat)
+        raw_sigma, rgb = field(points.reshape(batch, -1, 3))
         half = self.box_size / 2
         inside = ((points >= -half) & (points <= half)).all(dim=-1, keepdim=True).reshape(batch, -1, 1)
         # outside the box: no colour and a density that softplus maps to 0
@@ -401,9 +409,7 @@ class VolumeRenderer(nn.Module):
             _, _, weights = self.composite(rgb, sigma, depths)
             fine_depths = self._importance(depths, weights, generator)
             fine_rgb, fine_sigma = self._shade(field, origins, directions, fine_depths)
-            depths, order = torch.sort(torch.cat([depths, fine_depths], dim=-2), dim=-2)
-            rgb = torch.cat([rgb, fine_rgb], dim=-2).gather(-2, order.expand(-1, -1, -1, 3))
-            sigma = torch.cat([sigma, fine_sigma], dim=-2).gather(-2, order)
+            depths, rgb, sigma = _merge_samples((depths, rgb, sigma), (fine_depths, fine_rgb, fine_sigma))
         color, depth, weights = self.composite(rgb, sigma, depths)
         return color, depth, weights.sum(dim=-2)
 
@@ -448,9 +454,7 @@ class VolumeRenderer(nn.Module):
                 _, _, weights = self.composite(rgb, sigma, depths)
                 fine_depths = self._importance(depths, weights, None, uniforms[live])
                 fine_rgb, fine_sigma, _ = self._shade_occupied(field, origins, directions, fine_depths, item, occupancy)
-                depths, order = torch.sort(torch.cat([depths, fine_depths], dim=-2), dim=-2)
-                rgb = torch.cat([rgb, fine_rgb], dim=-2).gather(-2, order.expand(-1, -1, 3))
-                sigma = torch.cat([sigma, fine_sigma], dim=-2).gather(-2, order)
+                depths, rgb, sigma = _merge_samples((depths, rgb, sigma), (fine_depths, fine_rgb, fine_sigma))
             live_color, live_depth, weights = self.composite(rgb, sigma, depths)
             color[live], depth[live], opacity[live] = live_color.float(), live_depth.float(), weights.sum(dim=-2).float()
         return color.reshape(batch, rays, 3), depth.reshape(batch, rays, 1), opacity.reshape(batch, rays, 1)
