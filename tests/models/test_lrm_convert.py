@@ -1,6 +1,7 @@
 """Released VFusion3D checkpoints load into our LRM and compute what the released modules compute."""
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -120,20 +121,26 @@ def test_position_embeddings_are_resampled_by_scale_factor_as_released():
     by_size = F.interpolate(pos.reshape(1, 37, 37, 8).permute(0, 3, 1, 2), size=(36, 36), mode="bicubic",
                             align_corners=False).permute(0, 2, 3, 1)[0]
     assert (ours - by_size).abs().max() > 1e-3  # the two conventions really differ
-    # the encoder applies the same resampling by matrices, gradients included
+    # as F.interpolate by scale factor (how the released model ran), gradients included
+    assert torch.allclose(ours.reshape(1, 36 * 36, 8), interpolated_by_scale_factor(pos, 36, 36), atol=1e-5)
     leaf = pos.clone().requires_grad_(True)
-    encoder = DinoEncoder("vit_small_patch14_dinov2", {"img_size": 37 * 14, "depth": 1, "embed_dim": 8,
-                                                       "num_heads": 2})
-    through_encoder = encoder._patch_positions(leaf, 36, 36)
-    assert np.allclose(through_encoder.detach().reshape(36, 36, 8).numpy(), reference, atol=1e-5)
     upstream = torch.randn(1, 36 * 36, 8)
-    (through_encoder * upstream).sum().backward()
+    (resample_patch_pos_embed(leaf, 36, 36) * upstream).sum().backward()
     bicubic_leaf = pos.clone().requires_grad_(True)
-    (resample_patch_pos_embed(bicubic_leaf, 36, 36) * upstream).sum().backward()
+    (interpolated_by_scale_factor(bicubic_leaf, 36, 36) * upstream).sum().backward()
     assert torch.allclose(leaf.grad, bicubic_leaf.grad, atol=1e-5)
     # and for other grids, rectangular ones included
     small = torch.randn(1, 16, 3)
-    assert torch.allclose(encoder._patch_positions(small, 3, 5), resample_patch_pos_embed(small, 3, 5), atol=1e-6)
+    assert torch.allclose(resample_patch_pos_embed(small, 3, 5), interpolated_by_scale_factor(small, 3, 5), atol=1e-6)
+
+
+def interpolated_by_scale_factor(pos: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """The released resampling as F.interpolate ran it: (1, G*G, D) -> (1, grid_h*grid_w, D)."""
+    side, dim = math.isqrt(pos.shape[1]), pos.shape[-1]
+    grid = F.interpolate(pos.reshape(1, side, side, dim).permute(0, 3, 1, 2),
+                         scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side), mode="bicubic",
+                         align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
 
 
 def test_resampled_encoder_is_close_to_transformers_but_follows_the_release():

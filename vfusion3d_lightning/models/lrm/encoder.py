@@ -7,7 +7,6 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -18,9 +17,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def resample_patch_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
     """Resample square patch position embeddings to a grid_h x grid_w grid as the released model ran.
 
-    pos_embed: (1, G*G, D) -> (1, grid_h*grid_w, D). Bicubic in float32, align_corners False, and by
-    *scale factor* (grid + 0.1) / G (transformers' Dinov2 of 2024), which samples slightly different
-    source positions than resampling to the target size does.
+    pos_embed: (1, G*G, D) -> (1, grid_h*grid_w, D). Bicubic in float32 whatever the autocast, align_corners
+    False, and by *scale factor* (grid + 0.1) / G (transformers' Dinov2 of 2024), which samples slightly
+    different source positions than resampling to the target size does. Applied as two `bicubic_matrix`
+    products, equal to `F.interpolate` (tests/models/test_lrm_convert.py).
     """
     num_positions = pos_embed.shape[1]
     side = int(math.isqrt(num_positions))
@@ -28,24 +28,19 @@ def resample_patch_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) 
         raise ValueError(f"patch position embeddings must form a square grid, got {num_positions} positions")
     if side == grid_h == grid_w:
         return pos_embed
-    dim = pos_embed.shape[-1]
-    grid = pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(
-        grid,
-        scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
-        mode="bicubic",
-        align_corners=False,
-    )
-    if grid.shape[-2:] != (grid_h, grid_w):
-        raise RuntimeError(f"position embedding resampled to {tuple(grid.shape[-2:])}, expected {(grid_h, grid_w)}")
-    return grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
+    rows = bicubic_matrix(side, grid_h, (grid_h + 0.1) / side, pos_embed.device)
+    cols = bicubic_matrix(side, grid_w, (grid_w + 0.1) / side, pos_embed.device)
+    with torch.autocast(pos_embed.device.type, enabled=False):
+        grid = pos_embed[0].float().reshape(side, side, -1)
+        resampled = torch.einsum("ij,jkc,lk->ilc", rows, grid, cols)
+    return resampled.reshape(1, grid_h * grid_w, -1).to(pos_embed.dtype)
 
 
 def bicubic_matrix(size_in: int, size_out: int, scale: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """One axis of `F.interpolate(mode="bicubic", align_corners=False, scale_factor=scale)` as a matrix
     (size_out, size_in) float32: PyTorch's cubic convolution (A = -0.75) with edge taps clamped.
 
-    `resample_patch_pos_embed` is this matrix applied on both axes; as two small matrix products it takes
+    `resample_patch_pos_embed` applies it on both axes; as two small matrix products it takes
     microseconds, where the bicubic kernel, which loops over 768 channels in each of 1,296 threads, took 7 ms
     of a 40 ms image -> planes on an H100. Built from tensor ops, it also compiles into one graph.
     """
@@ -84,18 +79,6 @@ class DinoEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.gradient_checkpointing = False
 
-    def _patch_positions(self, patch_pos: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-        """`resample_patch_pos_embed` by its bicubic matrices, in float32 whatever the autocast."""
-        side = math.isqrt(patch_pos.shape[1])
-        if side == grid_h == grid_w:
-            return patch_pos
-        rows = bicubic_matrix(side, grid_h, (grid_h + 0.1) / side, patch_pos.device)
-        cols = bicubic_matrix(side, grid_w, (grid_w + 0.1) / side, patch_pos.device)
-        with torch.autocast(patch_pos.device.type, enabled=False):
-            grid = patch_pos[0].float().reshape(side, side, -1)
-            resampled = torch.einsum("ij,jkc,lk->ilc", rows, grid, cols)
-        return resampled.reshape(1, grid_h * grid_w, -1).to(patch_pos.dtype)
-
     @property
     def feature_dim(self) -> int:
         return self.vit.embed_dim
@@ -112,7 +95,7 @@ class DinoEncoder(nn.Module):
         x = self.vit.patch_embed(x)  # (B, h, w, D): dynamic_img_size makes timm keep the grid
         batch, grid_h, grid_w, dim = x.shape
         pos = self.vit.pos_embed
-        patch_pos = self._patch_positions(pos[:, 1:], grid_h, grid_w)
+        patch_pos = resample_patch_pos_embed(pos[:, 1:], grid_h, grid_w)
         cls = (self.vit.cls_token + pos[:, :1]).expand(batch, -1, -1)
         x = torch.cat([cls, x.reshape(batch, grid_h * grid_w, dim) + patch_pos], dim=1)
         x = self.vit.norm_pre(x)
