@@ -1,6 +1,7 @@
 """LRM training step speed, FLOPs and MFU of the `vfusion3d` config, released-style and ours, per batch size.
 
-    python benchmarks/lrm_train_step.py [--batch-sizes 1 2 4 8 16 32] [--steps 10] [--checkpointing --max-rays 16384] [--compile]
+    python benchmarks/lrm_train_step.py [--batch-sizes 1 2 4 8 16 32] [--steps 10] [--checkpointing [all|network]]
+        [--max-rays 16384] [--unfused] [--compile]
 
 One step of `LRMModule.training_step` as Lightning runs it (bf16-mixed, AdamW, LPIPS-VGG with a random trunk,
 opacity loss): 512 px input, 4 supervision views rendered as 128x128 patches of a 384 px render. Released-
@@ -83,11 +84,11 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def module(config: LRMConfig, project: bool, checkpointing: bool, max_rays: int | None = None,
-           fused: bool = False) -> LRMModule:
+def module(config: LRMConfig, project: bool, checkpointing: str | None, max_rays: int | None = None,
+           fused: bool = False, compile_network: bool = False) -> LRMModule:
     m = LRMModule(network=config, lr=4e-4, warmup_steps=0, render_size=384, patch_size=128,
-                  lpips_random_backbone=True, gradient_checkpointing=checkpointing, turntable_frames=0,
-                  max_rays=max_rays)
+                  lpips_random_backbone=True, turntable_frames=0, max_rays=max_rays, compile_network=compile_network,
+                  gradient_checkpointing={None: False, "all": True, "network": "network"}[checkpointing])
     m.model.renderer.project_planes = project
     m.model.renderer.fused_training = fused and project
     return m
@@ -105,20 +106,23 @@ def forward_backward(m: LRMModule, batch: dict[str, torch.Tensor]) -> None:
     m.zero_grad(set_to_none=True)
 
 
-def step_flops(m: LRMModule, batch: dict[str, torch.Tensor]) -> float:
-    """FLOPs of one forward + backward of the training step's computation."""
-    m = m.to(DEVICE).train()
+def step_flops(config: LRMConfig, project: bool, batch: dict[str, torch.Tensor]) -> float:
+    """Model FLOPs of one forward + backward of the training step's computation: without checkpointing (a
+    recompute is not model work) and through the unfused field query, whose products the counter sees (the
+    fused kernel does the same products out of its sight)."""
+    m = module(config, project, None, fused=False).to(DEVICE).train()
     batch = {k: v.to(DEVICE) for k, v in batch.items()}
     with FlopCounterMode(display=False) as counter:
         forward_backward(m, batch)
     return float(counter.get_total_flops())
 
 
-def profile(config: LRMConfig, batch_size: int, project: bool, rows: int = 25) -> None:
+def profile(config: LRMConfig, batch_size: int, project: bool, checkpointing: str | None, max_rays: int | None,
+            fused: bool, rows: int = 40) -> None:
     """The kernels that take the step's time (torch.profiler), largest first."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    m = module(config, project, False).to(DEVICE).train()
+    m = module(config, project, checkpointing, max_rays, fused).to(DEVICE).train()
     batch = {k: v.to(DEVICE) for k, v in synthetic_batch(batch_size, config.encoder_img_size or 512).items()}
     forward_backward(m, batch)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
@@ -129,16 +133,16 @@ def profile(config: LRMConfig, batch_size: int, project: bool, rows: int = 25) -
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
-def measure(config: LRMConfig, batch_size: int, project: bool, checkpointing: bool, steps: int,
+def measure(config: LRMConfig, batch_size: int, project: bool, checkpointing: str | None, steps: int,
             compile_model: bool, max_rays: int | None = None, fused: bool = False):
-    torch.manual_seed(0)
-    m = module(config, project, checkpointing, max_rays, fused)
-    batch = synthetic_batch(batch_size, config.encoder_img_size or 512)
     # counted on one item and scaled: every FLOP is per item, and the counting pass runs in fp32 without
-    # autocast, which at batch 8 with checkpointing ran out of memory before training did
-    flops = step_flops(m, synthetic_batch(1, config.encoder_img_size or 512)) * batch_size
-    if compile_model:
-        m.model.compile_for_speed()
+    # autocast, which at batch 8 ran out of memory before training did
+    flops = step_flops(config, project, synthetic_batch(1, config.encoder_img_size or 512)) * batch_size
+    if CUDA:
+        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    m = module(config, project, checkpointing, max_rays, fused, compile_model)
+    batch = synthetic_batch(batch_size, config.encoder_img_size or 512)
     timer = StepTimer()
     trainer = L.Trainer(accelerator=DEVICE, devices=1, precision="bf16-mixed", max_steps=3 + steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -154,19 +158,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--checkpointing", action="store_true",
-                        help="recompute encoder, transformer and each renderer pass of --max-rays rays")
+    parser.add_argument("--checkpointing", nargs="?", const="all", choices=["all", "network"],
+                        help="recompute encoder and transformer blocks, and (all) each renderer pass of --max-rays rays")
     parser.add_argument("--max-rays", type=int, default=None, help="rays per renderer pass and batch item")
-    parser.add_argument("--fused", action="store_true", help="ours with the one-kernel field query under autograd")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print the top kernels of one step of ours, batch 1")
+    parser.add_argument("--unfused", action="store_true", help="ours without the one-kernel field query under autograd")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and transformer (LRMModule(compile_network=True))")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of one step of ours at the first batch size")
     parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
     parser.add_argument("--paths", nargs="+", default=["released", "ours"], choices=["released", "ours"])
     args = parser.parse_args()
     peak = peak_flops()
     config = LRMConfig.preset(args.preset)
     if args.profile:
-        profile(config, args.batch_sizes[0], "ours" in args.paths)
+        profile(config, args.batch_sizes[0], "ours" in args.paths, args.checkpointing, args.max_rays, not args.unfused)
         return
     print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} config, 4 views of 128^2 "
           f"patches, bf16-mixed, checkpointing={args.checkpointing}, max_rays={args.max_rays}, compile={args.compile}, peak {peak / 1e12:.0f} "
@@ -177,7 +181,7 @@ def main() -> None:
         for path in args.paths:
             try:
                 seconds, flops, memory = measure(config, batch_size, path == "ours", args.checkpointing, args.steps,
-                                                 args.compile and path == "ours", args.max_rays, args.fused)
+                                                 args.compile and path == "ours", args.max_rays, not args.unfused)
             except torch.OutOfMemoryError:
                 print(f"| {path} | {batch_size} | out of memory | | | | |", flush=True)
                 torch.cuda.empty_cache()

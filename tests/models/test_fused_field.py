@@ -95,6 +95,8 @@ INTERPRETED_CHECKS = textwrap.dedent("""
     report["render_skipped"] = (skipped.rgb - unfused.rgb).abs().max().item()
     planes.requires_grad_(True)
     report["fused_with_gradient"] = model.renderer.field(planes, model.decoder).fused is not None
+    model.renderer.fused_training = False
+    report["fused_with_gradient_off"] = model.renderer.field(planes, model.decoder).fused is not None
     # a training render with the fused query under autograd: the same gradients
     grads = []
     for fused_training in (False, True):
@@ -142,8 +144,8 @@ def test_fused_render_equals_the_unfused_render(interpreted):
     assert interpreted["render_fused"] < 1e-5
     assert interpreted["render_fused_opacity"] < 1e-5
     assert interpreted["render_skipped"] < 2e-3
-    # training needs gradients to the planes: the unfused path
-    assert not interpreted["fused_with_gradient"]
+    # training takes the fused query under autograd too, unless renderer.fused_training is off
+    assert interpreted["fused_with_gradient"] and not interpreted["fused_with_gradient_off"]
 
 
 @pytest.fixture(scope="module")

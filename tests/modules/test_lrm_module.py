@@ -11,7 +11,7 @@ import torch
 
 from vfusion3d_lightning.cameras import canonical_source_camera
 from vfusion3d_lightning.cli import lightning_cli, main
-from vfusion3d_lightning.models.lrm import LRM
+from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.modules import LRMModule
 from vfusion3d_lightning.schedules import WarmupCosineRestarts
 
@@ -131,3 +131,24 @@ def test_schedule_factor_by_hand():
     assert schedule.factor(40) == pytest.approx(1.0)  # the restart
     assert schedule.factor(70) == pytest.approx(0.1 + 0.9 * 0.5)
     assert schedule.factor(99) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 59 / 60)))
+
+
+def test_checkpointing_choices_and_compiled_network_keep_names_and_values():
+    network = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing="network").model
+    assert network.transformer.gradient_checkpointing and network.encoder.gradient_checkpointing
+    assert not network.renderer.gradient_checkpointing
+    every = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing=True).model
+    assert every.renderer.gradient_checkpointing and every.transformer.gradient_checkpointing
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true, false or 'network', got 'renderer'"):
+        LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing="renderer")
+
+    torch.manual_seed(0)
+    eager = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True)
+    torch.manual_seed(0)
+    compiled = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, compile_network=True)
+    # checkpoints of a compiled run load into an eager module and back
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    size = eager.model.config.encoder_img_size
+    image, camera = torch.rand(1, 3, size, size), canonical_source_camera(1)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.model(image, camera), eager.model(image, camera), atol=1e-4, rtol=1e-4)

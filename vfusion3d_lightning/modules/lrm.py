@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -50,6 +50,11 @@ class LRMModule(L.LightningModule):
     Training step: encode the input view with the canonical source camera, render K supervision views as a
     `patch_size` patch at a random place of the current `render_size` image (set per epoch by
     `ResolutionStages`), compare with the same crop of the resized ground truth.
+
+    gradient_checkpointing: True recomputes encoder and transformer blocks and each renderer pass of `max_rays`
+    rays in the backward pass; "network" only the blocks (on a GPU the fused field query keeps little per
+    sample, so the renderer's recompute costs more than it saves: BENCHMARKS.md). compile_network:
+    torch.compile the encoder and transformer (parameter names unchanged).
     """
 
     def __init__(
@@ -69,7 +74,8 @@ class LRMModule(L.LightningModule):
         l2_weight: float = 0.0,
         lpips_backbone_weights: str | None = None,
         lpips_random_backbone: bool = False,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | Literal["network"] = False,
+        compile_network: bool = False,
         max_rays: int | None = None,
         val_render_size: int = 128,
         turntable_frames: int = 8,
@@ -78,6 +84,8 @@ class LRMModule(L.LightningModule):
         config = LRMConfig.from_dict(network) if isinstance(network, dict) else network
         if patch_size < 1 or render_size < 1:
             raise ValueError(f"render_size and patch_size must be positive, got {render_size}, {patch_size}")
+        if gradient_checkpointing not in (True, False, "network"):
+            raise ValueError(f"gradient_checkpointing must be true, false or 'network', got {gradient_checkpointing!r}")
         network = config.to_dict()  # plain types in the checkpoint, so it loads with weights_only=True
         self.save_hyperparameters()
         self.model = LRM(config)
@@ -85,7 +93,10 @@ class LRMModule(L.LightningModule):
             self._load_pretrained(pretrained)
         elif encoder_weights:
             self.model.load_encoder_weights(encoder_weights)
-        self.model.set_gradient_checkpointing(gradient_checkpointing)
+        self.model.set_gradient_checkpointing(bool(gradient_checkpointing), renderer=gradient_checkpointing is True)
+        if compile_network:
+            self.model.encoder.compile()
+            self.model.transformer.compile()
         self.lpips = build_lpips(lpips_backbone_weights, lpips_random_backbone)
         self.render_size = render_size
         self.restart_epochs: list[int] = []  # set by LRRestartAtStage before the optimizer is built

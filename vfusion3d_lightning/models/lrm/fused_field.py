@@ -136,26 +136,21 @@ if triton is not None:
 
     @triton.jit
     def _bilinear_scatter(plane, u, v, height, width, cols, valid, grad, D: tl.constexpr):
-        """The adjoint of `_bilinear`: adds grad (BLOCK, D) into the 4 corners of each sample."""
+        """The adjoint of `_bilinear`: adds grad (BLOCK, D) into the 4 corners of each sample. Relaxed atomics:
+        no program reads the sums, and acq_rel (Triton's default) fences each add."""
         x0, y0, fx, fy = _cell(u, v, height, width)
         for dy in tl.static_range(2):
             for dx in tl.static_range(2):
                 weight, inside, offsets = _corner(x0, y0, fx, fy, dx, dy, height, width, valid, D)
-                tl.atomic_add(plane + offsets[:, None] + cols[None, :], weight[:, None] * grad, mask=inside[:, None])
+                tl.atomic_add(plane + offsets[:, None] + cols[None, :], weight[:, None] * grad, mask=inside[:, None],
+                              sem="relaxed")
 
     @triton.jit
-    def _triplane_field_backward_kernel(points, item, planes, first_bias, hidden_weights, hidden_biases,
-                                        last_weight, last_bias, grad_out, grad_planes, grad_first_bias,
-                                        grad_hidden_weights, grad_hidden_biases, grad_last_weight, grad_last_bias,
-                                        count, height, width, scale, copy_size, copies,
-                                        D: tl.constexpr, HIDDEN_LAYERS: tl.constexpr, OUT: tl.constexpr,
-                                        BLOCK_SIZE: tl.constexpr, BF16: tl.constexpr):
-        """Recomputes a block's forward pass and adds its gradients: weights and biases by atomics, planes
-        by atomics into copy (program % copies) of `grad_planes`, which spreads colliding texels."""
-        program = tl.program_id(0)
-        rows = program * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        valid = rows < count
-        cols = tl.arange(0, D)
+    def _block_gradients(points, item, planes, first_bias, hidden_weights, hidden_biases, last_weight, last_bias,
+                         grad_out, grad_planes, rows, valid, cols, height, width, scale,
+                         D: tl.constexpr, HIDDEN_LAYERS: tl.constexpr, OUT: tl.constexpr, BF16: tl.constexpr):
+        """Recomputes one block's forward pass, adds its plane gradients into `grad_planes` by atomics and
+        returns its decoder gradients: (last weight, last bias, hidden weights, hidden biases, first bias)."""
         x, y, z, batch, first = _first_layer(points, item, planes, first_bias, rows, valid, height, width, scale,
                                              cols, D)
         last_hidden = _hidden_activation(first, hidden_weights, hidden_biases, cols, HIDDEN_LAYERS, D, BF16)
@@ -166,29 +161,80 @@ if triton is not None:
                            other=0.0)
         sigmoid = tl.sigmoid(raw)
         grad = tl.where(outs[None, :] == 0, upstream, upstream * sigmoid * (1.0 - sigmoid) * 1.002)
-        tl.atomic_add(grad_last_weight + cols[:, None] * OUT + outs[None, :], _dot(tl.trans(last_hidden), grad, BF16))
-        tl.atomic_add(grad_last_bias + outs, tl.sum(grad, axis=0))
+        grad_last_weight = _dot(tl.trans(last_hidden), grad, BF16)
+        grad_last_bias = tl.sum(grad, axis=0)
         grad_hidden = _dot(grad, tl.trans(weight), BF16)  # (BLOCK, D)
+        grad_weights = ()
+        grad_biases = ()
         for layer in tl.static_range(HIDDEN_LAYERS - 1, -1, -1):  # last hidden layer first
             # recomputed rather than kept: the activations of every layer would not fit in registers
             inputs = _hidden_activation(first, hidden_weights, hidden_biases, cols, layer, D, BF16)
             outputs = _hidden_activation(first, hidden_weights, hidden_biases, cols, layer + 1, D, BF16)
             grad_hidden = tl.where(outputs > 0, grad_hidden, 0.0)
+            grad_weights = (_dot(tl.trans(inputs), grad_hidden, BF16),) + grad_weights
+            grad_biases = (tl.sum(grad_hidden, axis=0),) + grad_biases
             offsets = layer * D * D + cols[:, None] * D + cols[None, :]
-            tl.atomic_add(grad_hidden_weights + offsets, _dot(tl.trans(inputs), grad_hidden, BF16))
-            tl.atomic_add(grad_hidden_biases + layer * D + cols, tl.sum(grad_hidden, axis=0))
             grad_hidden = _dot(grad_hidden, tl.trans(tl.load(hidden_weights + offsets)), BF16)
         grad_first = tl.where(first > 0, grad_hidden, 0.0)
-        tl.atomic_add(grad_first_bias + cols, tl.sum(grad_first, axis=0))
         plane_size = height * width * D
-        grad_base = grad_planes + (program % copies) * copy_size + batch[:, None] * (3 * plane_size)
+        grad_base = grad_planes + batch[:, None] * (3 * plane_size)
         _bilinear_scatter(grad_base, x, y, height, width, cols, valid, grad_first, D)
         _bilinear_scatter(grad_base + plane_size, x, z, height, width, cols, valid, grad_first, D)
         _bilinear_scatter(grad_base + 2 * plane_size, z, y, height, width, cols, valid, grad_first, D)
+        return grad_last_weight, grad_last_bias, grad_weights, grad_biases, tl.sum(grad_first, axis=0)
+
+    @triton.jit
+    def _triplane_field_backward_kernel(points, item, planes, first_bias, hidden_weights, hidden_biases,
+                                        last_weight, last_bias, grad_out, grad_planes, grad_first_bias,
+                                        grad_hidden_weights, grad_hidden_biases, grad_last_weight, grad_last_bias,
+                                        count, height, width, scale, copy_size, copies,
+                                        D: tl.constexpr, HIDDEN_LAYERS: tl.constexpr, OUT: tl.constexpr,
+                                        BLOCK_SIZE: tl.constexpr, BF16: tl.constexpr):
+        """Each program takes every (programs)-th block of samples and keeps its decoder gradients in
+        registers, adding them to memory once at the end: a block's atomics into the same few thousand
+        weights would otherwise queue behind every other block's. Plane gradients go by atomics into copy
+        (program % copies) of `grad_planes`, which spreads colliding texels."""
+        program = tl.program_id(0)
+        cols = tl.arange(0, D)
+        outs = tl.arange(0, OUT)
+        acc_last_weight = tl.zeros((D, OUT), dtype=tl.float32)
+        acc_last_bias = tl.zeros((OUT,), dtype=tl.float32)
+        acc_first_bias = tl.zeros((D,), dtype=tl.float32)
+        acc_weights = ()
+        acc_biases = ()
+        for layer in tl.static_range(HIDDEN_LAYERS):
+            acc_weights = acc_weights + (tl.zeros((D, D), dtype=tl.float32),)
+            acc_biases = acc_biases + (tl.zeros((D,), dtype=tl.float32),)
+        grad_copy = grad_planes + (program % copies) * copy_size
+        for block in range(program, tl.cdiv(count, BLOCK_SIZE), tl.num_programs(0)):
+            rows = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+            last_w, last_b, weights, biases, first_b = _block_gradients(
+                points, item, planes, first_bias, hidden_weights, hidden_biases, last_weight, last_bias, grad_out,
+                grad_copy, rows, rows < count, cols, height, width, scale, D, HIDDEN_LAYERS, OUT, BF16)
+            acc_last_weight += last_w
+            acc_last_bias += last_b
+            acc_first_bias += first_b
+            summed_weights = ()
+            summed_biases = ()
+            for layer in tl.static_range(HIDDEN_LAYERS):
+                summed_weights = summed_weights + (acc_weights[layer] + weights[layer],)
+                summed_biases = summed_biases + (acc_biases[layer] + biases[layer],)
+            acc_weights = summed_weights
+            acc_biases = summed_biases
+        # relaxed: nothing in the kernel reads these sums, and Triton's default (acq_rel) fences every add
+        tl.atomic_add(grad_last_weight + cols[:, None] * OUT + outs[None, :], acc_last_weight, sem="relaxed")
+        tl.atomic_add(grad_last_bias + outs, acc_last_bias, sem="relaxed")
+        tl.atomic_add(grad_first_bias + cols, acc_first_bias, sem="relaxed")
+        for layer in tl.static_range(HIDDEN_LAYERS):
+            tl.atomic_add(grad_hidden_weights + layer * D * D + cols[:, None] * D + cols[None, :], acc_weights[layer],
+                          sem="relaxed")
+            tl.atomic_add(grad_hidden_biases + layer * D + cols, acc_biases[layer], sem="relaxed")
 
 
-
-GRADIENT_COPIES = 8  # copies of the plane gradient that blocks add into in turn (fewer colliding atomics)
+GRADIENT_COPIES = 8  # copies of the plane gradient that programs add into in turn (fewer colliding atomics)
+# the backward kernel's launch, bf16 and fp32: (samples a block, warps, programs a multiprocessor, each looping
+# over blocks); fastest of those tried on an H100 (benchmarks/field_query.py --backward)
+BACKWARD_LAUNCH = {True: (32, 8, 2), False: (16, 8, 1)}
 
 
 def _launch_forward(points, item, packed, settings) -> torch.Tensor:
@@ -203,6 +249,12 @@ def _launch_forward(points, item, packed, settings) -> torch.Tensor:
             height, width, 2.0 / box_size, D=channels, HIDDEN_LAYERS=hidden_layers, OUT=OUT_WIDTH, BLOCK_SIZE=BLOCK,
             BF16=bf16, num_warps=NUM_WARPS)
     return out
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter: a few programs, so that the tests cover the loop over blocks
 
 
 class _FusedQuery(torch.autograd.Function):
@@ -224,10 +276,12 @@ class _FusedQuery(torch.autograd.Function):
         count = points.shape[0]
         if count:
             height, width, channels = planes.shape[2:]
-            _triplane_field_backward_kernel[(triton.cdiv(count, BLOCK),)](
+            block, warps, programs_per_sm = BACKWARD_LAUNCH[bf16]
+            programs = min(triton.cdiv(count, block), programs_per_sm * _multiprocessors(planes.device))
+            _triplane_field_backward_kernel[(programs,)](
                 points, item, *packed, grad_out.float().contiguous(), *grads, count, height, width, 2.0 / box_size,
                 planes.numel(), GRADIENT_COPIES, D=channels, HIDDEN_LAYERS=hidden_layers, OUT=OUT_WIDTH,
-                BLOCK_SIZE=BLOCK, BF16=bf16, num_warps=NUM_WARPS)
+                BLOCK_SIZE=block, BF16=bf16, num_warps=warps)
         grads[0] = grads[0].sum(dim=0)
         return (None, None, None, *(g.to(t.dtype) for g, t in zip(grads, packed)))
 

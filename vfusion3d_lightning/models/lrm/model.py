@@ -108,12 +108,12 @@ class LRM(nn.Module):
         self.renderer.render_rays = torch.compile(self.renderer.render_rays)
         return self
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute encoder and transformer blocks, and each renderer pass of `max_rays` rays, in the backward
-        pass: less memory, more compute."""
+    def set_gradient_checkpointing(self, enabled: bool = True, renderer: bool | None = None) -> None:
+        """Recompute encoder and transformer blocks, and each renderer pass of `max_rays` rays (`renderer`,
+        by default as `enabled`), in the backward pass: less memory, more compute."""
         self.transformer.gradient_checkpointing = enabled
         self.encoder.gradient_checkpointing = enabled
-        self.renderer.gradient_checkpointing = enabled
+        self.renderer.gradient_checkpointing = enabled if renderer is None else renderer
 
     def load_encoder_weights(self, source: str | Path, checkpoint_dir: str | Path | None = None) -> None:
         """Load pretrained DINOv2 weights into the encoder (a file, or a registry name such as "dinov2-base")."""
