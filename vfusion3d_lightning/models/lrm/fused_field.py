@@ -1,4 +1,5 @@
-"""One Triton kernel for a triplane field query without gradients: sampling, plane sum and the decoder MLP.
+"""One Triton kernel for a triplane field query: sampling, plane sum and the decoder MLP; and one for its
+backward pass into the planes and decoder (training).
 
 The unfused path writes each sample's 3 x 64 sampled channels to memory, reads them back to sum the planes,
 and writes and reads 64 channels again around every MLP layer: several kilobytes of GPU memory traffic a
@@ -11,6 +12,9 @@ The arithmetic is the projected form of `TriplaneDecoder` (see `TriplaneDecoder.
 the first layer are sampled and summed, then bias, ReLU, the hidden layers and the output layer. In bf16 mode
 the projected planes, weights and activations entering each matrix product are bf16 with fp32 accumulation (as
 under bf16 autocast); in fp32 mode every product is IEEE fp32.
+
+The backward kernel recomputes each block's forward pass rather than storing activations; each program loops
+over blocks, keeping the decoder's gradients in registers, and adds the plane gradients by relaxed atomics.
 
 Runs on CUDA, and on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use.
 """
