@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
     parser.add_argument("--backward", action="store_true", help="time query + backward pass instead")
+    parser.add_argument("--along-rays", action="store_true", help="--backward: points in order along rays")
     parser.add_argument("--backward-launch", nargs="+", default=[],
                         help="launches to try, as block:warps:programs (default: fused_field.BACKWARD_LAUNCH)")
     args = parser.parse_args()
@@ -95,10 +96,15 @@ def backward(args) -> None:
     size = config.triplane_high_res
     planes = torch.randn(1, 3, config.triplane_dim, size, size, device=DEVICE, requires_grad=True)
     points = (torch.rand(1, args.points, 3, device=DEVICE) * 2 - 1) * config.box_size / 2
+    if args.along_rays:  # 128 samples a ray in depth order between two random points of the box, as rendered
+        ends = (torch.rand(2, args.points // 128, 1, 3, device=DEVICE) * 2 - 1) * config.box_size / 2
+        depths = torch.rand(args.points // 128, 128, 1, device=DEVICE).sort(dim=1).values
+        points = (ends[0] + depths * (ends[1] - ends[0])).reshape(1, -1, 3)
+        args.points = points.shape[1]
     upstream = torch.randn(1, args.points, 4, device=DEVICE)
     exact = copy.deepcopy(model).double()  # the reference: the unfused query in float64
     print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} sizes, "
-          f"{args.points} points, query + backward")
+          f"{args.points} points{' along rays' if args.along_rays else ''}, query + backward")
     print("| path | time | points/s | max relative gradient error against float64 |")
     print("| --- | --- | --- | --- |")
 
