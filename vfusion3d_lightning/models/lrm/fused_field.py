@@ -13,8 +13,9 @@ the first layer are sampled and summed, then bias, ReLU, the hidden layers and t
 the projected planes, weights and activations entering each matrix product are bf16 with fp32 accumulation (as
 under bf16 autocast); in fp32 mode every product is IEEE fp32.
 
-The backward kernel recomputes each block's forward pass rather than storing activations; each program loops
-over blocks, keeping the decoder's gradients in registers, and adds the plane gradients by relaxed atomics.
+The backward kernel recomputes each block's forward pass rather than reading activations from memory; each
+program loops over blocks, keeping the decoder's gradients in registers, and adds the plane gradients by
+relaxed atomics.
 
 Runs on CUDA, and on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use.
 """
@@ -157,7 +158,12 @@ if triton is not None:
         returns its decoder gradients: (last weight, last bias, hidden weights, hidden biases, first bias)."""
         x, y, z, batch, first = _first_layer(points, item, planes, first_bias, rows, valid, height, width, scale,
                                              cols, D)
-        last_hidden = _hidden_activation(first, hidden_weights, hidden_biases, cols, HIDDEN_LAYERS, D, BF16)
+        # each layer's activation kept (BLOCK x D floats a layer): recomputing them cost O(layers^2) products
+        activations = (first,)
+        for layer in tl.static_range(HIDDEN_LAYERS):
+            activations = activations + (_hidden_activation(activations[layer], hidden_weights + layer * D * D,
+                                                             hidden_biases + layer * D, cols, 1, D, BF16),)
+        last_hidden = activations[HIDDEN_LAYERS]
         outs = tl.arange(0, OUT)
         weight = tl.load(last_weight + cols[:, None] * OUT + outs[None, :])
         raw = _dot(last_hidden, weight, BF16) + tl.load(last_bias + outs).to(tl.float32)[None, :]
@@ -171,11 +177,8 @@ if triton is not None:
         grad_weights = ()
         grad_biases = ()
         for layer in tl.static_range(HIDDEN_LAYERS - 1, -1, -1):  # last hidden layer first
-            # recomputed rather than kept: the activations of every layer would not fit in registers
-            inputs = _hidden_activation(first, hidden_weights, hidden_biases, cols, layer, D, BF16)
-            outputs = _hidden_activation(first, hidden_weights, hidden_biases, cols, layer + 1, D, BF16)
-            grad_hidden = tl.where(outputs > 0, grad_hidden, 0.0)
-            grad_weights = (_dot(tl.trans(inputs), grad_hidden, BF16),) + grad_weights
+            grad_hidden = tl.where(activations[layer + 1] > 0, grad_hidden, 0.0)
+            grad_weights = (_dot(tl.trans(activations[layer]), grad_hidden, BF16),) + grad_weights
             grad_biases = (tl.sum(grad_hidden, axis=0),) + grad_biases
             offsets = layer * D * D + cols[:, None] * D + cols[None, :]
             grad_hidden = _dot(grad_hidden, tl.trans(tl.load(hidden_weights + offsets)), BF16)
