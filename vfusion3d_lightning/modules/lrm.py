@@ -52,8 +52,8 @@ class LRMModule(L.LightningModule):
     `ResolutionStages`), compare with the same crop of the resized ground truth.
 
     gradient_checkpointing: True recomputes encoder and transformer blocks and each renderer pass of `max_rays`
-    rays in the backward pass; "network" only the blocks (on a GPU the fused field query keeps little per
-    sample, so the renderer's recompute costs more than it saves: BENCHMARKS.md). compile_network:
+    rays in the backward pass; "network" only the blocks (on a GPU the fused field query keeps 16 bytes a
+    sample, so recomputing the renderer saves less memory than its time is worth: BENCHMARKS.md). compile_network:
     torch.compile the encoder and transformer (parameter names unchanged).
     """
 
