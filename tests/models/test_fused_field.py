@@ -225,11 +225,13 @@ def test_kernels_compile_for_an_h100_without_one(direction, bf16):
     types = {"item": "*i32", "planes": packed, "hidden_weights": packed, "last_weight": packed, "scale": "fp32",
              **{name: "i32" for name in ("count", "height", "width", "copy_size", "copies")}}
     signature = {name: types.get(name, "*fp32") for name in KERNEL_ARGUMENTS[direction].split()}
-    constants = {"D": 64, "HIDDEN_LAYERS": 2, "OUT": fused_field.OUT_WIDTH, "BLOCK_SIZE": fused_field.BLOCK,
-                 "BF16": bf16}
+    # the launches the code makes
+    block, warps = (fused_field.BACKWARD_LAUNCH[bf16][:2] if direction == "backward"
+                    else (fused_field.BLOCK, fused_field.NUM_WARPS))
+    constants = {"D": 64, "HIDDEN_LAYERS": 2, "OUT": fused_field.OUT_WIDTH, "BLOCK_SIZE": block, "BF16": bf16}
     signature.update({name: "constexpr" for name in constants})
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                              target=GPUTarget("cuda", 90, 32))
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert ".target sm_90" in compiled.asm["ptx"]
     if bf16:  # the decoder's products run on tensor cores
         assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in compiled.asm["ptx"]

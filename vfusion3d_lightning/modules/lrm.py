@@ -54,7 +54,7 @@ class LRMModule(L.LightningModule):
     gradient_checkpointing: True recomputes encoder and transformer blocks and each renderer pass of `max_rays`
     rays in the backward pass; "network" only the blocks (on a GPU the fused field query keeps 16 bytes a
     sample, so recomputing the renderer saves less memory than its time is worth: BENCHMARKS.md). compile_network:
-    torch.compile the encoder and transformer (parameter names unchanged).
+    `LRM.compile_network`.
     """
 
     def __init__(
@@ -95,8 +95,7 @@ class LRMModule(L.LightningModule):
             self.model.load_encoder_weights(encoder_weights)
         self.model.set_gradient_checkpointing(bool(gradient_checkpointing), renderer=gradient_checkpointing is True)
         if compile_network:
-            self.model.encoder.compile()
-            self.model.transformer.compile()
+            self.model.compile_network()
         self.lpips = build_lpips(lpips_backbone_weights, lpips_random_backbone)
         self.render_size = render_size
         self.restart_epochs: list[int] = []  # set by LRRestartAtStage before the optimizer is built

@@ -96,14 +96,20 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _hidden_layer(hidden, hidden_weights, hidden_biases, cols, layer: tl.constexpr, D: tl.constexpr,
+                      BF16: tl.constexpr):
+        """Hidden layer `layer` (linear, ReLU) of a (BLOCK, D) activation."""
+        weight = tl.load(hidden_weights + layer * D * D + cols[:, None] * D + cols[None, :])  # (in, out)
+        bias = tl.load(hidden_biases + layer * D + cols).to(tl.float32)
+        return tl.maximum(_dot(hidden, weight, BF16) + bias[None, :], 0.0)
+
+    @triton.jit
     def _hidden_activation(first, hidden_weights, hidden_biases, cols, LAYERS: tl.constexpr, D: tl.constexpr,
                            BF16: tl.constexpr):
         """The activation after the first `LAYERS` hidden layers, from the first layer's (BLOCK, D)."""
         hidden = first
         for layer in tl.static_range(LAYERS):
-            weight = tl.load(hidden_weights + layer * D * D + cols[:, None] * D + cols[None, :])  # (in, out)
-            bias = tl.load(hidden_biases + layer * D + cols).to(tl.float32)
-            hidden = tl.maximum(_dot(hidden, weight, BF16) + bias[None, :], 0.0)
+            hidden = _hidden_layer(hidden, hidden_weights, hidden_biases, cols, layer, D, BF16)
         return hidden
 
     @triton.jit
@@ -161,8 +167,8 @@ if triton is not None:
         # each layer's activation kept (BLOCK x D floats a layer): recomputing them cost O(layers^2) products
         activations = (first,)
         for layer in tl.static_range(HIDDEN_LAYERS):
-            activations = activations + (_hidden_activation(activations[layer], hidden_weights + layer * D * D,
-                                                             hidden_biases + layer * D, cols, 1, D, BF16),)
+            activations = activations + (_hidden_layer(activations[layer], hidden_weights, hidden_biases, cols,
+                                                       layer, D, BF16),)
         last_hidden = activations[HIDDEN_LAYERS]
         outs = tl.arange(0, OUT)
         weight = tl.load(last_weight + cols[:, None] * OUT + outs[None, :])

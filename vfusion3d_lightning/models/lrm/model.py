@@ -103,10 +103,15 @@ class LRM(nn.Module):
 
             self._planes = planes_replayed
         else:
-            self.encoder = torch.compile(self.encoder)
-            self.transformer = torch.compile(self.transformer)
+            self.compile_network()
         self.renderer.render_rays = torch.compile(self.renderer.render_rays)
         return self
+
+    def compile_network(self) -> None:
+        """torch.compile the encoder and transformer in place, parameter names unchanged (training, through
+        `LRMModule(compile_network=True)`, and `compile_for_speed`)."""
+        self.encoder.compile()
+        self.transformer.compile()
 
     def set_gradient_checkpointing(self, enabled: bool = True, renderer: bool | None = None) -> None:
         """Recompute encoder and transformer blocks, and each renderer pass of `max_rays` rays (`renderer`,
