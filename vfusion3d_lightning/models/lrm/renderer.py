@@ -125,6 +125,11 @@ def density_activation(raw_sigma: torch.Tensor) -> torch.Tensor:
     return F.softplus(raw_sigma - 1.0)
 
 
+def batch_items(batch: int, count: int, device: torch.device) -> torch.Tensor:
+    """The batch index of each of `count` points a batch item, flattened: (batch * count,)."""
+    return torch.arange(batch, device=device).repeat_interleave(count)
+
+
 @dataclass
 class Field:
     """A triplane field ready to query: points (B, M, 3) -> raw density (B, M, 1), colour (B, M, 3)."""
@@ -133,13 +138,12 @@ class Field:
     decoder: TriplaneDecoder
     projected: bool
     box_size: float
-    fused: FusedField | None = None  # the one-kernel query, when no gradient is needed (fused_field.py)
+    fused: FusedField | None = None  # the one-kernel query (fused_field.py), when the renderer chose it
 
     def __call__(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused is not None:
             batch, count = points.shape[:2]
-            item = torch.arange(batch, device=points.device).repeat_interleave(count)
-            raw_sigma, rgb = self.fused(points.reshape(-1, 3), item)
+            raw_sigma, rgb = self.fused(points.reshape(-1, 3), batch_items(batch, count, points.device))
             return raw_sigma.reshape(batch, count, 1), rgb.reshape(batch, count, 3)
         if self.projected:
             count = points.shape[1]
@@ -176,8 +180,7 @@ class Occupancy:
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         """points (B, M, 3) -> (B, M) bool: in an occupied cell (points outside the box are not)."""
         batch, count = points.shape[:2]
-        item = torch.arange(batch, device=points.device).repeat_interleave(count)
-        return self.at(points.reshape(-1, 3), item).reshape(batch, count)
+        return self.at(points.reshape(-1, 3), batch_items(batch, count, points.device)).reshape(batch, count)
 
     def at(self, points: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         """Flat form: points (N, 3) of batch items `item` (N,) -> (N,) bool."""
@@ -275,7 +278,7 @@ class VolumeRenderer(nn.Module):
         self.white_background = white_background
         # False: the released computation (concatenated features through the whole MLP), for comparisons
         self.project_planes = project_planes
-        # False: never the one-kernel query of fused_field.py (it needs projected planes and no gradient)
+        # False: never the one-kernel query of fused_field.py without gradients (it needs projected planes)
         self.fused = fused
         # recompute each pass of rays in the backward: a pass's samples, not the whole batch's, stay in memory
         self.gradient_checkpointing = False
@@ -284,8 +287,8 @@ class VolumeRenderer(nn.Module):
         self.fused_training = True
 
     def field(self, planes: torch.Tensor, decoder: TriplaneDecoder) -> "Field":
-        """What the renderer queries: planes, projected once per call when `project_planes`; without gradients
-        on a GPU, through the one-kernel query (bf16 under autocast, else fp32)."""
+        """What the renderer queries: planes, projected once per call when `project_planes`; on a GPU, through
+        the one-kernel query (bf16 under autocast, else fp32), under autograd when `fused_training`."""
         if not self.project_planes:
             return Field(planes, decoder, False, self.box_size)
         projected = decoder.project(planes)
@@ -441,7 +444,7 @@ class VolumeRenderer(nn.Module):
         uniforms = self._uniforms(batch * rays, depths.device, generator) if self.importance_samples else None
         origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
         depths = depths.reshape(-1, samples, 1)
-        item = torch.arange(batch, device=depths.device).repeat_interleave(rays)
+        item = batch_items(batch, rays, depths.device)
         rgb, sigma, kept = self._shade_occupied(field, origins, directions, depths, item, occupancy)
         live = kept.any(dim=1).nonzero().squeeze(1)
         color = torch.full((batch * rays, 3), 1.0 if self.white_background else 0.0, device=depths.device)
