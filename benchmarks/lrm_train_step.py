@@ -1,7 +1,7 @@
 """LRM training step speed, FLOPs and MFU of the `vfusion3d` config, released-style and ours, per batch size.
 
-    python benchmarks/lrm_train_step.py [--batch-sizes 1 2 4 8 16 32] [--steps 10] [--checkpointing [all|network]]
-        [--max-rays 16384] [--unfused] [--compile]
+    python benchmarks/lrm_train_step.py [--batch-sizes 1 2 4 8 16 32] [--steps 10] [--checkpointing [all|network|selective]]
+        [--max-rays 16384] [--unfused] [--compile] [--profile | --breakdown]
 
 One step of `LRMModule.training_step` as Lightning runs it (bf16-mixed, AdamW, LPIPS-VGG with a random trunk,
 opacity loss): 512 px input, 4 supervision views rendered as 128x128 patches of a 384 px render. Released-
@@ -88,7 +88,7 @@ def module(config: LRMConfig, project: bool, checkpointing: str | None, max_rays
            fused: bool = False, compile_network: bool = False) -> LRMModule:
     m = LRMModule(network=config, lr=4e-4, warmup_steps=0, render_size=384, patch_size=128,
                   lpips_random_backbone=True, turntable_frames=0, max_rays=max_rays, compile_network=compile_network,
-                  gradient_checkpointing={None: False, "all": True, "network": "network"}[checkpointing])
+                  gradient_checkpointing={None: False, "all": True}.get(checkpointing, checkpointing))
     m.model.renderer.project_planes = project
     m.model.renderer.fused_training = fused and project
     return m
@@ -133,6 +133,83 @@ def profile(config: LRMConfig, batch_size: int, project: bool, checkpointing: st
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
+def cuda_ms(work, repeats: int = 5, warmup: int = 2) -> float:
+    """Median GPU milliseconds of `work()` (CUDA events; wall clock on the CPU)."""
+    times = []
+    for i in range(warmup + repeats):
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            work()
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            begin = time.perf_counter()
+            work()
+            elapsed = (time.perf_counter() - begin) * 1e3
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def breakdown(config: LRMConfig, batch_size: int, checkpointing: str | None, compile_network: bool) -> None:
+    """GPU time of each part of the step, forward and backward, timed apart: encoder, transformer, renderer
+    with its losses (LPIPS also alone) and the AdamW step, foreach and fused."""
+    from vfusion3d_lightning.modules.lrm import decay_groups
+
+    torch.manual_seed(0)
+    m = module(config, True, checkpointing, None, True, compile_network).to(DEVICE).train()
+    batch = {k: v.to(DEVICE) for k, v in synthetic_batch(batch_size, config.encoder_img_size or 512).items()}
+    autocast = torch.autocast(DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad(), autocast:
+        tokens = m.model.encoder(batch["input_image"]).detach()
+        camera = m.model.camera_embedder(batch["source_camera"].to(tokens.dtype)).detach()
+        planes = m.model.transformer(tokens, camera).detach()
+    target = batch["target_images"][..., 128:256, 128:256].flatten(0, 1)
+    mask = batch["target_masks"][..., 128:256, 128:256]
+    tokens_grad, planes_grad = torch.randn_like(tokens), torch.randn_like(planes)
+    planes.requires_grad_(True)
+    tokens.requires_grad_(True)
+    rgb = torch.rand_like(target, requires_grad=True)
+
+    def encoder():
+        with autocast:
+            out = m.model.encoder(batch["input_image"])
+        out.backward(tokens_grad)
+
+    def transformer():
+        with autocast:
+            out = m.model.transformer(tokens, camera)
+        out.backward(planes_grad)
+
+    def renderer_and_losses():
+        with autocast:
+            out = m.model.render(planes, batch["render_cameras"], 384, patch=(128, 128, 128))
+            loss = opacity_loss(out.opacity, mask) + lpips_loss(m.lpips, out.rgb.flatten(0, 1), target)
+        loss.backward()
+
+    def lpips_alone():
+        with autocast:
+            loss = lpips_loss(m.lpips, rgb, target)
+        loss.backward()
+
+    parts = {"encoder": encoder, "transformer": transformer, "renderer + losses": renderer_and_losses,
+             "of which LPIPS": lpips_alone}
+    for param in m.model.parameters():
+        param.grad = torch.zeros_like(param)
+    for fused in (False, True) if CUDA else (False,):
+        optimizer = torch.optim.AdamW(decay_groups(m.model, 0.05), lr=1e-4, fused=fused)
+        parts[f"AdamW step ({'fused' if fused else 'foreach'})"] = optimizer.step
+    print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, batch {batch_size}, "
+          f"checkpointing={checkpointing}, compile={compile_network}: forward + backward of each part, bf16 autocast")
+    print("| part | time | per item |")
+    print("| --- | --- | --- |")
+    for name, work in parts.items():
+        ms = cuda_ms(work)
+        print(f"| {name} | {ms:.1f} ms | {ms / batch_size:.2f} ms |", flush=True)
+
+
 def measure(config: LRMConfig, batch_size: int, project: bool, checkpointing: str | None, steps: int,
             compile_model: bool, max_rays: int | None = None, fused: bool = False):
     # counted on one item and scaled: every FLOP is per item, and the counting pass runs in fp32 without
@@ -158,12 +235,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--checkpointing", nargs="?", const="all", choices=["all", "network"],
-                        help="recompute encoder and transformer blocks, and (all) each renderer pass of --max-rays rays")
+    parser.add_argument("--checkpointing", nargs="?", const="all", choices=["all", "network", "selective"],
+                        help="recompute encoder and transformer blocks, and (all) each renderer pass of --max-rays "
+                             "rays; selective: only the blocks' elementwise work")
     parser.add_argument("--max-rays", type=int, default=None, help="rays per renderer pass and batch item")
     parser.add_argument("--unfused", action="store_true", help="ours without the one-kernel field query under autograd")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and transformer (LRMModule(compile_network=True))")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one step of ours at the first batch size")
+    parser.add_argument("--breakdown", action="store_true", help="time each part of the step of ours apart at the first batch size")
     parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
     parser.add_argument("--paths", nargs="+", default=["released", "ours"], choices=["released", "ours"])
     args = parser.parse_args()
@@ -171,6 +250,9 @@ def main() -> None:
     config = LRMConfig.preset(args.preset)
     if args.profile:
         profile(config, args.batch_sizes[0], "ours" in args.paths, args.checkpointing, args.max_rays, not args.unfused)
+        return
+    if args.breakdown:
+        breakdown(config, args.batch_sizes[0], args.checkpointing, args.compile)
         return
     print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} config, 4 views of 128^2 "
           f"patches, bf16-mixed, checkpointing={args.checkpointing}, max_rays={args.max_rays}, compile={args.compile}, peak {peak / 1e12:.0f} "

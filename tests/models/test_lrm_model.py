@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from vfusion3d_lightning import registry
 from vfusion3d_lightning.cameras import add_camera_noise, canonical_source_camera, turntable_cameras
@@ -29,7 +30,8 @@ def test_tiny_forward_and_backward_reach_every_parameter():
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("decoder"))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("mode", [True, "selective"])
+def test_gradient_checkpointing_gives_the_same_gradients(mode):
     torch.manual_seed(0)
     model = LRM(LRMConfig.tiny())
     image, camera = tiny_batch()
@@ -37,7 +39,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert any(n.startswith("encoder.") for n in reference) and any(n.startswith("transformer.") for n in reference)
     model.zero_grad()
-    model.set_gradient_checkpointing(True)
+    model.set_gradient_checkpointing(mode)
     calls = []
     for block in (model.encoder.vit.blocks[0], model.transformer.blocks[0]):
         def counted(*args, _forward=block.forward, **kwargs):
@@ -49,6 +51,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert len(calls) == 4  # each block ran again during the backward pass
     for name, grad in reference.items():
         assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-6), name
+
+
+def test_selective_checkpointing_recomputes_no_matrix_products():
+    torch.manual_seed(0)
+    model = LRM(LRMConfig.tiny())
+    image, camera = tiny_batch()
+
+    def step_flops(mode) -> int:
+        model.set_gradient_checkpointing(mode)
+        with FlopCounterMode(display=False) as counter:
+            model(image, camera).square().mean().backward()
+        return counter.get_total_flops()
+
+    kept, selective, full = step_flops(False), step_flops("selective"), step_flops(True)
+    assert selective == kept
+    assert full > 1.2 * kept  # the full recompute repeats the forward products
+    with pytest.raises(ValueError, match="enabled must be true, false or 'selective'"):
+        model.set_gradient_checkpointing("network")
 
 
 def test_save_and_load_pretrained_round_trip_is_exact(tmp_path):
@@ -147,3 +167,20 @@ def test_registry_file_lists_known_weights():
     entries = registry.load_registry()
     assert {"vfusion3d", "dinov2-base"} <= set(entries)
     assert entries["vfusion3d"].converter == "vfusion3d_released"
+
+
+def test_selective_checkpointing_under_autocast_with_leaf_image_tokens():
+    # autocast caches the bf16 cast of an fp32 leaf across blocks; the recompute must still match the forward
+    torch.manual_seed(0)
+    transformer = LRM(LRMConfig.tiny()).transformer
+    tokens = torch.randn(2, 5, transformer.blocks[0].cross_attn.to_k.in_features, requires_grad=True)
+    camera = torch.randn(2, transformer.blocks[0].norm_cross.modulation.in_features)
+    grads = []
+    for mode in (False, "selective"):
+        transformer.gradient_checkpointing = mode
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            planes = transformer(tokens, camera)
+        planes.float().square().mean().backward()
+        grads.append(tokens.grad.clone())
+        tokens.grad = None
+    assert (grads[0] - grads[1]).abs().max() < 0.01 * grads[0].abs().max()  # bf16 rounding apart

@@ -139,13 +139,15 @@ def test_checkpointing_choices_and_compiled_network_keep_names_and_values():
     assert not network.renderer.gradient_checkpointing
     every = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing=True).model
     assert every.renderer.gradient_checkpointing and every.transformer.gradient_checkpointing
-    with pytest.raises(ValueError, match="gradient_checkpointing must be true, false or 'network', got 'renderer'"):
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true, false, 'network' or 'selective', got 'renderer'"):
         LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing="renderer")
 
     torch.manual_seed(0)
     eager = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True)
     torch.manual_seed(0)
     compiled = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, compile_network=True)
+    blocks = [*compiled.model.encoder.vit.blocks, *compiled.model.transformer.blocks]
+    assert all(block._compiled_call_impl is not None for block in blocks)  # each block compiled, checkpointed apart
     # checkpoints of a compiled run load into an eager module and back
     assert list(compiled.state_dict()) == list(eager.state_dict())
     size = eager.model.config.encoder_img_size

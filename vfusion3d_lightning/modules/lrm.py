@@ -53,7 +53,8 @@ class LRMModule(L.LightningModule):
 
     gradient_checkpointing: True recomputes encoder and transformer blocks and each renderer pass of `max_rays`
     rays in the backward pass; "network" only the blocks (on a GPU the fused field query keeps 16 bytes a
-    sample, so recomputing the renderer saves less memory than its time is worth: BENCHMARKS.md). compile_network:
+    sample, so recomputing the renderer saves less memory than its time is worth: BENCHMARKS.md); "selective"
+    recomputes only the blocks' elementwise work and keeps their matrix products and attention. compile_network:
     `LRM.compile_network`.
     """
 
@@ -74,7 +75,7 @@ class LRMModule(L.LightningModule):
         l2_weight: float = 0.0,
         lpips_backbone_weights: str | None = None,
         lpips_random_backbone: bool = False,
-        gradient_checkpointing: bool | Literal["network"] = False,
+        gradient_checkpointing: bool | Literal["network", "selective"] = False,
         compile_network: bool = False,
         max_rays: int | None = None,
         val_render_size: int = 128,
@@ -84,8 +85,9 @@ class LRMModule(L.LightningModule):
         config = LRMConfig.from_dict(network) if isinstance(network, dict) else network
         if patch_size < 1 or render_size < 1:
             raise ValueError(f"render_size and patch_size must be positive, got {render_size}, {patch_size}")
-        if gradient_checkpointing not in (True, False, "network"):
-            raise ValueError(f"gradient_checkpointing must be true, false or 'network', got {gradient_checkpointing!r}")
+        if gradient_checkpointing not in (True, False, "network", "selective"):
+            raise ValueError("gradient_checkpointing must be true, false, 'network' or 'selective', got "
+                             f"{gradient_checkpointing!r}")
         network = config.to_dict()  # plain types in the checkpoint, so it loads with weights_only=True
         self.save_hyperparameters()
         self.model = LRM(config)
@@ -93,7 +95,8 @@ class LRMModule(L.LightningModule):
             self._load_pretrained(pretrained)
         elif encoder_weights:
             self.model.load_encoder_weights(encoder_weights)
-        self.model.set_gradient_checkpointing(bool(gradient_checkpointing), renderer=gradient_checkpointing is True)
+        blocks = "selective" if gradient_checkpointing == "selective" else bool(gradient_checkpointing)
+        self.model.set_gradient_checkpointing(blocks, renderer=gradient_checkpointing is True)
         if compile_network:
             self.model.compile_network()
         self.lpips = build_lpips(lpips_backbone_weights, lpips_random_backbone)
@@ -152,7 +155,12 @@ class LRMModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(decay_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        # fused: one kernel for all parameters on a GPU (39 against 6 ms a step of 452M parameters, BENCHMARKS.md);
+        # not under fp16's grad scaler, with which Lightning cannot clip a fused optimizer's gradients
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        fused = scaler is None and all(p.is_cuda for p in self.model.parameters())
+        optimizer = torch.optim.AdamW(decay_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
+                                      fused=fused or None)
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
         scheduler = WarmupCosineRestarts(optimizer, total_steps=total, warmup_steps=hp.warmup_steps,

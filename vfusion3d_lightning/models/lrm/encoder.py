@@ -8,7 +8,8 @@ from typing import Any
 import timm
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from .transformer import checkpoint_block
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,7 +78,7 @@ class DinoEncoder(nn.Module):
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing: bool | str = False  # False, True or "selective" (checkpoint_block)
 
     @property
     def feature_dim(self) -> int:
@@ -101,7 +102,7 @@ class DinoEncoder(nn.Module):
         x = self.vit.norm_pre(x)
         for block in self.vit.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint_block(block, x, selective=self.gradient_checkpointing == "selective")
             else:
                 x = block(x)
         return self.vit.norm(x)

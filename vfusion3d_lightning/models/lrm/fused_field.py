@@ -246,8 +246,10 @@ if triton is not None:
 
 GRADIENT_COPIES = 8  # copies of the plane gradient that programs add into in turn (fewer colliding atomics)
 # the backward kernel's launch, bf16 and fp32: (samples a block, warps, programs a multiprocessor, each looping
-# over blocks); fastest of those tried on an H100 (benchmarks/field_query.py --backward)
-BACKWARD_LAUNCH = {True: (32, 8, 2), False: (16, 8, 1)}
+# over blocks); fastest of those tried on an H100 on samples along rays, as rendered (benchmarks/field_query.py
+# --backward --along-rays). The kernel holds 255 registers a thread, so a multiprocessor runs 8 warps whatever
+# the launch; capping registers (maxnreg) spilled more and ran slower.
+BACKWARD_LAUNCH = {True: (16, 4, 4), False: (16, 8, 1)}
 
 
 def _launch_forward(points, item, packed, settings) -> torch.Tensor:

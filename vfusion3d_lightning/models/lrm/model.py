@@ -108,17 +108,24 @@ class LRM(nn.Module):
         return self
 
     def compile_network(self) -> None:
-        """torch.compile the encoder and transformer in place, parameter names unchanged (training, through
-        `LRMModule(compile_network=True)`, and `compile_for_speed`)."""
-        self.encoder.compile()
-        self.transformer.compile()
+        """torch.compile each encoder and transformer block in place, parameter names unchanged (training,
+        through `LRMModule(compile_network=True)`, and `compile_for_speed`). Block by block, so that gradient
+        checkpointing stays outside the compiled code: compiling the whole transformer around it kept 40.8 GiB
+        at batch 16 where blocks keep 29.5, at the same speed (BENCHMARKS.md)."""
+        for block in [*self.encoder.vit.blocks, *self.transformer.blocks]:
+            block.compile()
 
-    def set_gradient_checkpointing(self, enabled: bool = True, renderer: bool | None = None) -> None:
+    def set_gradient_checkpointing(self, enabled: bool | str = True, renderer: bool | None = None) -> None:
         """Recompute encoder and transformer blocks, and each renderer pass of `max_rays` rays (`renderer`,
-        by default as `enabled`), in the backward pass: less memory, more compute."""
+        by default as `enabled`), in the backward pass: less memory, more compute. enabled="selective"
+        recomputes only the blocks' elementwise work (`transformer.checkpoint_block`), not the renderer."""
+        if enabled not in (True, False, "selective"):
+            raise ValueError(f"enabled must be true, false or 'selective', got {enabled!r}")
         self.transformer.gradient_checkpointing = enabled
         self.encoder.gradient_checkpointing = enabled
-        self.renderer.gradient_checkpointing = enabled if renderer is None else renderer
+        if renderer is None:
+            renderer = enabled is True
+        self.renderer.gradient_checkpointing = renderer
 
     def load_encoder_weights(self, source: str | Path, checkpoint_dir: str | Path | None = None) -> None:
         """Load pretrained DINOv2 weights into the encoder (a file, or a registry name such as "dinov2-base")."""

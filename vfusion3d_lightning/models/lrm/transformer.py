@@ -5,7 +5,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+aten = torch.ops.aten
+# what selective checkpointing keeps: the matrix products and attention, the work a recompute would repeat
+_KEPT_OPS = {
+    aten.mm.default, aten.addmm.default, aten.bmm.default,
+    aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_cudnn_attention.default,
+    aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _keep_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_block(block: nn.Module, *inputs: torch.Tensor, selective: bool = False) -> torch.Tensor:
+    """block(*inputs), its activations recomputed in the backward pass: all of them, or (selective) only the
+    elementwise work, keeping matrix products and attention outputs: less recompute, more memory."""
+    if selective:
+        # autocast caches the cast of a leaf that requires grad across blocks, so a block's recompute would cast
+        # it once more than its forward did; a view is not a leaf
+        inputs = tuple(t.view_as(t) if t.is_leaf and t.requires_grad else t for t in inputs)
+        return checkpoint(block, *inputs, use_reentrant=False,
+                          context_fn=lambda: create_selective_checkpoint_contexts(_keep_products))
+    return checkpoint(block, *inputs, use_reentrant=False)
 
 
 class CameraEmbedder(nn.Module):
@@ -107,7 +131,7 @@ class TriplaneTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.upsample = nn.ConvTranspose2d(dim, triplane_dim, kernel_size=2, stride=2)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing: bool | str = False  # False, True or "selective" (checkpoint_block)
 
     def forward(self, image_tokens: torch.Tensor, camera_embedding: torch.Tensor) -> torch.Tensor:
         """image_tokens: (B, L, Dc); camera_embedding: (B, Dm) -> planes (B, 3, C, H, W)."""
@@ -115,7 +139,8 @@ class TriplaneTransformer(nn.Module):
         x = self.pos_embed.expand(batch, -1, -1)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, image_tokens, camera_embedding, use_reentrant=False)
+                x = checkpoint_block(block, x, image_tokens, camera_embedding, 
+                                     selective=self.gradient_checkpointing == "selective")
             else:
                 x = block(x, image_tokens, camera_embedding)
         x = self.norm(x)
