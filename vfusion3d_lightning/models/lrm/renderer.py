@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ...cameras import split_render_camera
+from .fused_composite import composite_fused, fused_composite_supported
 from .fused_field import FusedField, fused_field_supported
 
 # Channels of each plane's 2D coordinates: plane 0 is XY, plane 1 XZ, plane 2 ZY (EG3D issue 67 fix).
@@ -278,12 +279,13 @@ class VolumeRenderer(nn.Module):
         self.white_background = white_background
         # False: the released computation (concatenated features through the whole MLP), for comparisons
         self.project_planes = project_planes
-        # False: never the one-kernel query of fused_field.py without gradients (it needs projected planes)
+        # False: without gradients, never the one-kernel query of fused_field.py (it needs projected planes)
+        # nor the compositing kernel of fused_composite.py
         self.fused = fused
         # recompute each pass of rays in the backward: a pass's samples, not the whole batch's, stay in memory
         self.gradient_checkpointing = False
-        # the one-kernel query under autograd too: its backward recomputes each block and adds gradients by
-        # atomics (5x the unfused query and backward in bf16 on an H100, BENCHMARKS.md)
+        # the one-kernel query and compositing under autograd too: the query's backward recomputes each block
+        # and adds gradients by atomics (5x the unfused query and backward in bf16 on an H100, BENCHMARKS.md)
         self.fused_training = True
 
     def field(self, planes: torch.Tensor, decoder: TriplaneDecoder) -> "Field":
@@ -344,23 +346,29 @@ class VolumeRenderer(nn.Module):
 
     def composite(self, rgb: torch.Tensor, raw_sigma: torch.Tensor, depths: torch.Tensor):
         """Volume rendering on interval midpoints. Inputs (B, R, S, C) -> rgb (B, R, 3), depth (B, R, 1),
-        per-interval weights (B, R, S-1, 1)."""
-        deltas = depths[..., 1:, :] - depths[..., :-1, :]
-        rgb_mid = (rgb[..., 1:, :] + rgb[..., :-1, :]) / 2
-        sigma_mid = density_activation((raw_sigma[..., 1:, :] + raw_sigma[..., :-1, :]) / 2)
-        depth_mid = (depths[..., 1:, :] + depths[..., :-1, :]) / 2
-        alpha = 1 - torch.exp(-sigma_mid * deltas)
-        transmittance = torch.cumprod(
-            torch.cat([torch.ones_like(alpha[..., :1, :]), 1 - alpha + 1e-10], dim=-2), dim=-2
-        )[..., :-1, :]
-        weights = alpha * transmittance
-        color = (weights * rgb_mid).sum(dim=-2)
-        opacity = weights.sum(dim=-2)
-        depth = torch.nan_to_num((weights * depth_mid).sum(dim=-2) / opacity, float("inf"))
+        opacity (B, R, 1), per-interval weights (B, R, S-1, 1). On a GPU one Triton kernel (fused_composite.py)
+        under the same switches as the field query (`fused`, `fused_training`)."""
+        wanted = self.fused_training if torch.is_grad_enabled() else self.fused
+        if wanted and not depths.requires_grad and fused_composite_supported(rgb.device):
+            color, opacity, depth_sum, weights = composite_fused(rgb, raw_sigma, depths)
+        else:
+            deltas = depths[..., 1:, :] - depths[..., :-1, :]
+            rgb_mid = (rgb[..., 1:, :] + rgb[..., :-1, :]) / 2
+            sigma_mid = density_activation((raw_sigma[..., 1:, :] + raw_sigma[..., :-1, :]) / 2)
+            depth_mid = (depths[..., 1:, :] + depths[..., :-1, :]) / 2
+            alpha = 1 - torch.exp(-sigma_mid * deltas)
+            transmittance = torch.cumprod(
+                torch.cat([torch.ones_like(alpha[..., :1, :]), 1 - alpha + 1e-10], dim=-2), dim=-2
+            )[..., :-1, :]
+            weights = alpha * transmittance
+            color = (weights * rgb_mid).sum(dim=-2)
+            opacity = weights.sum(dim=-2)
+            depth_sum = (weights * depth_mid).sum(dim=-2)
+        depth = torch.nan_to_num(depth_sum / opacity, float("inf"))
         depth = torch.clamp(depth, depths.min(), depths.max())
         if self.white_background:
             color = color + 1 - opacity
-        return color, depth, weights
+        return color, depth, opacity, weights
 
     def _stratified(self, t_near, t_far, generator):
         """(B, R, 1) limits -> (B, R, S, 1) jittered evenly spaced depths."""
@@ -409,12 +417,12 @@ class VolumeRenderer(nn.Module):
             return self._render_occupied(field, origins, directions, depths, generator, occupancy)
         rgb, sigma = self._shade(field, origins, directions, depths)
         if self.importance_samples > 0:
-            _, _, weights = self.composite(rgb, sigma, depths)
+            _, _, _, weights = self.composite(rgb, sigma, depths)
             fine_depths = self._importance(depths, weights, generator)
             fine_rgb, fine_sigma = self._shade(field, origins, directions, fine_depths)
             depths, rgb, sigma = _merge_samples((depths, rgb, sigma), (fine_depths, fine_rgb, fine_sigma))
-        color, depth, weights = self.composite(rgb, sigma, depths)
-        return color, depth, weights.sum(dim=-2)
+        color, depth, opacity, _ = self.composite(rgb, sigma, depths)
+        return color, depth, opacity
 
     def _shade_occupied(self, field, origins, directions, depths, item, occupancy):
         """Flat rays: origins, directions (R, 3), depths (R, S, 1), batch items (R,) -> colours (R, S, 3),
@@ -454,12 +462,12 @@ class VolumeRenderer(nn.Module):
             origins, directions, depths, item = origins[live], directions[live], depths[live], item[live]
             rgb, sigma = rgb[live], sigma[live]
             if self.importance_samples > 0:
-                _, _, weights = self.composite(rgb, sigma, depths)
+                _, _, _, weights = self.composite(rgb, sigma, depths)
                 fine_depths = self._importance(depths, weights, None, uniforms[live])
                 fine_rgb, fine_sigma, _ = self._shade_occupied(field, origins, directions, fine_depths, item, occupancy)
                 depths, rgb, sigma = _merge_samples((depths, rgb, sigma), (fine_depths, fine_rgb, fine_sigma))
-            live_color, live_depth, weights = self.composite(rgb, sigma, depths)
-            color[live], depth[live], opacity[live] = live_color.float(), live_depth.float(), weights.sum(dim=-2).float()
+            live_color, live_depth, live_opacity, _ = self.composite(rgb, sigma, depths)
+            color[live], depth[live], opacity[live] = live_color.float(), live_depth.float(), live_opacity.float()
         return color.reshape(batch, rays, 3), depth.reshape(batch, rays, 1), opacity.reshape(batch, rays, 1)
 
     def _render_pass(self, field, origins, directions, generator, occupancy):
