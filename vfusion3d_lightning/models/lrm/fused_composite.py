@@ -159,19 +159,26 @@ def _grid(rays: int) -> tuple[int]:
     return (triton.cdiv(rays, RAYS_PER_PROGRAM),)
 
 
+def _launch_forward(rgb, raw_sigma, depths):
+    """Flat rays: rgb (R, S, 3), raw densities and depths (R, S) -> colour, opacity, depth sum, weights and
+    transmittance."""
+    rays, samples = depths.shape[:2]
+    weights = torch.empty(rays, samples - 1, device=rgb.device)
+    transmittance = torch.empty_like(weights)
+    color = torch.empty(rays, 3, device=rgb.device)
+    opacity = torch.empty(rays, device=rgb.device)
+    depth_sum = torch.empty(rays, device=rgb.device)
+    if rays:
+        _composite_kernel[_grid(rays)](rgb, raw_sigma, depths, weights, transmittance, color, opacity, depth_sum,
+                                       rays, S=samples, COLUMNS=_columns(samples), BLOCK=RAYS_PER_PROGRAM,
+                                       num_warps=NUM_WARPS)
+    return color, opacity, depth_sum, weights, transmittance
+
+
 class _FusedComposite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rgb, raw_sigma, depths):
-        rays, samples = depths.shape[:2]
-        weights = torch.empty(rays, samples - 1, device=rgb.device)
-        transmittance = torch.empty_like(weights)
-        color = torch.empty(rays, 3, device=rgb.device)
-        opacity = torch.empty(rays, device=rgb.device)
-        depth_sum = torch.empty(rays, device=rgb.device)
-        if rays:
-            _composite_kernel[_grid(rays)](rgb, raw_sigma, depths, weights, transmittance, color, opacity, depth_sum,
-                                           rays, S=samples, COLUMNS=_columns(samples), BLOCK=RAYS_PER_PROGRAM,
-                                           num_warps=NUM_WARPS)
+        color, opacity, depth_sum, weights, transmittance = _launch_forward(rgb, raw_sigma, depths)
         ctx.save_for_backward(rgb, raw_sigma, depths, transmittance)
         return color, opacity, depth_sum, weights
 
@@ -202,6 +209,10 @@ def composite_fused(rgb: torch.Tensor, raw_sigma: torch.Tensor, depths: torch.Te
         raise ValueError(f"compositing needs at least 2 samples a ray, got {samples}")
     flat = [t.detach() if t is depths else t for t in (rgb, raw_sigma, depths)]
     rgb, raw_sigma, depths = (t.float().reshape(-1, samples, t.shape[-1]).contiguous() for t in flat)
-    color, opacity, depth_sum, weights = _FusedComposite.apply(rgb, raw_sigma.squeeze(-1), depths.squeeze(-1))
+    raw_sigma, depths = raw_sigma.squeeze(-1), depths.squeeze(-1)
+    if torch.is_grad_enabled() and (rgb.requires_grad or raw_sigma.requires_grad):
+        color, opacity, depth_sum, weights = _FusedComposite.apply(rgb, raw_sigma, depths)
+    else:  # a plain launch, which torch.compile takes into a compiled renderer (inference)
+        color, opacity, depth_sum, weights, _ = _launch_forward(rgb, raw_sigma, depths)
     return (color.reshape(*lead, 3), opacity.reshape(*lead, 1), depth_sum.reshape(*lead, 1),
             weights.reshape(*lead, samples - 1, 1))
