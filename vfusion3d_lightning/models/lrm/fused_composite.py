@@ -1,15 +1,17 @@
 """Volume compositing of samples along rays in one Triton kernel, and one for its backward pass.
 
 `VolumeRenderer.composite` in torch runs some 25 elementwise kernels, a cumulative product and their backward
-passes over every sample (8.4M an item in training); here one program walks a block of rays sample by sample,
-keeping the running transmittance in registers. The arithmetic is the torch one: interval midpoints,
-softplus(raw - 1) densities, alpha = 1 - exp(-sigma * delta), transmittance the product of (1 - alpha + 1e-10)
-over earlier intervals.
+passes over every sample (8.4M an item in training); here a program loads a block of rays as (rays, samples)
+tiles and composites them in registers. The arithmetic is the torch one: interval midpoints, softplus(raw - 1)
+densities, alpha = 1 - exp(-sigma * delta), transmittance the product of (1 - alpha + 1e-10) over earlier
+intervals, taken as a cumulative product of the intervals shifted by one (no division by 1 - alpha, which is 0
+behind opaque samples).
 
-The backward pass walks each ray from its far end with R_i = sum over later intervals k of G_k alpha_k times
-the product of (1 - alpha_j + 1e-10) between them, where G_k is the gradient of the loss with respect to weight
-k; then dL/dalpha_i = T_i (G_i - R_i). The recurrence has no division by 1 - alpha, which is 0 behind opaque
-samples. It reads the transmittance the forward pass saved (4 bytes a sample).
+The backward pass needs R_i = sum over later intervals k of G_k alpha_k times the product of (1 - alpha_j +
+1e-10) between them, where G_k is the gradient of the loss with respect to weight k; then dL/dalpha_i =
+T_i (G_i - R_i). R is a reverse scan of affine maps, R_i = G_{i+1} alpha_{i+1} + (1 - alpha_{i+1} + 1e-10)
+R_{i+1}, again without dividing by 1 - alpha. It reads the transmittance the forward pass saved (4 bytes a
+sample).
 
 Runs on CUDA, and on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use.
 """
@@ -25,7 +27,6 @@ if triton is not None:
 
 RAYS_PER_PROGRAM = 8  # rays a program, each a row of a (rays, samples) tile
 NUM_WARPS = 4
-EPSILON = 1e-10  # as renderer.composite
 
 
 def fused_composite_supported(device: torch.device) -> bool:
@@ -207,8 +208,8 @@ def composite_fused(rgb: torch.Tensor, raw_sigma: torch.Tensor, depths: torch.Te
     lead, samples = depths.shape[:-2], depths.shape[-2]
     if samples < 2:
         raise ValueError(f"compositing needs at least 2 samples a ray, got {samples}")
-    flat = [t.detach() if t is depths else t for t in (rgb, raw_sigma, depths)]
-    rgb, raw_sigma, depths = (t.float().reshape(-1, samples, t.shape[-1]).contiguous() for t in flat)
+    rgb, raw_sigma, depths = (t.float().reshape(-1, samples, t.shape[-1]).contiguous()
+                              for t in (rgb, raw_sigma, depths.detach()))
     raw_sigma, depths = raw_sigma.squeeze(-1), depths.squeeze(-1)
     if torch.is_grad_enabled() and (rgb.requires_grad or raw_sigma.requires_grad):
         color, opacity, depth_sum, weights = _FusedComposite.apply(rgb, raw_sigma, depths)
