@@ -1,7 +1,7 @@
 """LRM training step speed, FLOPs and MFU of the `vfusion3d` config, released-style and ours, per batch size.
 
     python benchmarks/lrm_train_step.py [--batch-sizes 1 2 4 8 16 32] [--steps 10] [--checkpointing [all|network|selective]]
-        [--max-rays 16384] [--unfused] [--compile] [--profile | --breakdown]
+        [--recompute-blocks 8] [--max-rays 16384] [--unfused] [--torch-composite] [--compile] [--profile | --breakdown]
 
 One step of `LRMModule.training_step` as Lightning runs it (bf16-mixed, AdamW, LPIPS-VGG with a random trunk,
 opacity loss): 512 px input, 4 supervision views rendered as 128x128 patches of a 384 px render. Released-
@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
 from vfusion3d_lightning.losses import lpips_loss, opacity_loss
 from vfusion3d_lightning.models.lrm import LRMConfig
+from vfusion3d_lightning.models.lrm import renderer as renderer_module
 from vfusion3d_lightning.modules import LRMModule
 
 # dense bf16 tensor-core peaks, FLOP/s
@@ -85,10 +86,11 @@ class StepTimer(L.Callback):
 
 
 def module(config: LRMConfig, project: bool, checkpointing: str | None, max_rays: int | None = None,
-           fused: bool = False, compile_network: bool = False) -> LRMModule:
+           fused: bool = False, compile_network: bool = False, recompute_blocks: int | None = None) -> LRMModule:
     m = LRMModule(network=config, lr=4e-4, warmup_steps=0, render_size=384, patch_size=128,
                   lpips_random_backbone=True, turntable_frames=0, max_rays=max_rays, compile_network=compile_network,
-                  gradient_checkpointing={None: False, "all": True}.get(checkpointing, checkpointing))
+                  gradient_checkpointing={None: False, "all": True}.get(checkpointing, checkpointing),
+                  recompute_blocks=recompute_blocks)
     m.model.renderer.project_planes = project
     m.model.renderer.fused_training = fused and project
     return m
@@ -153,13 +155,14 @@ def cuda_ms(work, repeats: int = 5, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def breakdown(config: LRMConfig, batch_size: int, checkpointing: str | None, compile_network: bool) -> None:
+def breakdown(config: LRMConfig, batch_size: int, checkpointing: str | None, compile_network: bool,
+              recompute_blocks: int | None = None) -> None:
     """GPU time of each part of the step, forward and backward, timed apart: encoder, transformer, renderer
     with its losses (LPIPS also alone) and the AdamW step, foreach and fused."""
     from vfusion3d_lightning.modules.lrm import decay_groups
 
     torch.manual_seed(0)
-    m = module(config, True, checkpointing, None, True, compile_network).to(DEVICE).train()
+    m = module(config, True, checkpointing, None, True, compile_network, recompute_blocks).to(DEVICE).train()
     batch = {k: v.to(DEVICE) for k, v in synthetic_batch(batch_size, config.encoder_img_size or 512).items()}
     autocast = torch.autocast(DEVICE, dtype=torch.bfloat16)
     with torch.no_grad(), autocast:
@@ -202,23 +205,29 @@ def breakdown(config: LRMConfig, batch_size: int, checkpointing: str | None, com
         optimizer = torch.optim.AdamW(decay_groups(m.model, 0.05), lr=1e-4, fused=fused)
         parts[f"AdamW step ({'fused' if fused else 'foreach'})"] = optimizer.step
     print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, batch {batch_size}, "
-          f"checkpointing={checkpointing}, compile={compile_network}: forward + backward of each part, bf16 autocast")
-    print("| part | time | per item |")
-    print("| --- | --- | --- |")
+          f"checkpointing={checkpointing}, recompute_blocks={recompute_blocks}, compile={compile_network}, "
+          f"compositing kernel={renderer_module.fused_composite_supported(torch.device(DEVICE))}: forward + backward "
+          "of each part, bf16 autocast")
+    print("| part | time | per item | peak memory |")
+    print("| --- | --- | --- | --- |")
     for name, work in parts.items():
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
         ms = cuda_ms(work)
-        print(f"| {name} | {ms:.1f} ms | {ms / batch_size:.2f} ms |", flush=True)
+        memory = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
+        print(f"| {name} | {ms:.1f} ms | {ms / batch_size:.2f} ms | {memory:.1f} GiB |", flush=True)
 
 
 def measure(config: LRMConfig, batch_size: int, project: bool, checkpointing: str | None, steps: int,
-            compile_model: bool, max_rays: int | None = None, fused: bool = False):
+            compile_model: bool, max_rays: int | None = None, fused: bool = False,
+            recompute_blocks: int | None = None):
     # counted on one item and scaled: every FLOP is per item, and the counting pass runs in fp32 without
     # autocast, which at batch 8 ran out of memory before training did
     flops = step_flops(config, project, synthetic_batch(1, config.encoder_img_size or 512)) * batch_size
     if CUDA:
         torch.cuda.empty_cache()
     torch.manual_seed(0)
-    m = module(config, project, checkpointing, max_rays, fused, compile_model)
+    m = module(config, project, checkpointing, max_rays, fused, compile_model, recompute_blocks)
     batch = synthetic_batch(batch_size, config.encoder_img_size or 512)
     timer = StepTimer()
     trainer = L.Trainer(accelerator=DEVICE, devices=1, precision="bf16-mixed", max_steps=3 + steps, logger=False,
@@ -238,7 +247,11 @@ def main() -> None:
     parser.add_argument("--checkpointing", nargs="?", const="all", choices=["all", "network", "selective"],
                         help="recompute encoder and transformer blocks, and (all) each renderer pass of --max-rays "
                              "rays; selective: only the blocks' elementwise work")
+    parser.add_argument("--recompute-blocks", type=int, default=None,
+                        help="with --checkpointing, recompute only the first this many transformer blocks")
     parser.add_argument("--max-rays", type=int, default=None, help="rays per renderer pass and batch item")
+    parser.add_argument("--torch-composite", action="store_true",
+                        help="ours with torch's compositing in place of the compositing kernel (fused_composite.py)")
     parser.add_argument("--unfused", action="store_true", help="ours without the one-kernel field query under autograd")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and transformer (LRMModule(compile_network=True))")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one step of ours at the first batch size")
@@ -248,22 +261,26 @@ def main() -> None:
     args = parser.parse_args()
     peak = peak_flops()
     config = LRMConfig.preset(args.preset)
+    if args.torch_composite:  # VolumeRenderer.composite asks this whether the kernel runs here
+        renderer_module.fused_composite_supported = lambda device: False
     if args.profile:
         profile(config, args.batch_sizes[0], "ours" in args.paths, args.checkpointing, args.max_rays, not args.unfused)
         return
     if args.breakdown:
-        breakdown(config, args.batch_sizes[0], args.checkpointing, args.compile)
+        breakdown(config, args.batch_sizes[0], args.checkpointing, args.compile, args.recompute_blocks)
         return
     print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} config, 4 views of 128^2 "
-          f"patches, bf16-mixed, checkpointing={args.checkpointing}, max_rays={args.max_rays}, compile={args.compile}, peak {peak / 1e12:.0f} "
-          "TFLOP/s")
+          f"patches, bf16-mixed, checkpointing={args.checkpointing}, recompute_blocks={args.recompute_blocks}, "
+          f"max_rays={args.max_rays}, compile={args.compile}, torch_composite={args.torch_composite}, "
+          f"peak {peak / 1e12:.0f} TFLOP/s")
     print("| path | batch | step | samples/s | TFLOP a step | MFU | peak memory |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for batch_size in args.batch_sizes:
         for path in args.paths:
             try:
                 seconds, flops, memory = measure(config, batch_size, path == "ours", args.checkpointing, args.steps,
-                                                 args.compile and path == "ours", args.max_rays, not args.unfused)
+                                                 args.compile and path == "ours", args.max_rays, not args.unfused,
+                                                 args.recompute_blocks)
             except torch.OutOfMemoryError:
                 print(f"| {path} | {batch_size} | out of memory | | | | |", flush=True)
                 torch.cuda.empty_cache()

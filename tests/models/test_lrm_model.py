@@ -53,6 +53,29 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode):
         assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-6), name
 
 
+def test_recomputing_some_transformer_blocks_keeps_gradients_and_skips_the_rest():
+    torch.manual_seed(0)
+    model = LRM(LRMConfig.tiny())
+    image, camera = tiny_batch()
+    model(image, camera).square().mean().backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.set_gradient_checkpointing(True, transformer_blocks=1)
+    calls = {0: 0, 1: 0}
+    for index, block in enumerate(model.transformer.blocks):
+        def counted(*args, _forward=block.forward, _index=index, **kwargs):
+            calls[_index] += 1
+            return _forward(*args, **kwargs)
+
+        block.forward = counted
+    model(image, camera).square().mean().backward()
+    assert calls == {0: 2, 1: 1}  # the first block ran again in the backward pass, the second kept its activations
+    for name, grad in reference.items():
+        assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-6), name
+    with pytest.raises(ValueError, match=r"transformer_blocks must be None or 0..2 \(the transformer's blocks\), got 3"):
+        model.set_gradient_checkpointing(True, transformer_blocks=3)
+
+
 def test_selective_checkpointing_recomputes_no_matrix_products():
     torch.manual_seed(0)
     model = LRM(LRMConfig.tiny())

@@ -139,6 +139,9 @@ def test_checkpointing_choices_and_compiled_network_keep_names_and_values():
     assert not network.renderer.gradient_checkpointing
     every = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing=True).model
     assert every.renderer.gradient_checkpointing and every.transformer.gradient_checkpointing
+    partly = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing="network",
+                       recompute_blocks=1).model
+    assert partly.transformer.recompute_blocks == 1 and partly.encoder.gradient_checkpointing
     with pytest.raises(ValueError, match="gradient_checkpointing must be true, false, 'network' or 'selective', got 'renderer'"):
         LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing="renderer")
 

@@ -54,8 +54,9 @@ class LRMModule(L.LightningModule):
     gradient_checkpointing: True recomputes encoder and transformer blocks and each renderer pass of `max_rays`
     rays in the backward pass; "network" only the blocks (on a GPU the fused field query keeps 16 bytes a
     sample, so recomputing the renderer saves less memory than its time is worth: BENCHMARKS.md); "selective"
-    recomputes only the blocks' elementwise work and keeps their matrix products and attention. compile_network:
-    `LRM.compile_network`.
+    recomputes only the blocks' elementwise work and keeps their matrix products and attention.
+    recompute_blocks: under checkpointing, recompute only the first this many of the transformer's blocks (None:
+    all), for a batch that leaves memory over. compile_network: `LRM.compile_network`.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class LRMModule(L.LightningModule):
         lpips_backbone_weights: str | None = None,
         lpips_random_backbone: bool = False,
         gradient_checkpointing: bool | Literal["network", "selective"] = False,
+        recompute_blocks: int | None = None,
         compile_network: bool = False,
         max_rays: int | None = None,
         val_render_size: int = 128,
@@ -96,7 +98,8 @@ class LRMModule(L.LightningModule):
         elif encoder_weights:
             self.model.load_encoder_weights(encoder_weights)
         blocks = "selective" if gradient_checkpointing == "selective" else bool(gradient_checkpointing)
-        self.model.set_gradient_checkpointing(blocks, renderer=gradient_checkpointing is True)
+        self.model.set_gradient_checkpointing(blocks, renderer=gradient_checkpointing is True,
+                                              transformer_blocks=recompute_blocks)
         if compile_network:
             self.model.compile_network()
         self.lpips = build_lpips(lpips_backbone_weights, lpips_random_backbone)

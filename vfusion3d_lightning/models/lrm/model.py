@@ -115,13 +115,21 @@ class LRM(nn.Module):
         for block in [*self.encoder.vit.blocks, *self.transformer.blocks]:
             block.compile()
 
-    def set_gradient_checkpointing(self, enabled: bool | str = True, renderer: bool | None = None) -> None:
+    def set_gradient_checkpointing(self, enabled: bool | str = True, renderer: bool | None = None,
+                                   transformer_blocks: int | None = None) -> None:
         """Recompute encoder and transformer blocks, and each renderer pass of `max_rays` rays (`renderer`,
         by default as `enabled`), in the backward pass: less memory, more compute. enabled="selective"
-        recomputes only the blocks' elementwise work (`transformer.checkpoint_block`), not the renderer."""
+        recomputes only the blocks' elementwise work (`transformer.checkpoint_block`), not the renderer.
+        transformer_blocks: recompute only the first this many transformer blocks (None: all); the encoder's
+        blocks, which free more memory for their recompute time, are recomputed whenever `enabled`."""
         if enabled not in (True, False, "selective"):
             raise ValueError(f"enabled must be true, false or 'selective', got {enabled!r}")
+        layers = len(self.transformer.blocks)
+        if transformer_blocks is not None and not 0 <= transformer_blocks <= layers:
+            raise ValueError(f"transformer_blocks must be None or 0..{layers} (the transformer's blocks), got "
+                             f"{transformer_blocks!r}")
         self.transformer.gradient_checkpointing = enabled
+        self.transformer.recompute_blocks = transformer_blocks
         self.encoder.gradient_checkpointing = enabled
         if renderer is None:
             renderer = enabled is True

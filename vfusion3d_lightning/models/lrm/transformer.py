@@ -132,14 +132,18 @@ class TriplaneTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.upsample = nn.ConvTranspose2d(dim, triplane_dim, kernel_size=2, stride=2)
         self.gradient_checkpointing: bool | str = False  # False, True or "selective" (checkpoint_block)
+        # under gradient_checkpointing, recompute only the first this many blocks and keep the rest's
+        # activations (None: all): less recompute where a batch leaves memory over
+        self.recompute_blocks: int | None = None
 
     def forward(self, image_tokens: torch.Tensor, camera_embedding: torch.Tensor) -> torch.Tensor:
         """image_tokens: (B, L, Dc); camera_embedding: (B, Dm) -> planes (B, 3, C, H, W)."""
         batch = image_tokens.shape[0]
         x = self.pos_embed.expand(batch, -1, -1)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint_block(block, x, image_tokens, camera_embedding, 
+        recomputed = len(self.blocks) if self.recompute_blocks is None else self.recompute_blocks
+        for index, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and torch.is_grad_enabled() and index < recomputed:
+                x = checkpoint_block(block, x, image_tokens, camera_embedding,
                                      selective=self.gradient_checkpointing == "selective")
             else:
                 x = block(x, image_tokens, camera_embedding)
