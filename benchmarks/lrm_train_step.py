@@ -1,14 +1,17 @@
 """LRM training step speed, FLOPs and MFU of the `vfusion3d` config, released-style and ours, per batch size.
 
     python benchmarks/lrm_train_step.py [--batch-sizes 1 2 4 8 16 32] [--steps 10] [--checkpointing [all|network|selective]]
-        [--recompute-blocks 8] [--max-rays 16384] [--unfused] [--torch-composite] [--compile] [--profile | --breakdown]
+        [--recompute-blocks 8] [--max-rays 16384] [--unfused] [--torch-composite] [--compile] [--sync-check]
+        [--profile | --breakdown]
 
 One step of `LRMModule.training_step` as Lightning runs it (bf16-mixed, AdamW, LPIPS-VGG with a random trunk,
 opacity loss): 512 px input, 4 supervision views rendered as 128x128 patches of a 384 px render. Released-
 style: the released decoder computation (concatenated features through the whole MLP); ours: planes
 projected by the decoder's first layer once. Model FLOPs a step are counted by torch's FlopCounterMode on the
 same step (forward and backward; matmuls, convolutions, attention); MFU is achieved FLOP/s over the GPU's
-dense bf16 peak. Timing: median step time over `--steps` steps after 3 warm-up steps.
+dense bf16 peak. Timing: median step time over `--steps` steps after 3 warm-up steps. `--sync-check` runs the
+steps after the warm-up under `torch.cuda.set_sync_debug_mode("warn")` and prints where the step waited on
+the GPU (a host-device synchronisation), if anywhere.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
+from collections import Counter
 
 import lightning as L
 import torch
@@ -83,6 +88,33 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         sync()
         self.times.append(time.perf_counter() - self.start)
+
+
+class SyncCheck(L.Callback):
+    """Records torch's warnings of synchronising CUDA calls during the steps after `warmup`."""
+
+    def __init__(self, warmup: int = 3):
+        self.warmup = warmup
+        self.places: Counter[str] = Counter()
+        self.recorder = None
+        self.records: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx >= self.warmup:
+            self.recorder = warnings.catch_warnings(record=True)
+            self.records = self.recorder.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.recorder is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self.recorder.__exit__(None, None, None)
+        self.recorder = None
+        for record in self.records:
+            if "synchroniz" in str(record.message):
+                self.places[f"{record.filename}:{record.lineno}"] += 1
 
 
 def module(config: LRMConfig, project: bool, checkpointing: str | None, max_rays: int | None = None,
@@ -220,7 +252,7 @@ def breakdown(config: LRMConfig, batch_size: int, checkpointing: str | None, com
 
 def measure(config: LRMConfig, batch_size: int, project: bool, checkpointing: str | None, steps: int,
             compile_model: bool, max_rays: int | None = None, fused: bool = False,
-            recompute_blocks: int | None = None):
+            recompute_blocks: int | None = None, sync_check: SyncCheck | None = None):
     # counted on one item and scaled: every FLOP is per item, and the counting pass runs in fp32 without
     # autocast, which at batch 8 ran out of memory before training did
     flops = step_flops(config, project, synthetic_batch(1, config.encoder_img_size or 512)) * batch_size
@@ -232,7 +264,8 @@ def measure(config: LRMConfig, batch_size: int, project: bool, checkpointing: st
     timer = StepTimer()
     trainer = L.Trainer(accelerator=DEVICE, devices=1, precision="bf16-mixed", max_steps=3 + steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
+                        callbacks=[timer] + ([sync_check] if sync_check else []), num_sanity_val_steps=0,
+                        limit_val_batches=0)
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(m, DataLoader(Repeat(batch), batch_size=None, pin_memory=CUDA))
@@ -254,6 +287,8 @@ def main() -> None:
                         help="ours with torch's compositing in place of the compositing kernel (fused_composite.py)")
     parser.add_argument("--unfused", action="store_true", help="ours without the one-kernel field query under autograd")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and transformer (LRMModule(compile_network=True))")
+    parser.add_argument("--sync-check", action="store_true",
+                        help="report host-device synchronisations in the steps after the warm-up (a GPU is needed)")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one step of ours at the first batch size")
     parser.add_argument("--breakdown", action="store_true", help="time each part of the step of ours apart at the first batch size")
     parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
@@ -278,15 +313,19 @@ def main() -> None:
     for batch_size in args.batch_sizes:
         for path in args.paths:
             try:
+                sync_check = SyncCheck() if args.sync_check and CUDA else None
                 seconds, flops, memory = measure(config, batch_size, path == "ours", args.checkpointing, args.steps,
                                                  args.compile and path == "ours", args.max_rays, not args.unfused,
-                                                 args.recompute_blocks)
+                                                 args.recompute_blocks, sync_check)
             except torch.OutOfMemoryError:
                 print(f"| {path} | {batch_size} | out of memory | | | | |", flush=True)
                 torch.cuda.empty_cache()
                 continue
             print(f"| {path} | {batch_size} | {seconds * 1e3:.0f} ms | {batch_size / seconds:.1f} | "
                   f"{flops / 1e12:.2f} | {flops / seconds / peak:.1%} | {memory:.1f} GiB |", flush=True)
+            if sync_check is not None:
+                found = ", ".join(f"{place} ({count}x)" for place, count in sync_check.places.most_common())
+                print(f"# host-device synchronisations in {args.steps} steps of {path}: {found or 'none'}", flush=True)
             if CUDA:
                 torch.cuda.empty_cache()
 

@@ -152,8 +152,10 @@ class LRMModule(L.LightningModule):
         batch_size = batch["input_image"].shape[0]
         self.log_dict({f"train/{name}": value.detach() for name, value in losses.items()}, batch_size=batch_size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        # the LR this step uses (the scheduler moves it after the optimizer step)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        # the LR this step uses (the scheduler moves it after the optimizer step); a CPU tensor, as Lightning would
+        # copy a float to the GPU, which waits for the GPU's queue to drain
+        self.log("train/lr", torch.tensor(float(self.optimizers().param_groups[0]["lr"])), on_step=True,
+                 on_epoch=False)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -249,9 +249,9 @@ def ray_box_limits(origins: torch.Tensor, directions: torch.Tensor, half: float)
     t_near = torch.minimum(t0, t1).amax(dim=-1, keepdim=True).clamp_min(0.0)
     t_far = torch.maximum(t0, t1).amin(dim=-1, keepdim=True)
     hit = t_far > t_near
-    inf = torch.tensor(float("inf"), device=origins.device, dtype=origins.dtype)
-    lowest = torch.where(hit, t_near, inf).amin()
-    highest = torch.where(hit, t_near, -inf).amax()
+    # Python scalars, not a tensor made on the host: copying one to the GPU would wait for the GPU's queue
+    lowest = torch.where(hit, t_near, float("inf")).amin()
+    highest = torch.where(hit, t_near, float("-inf")).amax()
     any_hit = hit.any()
     t_near = torch.where(hit, t_near, torch.where(any_hit, lowest, 0.0))
     t_far = torch.where(hit, t_far, torch.where(any_hit, highest, 0.0))
@@ -417,7 +417,8 @@ class VolumeRenderer(nn.Module):
             return self._render_occupied(field, origins, directions, depths, generator, occupancy)
         rgb, sigma = self._shade(field, origins, directions, depths)
         if self.importance_samples > 0:
-            _, _, _, weights = self.composite(rgb, sigma, depths)
+            with torch.no_grad():  # the weights only place the fine samples (no gradient, as released)
+                _, _, _, weights = self.composite(rgb, sigma, depths)
             fine_depths = self._importance(depths, weights, generator)
             fine_rgb, fine_sigma = self._shade(field, origins, directions, fine_depths)
             depths, rgb, sigma = _merge_samples((depths, rgb, sigma), (fine_depths, fine_rgb, fine_sigma))
@@ -462,7 +463,8 @@ class VolumeRenderer(nn.Module):
             origins, directions, depths, item = origins[live], directions[live], depths[live], item[live]
             rgb, sigma = rgb[live], sigma[live]
             if self.importance_samples > 0:
-                _, _, _, weights = self.composite(rgb, sigma, depths)
+                with torch.no_grad():
+                    _, _, _, weights = self.composite(rgb, sigma, depths)
                 fine_depths = self._importance(depths, weights, None, uniforms[live])
                 fine_rgb, fine_sigma, _ = self._shade_occupied(field, origins, directions, fine_depths, item, occupancy)
                 depths, rgb, sigma = _merge_samples((depths, rgb, sigma), (fine_depths, fine_rgb, fine_sigma))
