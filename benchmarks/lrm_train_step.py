@@ -152,19 +152,57 @@ def step_flops(config: LRMConfig, project: bool, batch: dict[str, torch.Tensor])
 
 
 def profile(config: LRMConfig, batch_size: int, project: bool, checkpointing: str | None, max_rays: int | None,
-            fused: bool, rows: int = 40) -> None:
+            fused: bool, compile_network: bool = False, rows: int = 50) -> None:
     """The kernels that take the step's time (torch.profiler), largest first."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    m = module(config, project, checkpointing, max_rays, fused).to(DEVICE).train()
+    m = module(config, project, checkpointing, max_rays, fused, compile_network).to(DEVICE).train()
     batch = {k: v.to(DEVICE) for k, v in synthetic_batch(batch_size, config.encoder_img_size or 512).items()}
-    forward_backward(m, batch)
+    for _ in range(2):  # compiles, then runs compiled
+        forward_backward(m, batch)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
     with torch_profile(activities=activities) as prof:
         forward_backward(m, batch)
         sync()
-    key = "cuda_time_total" if CUDA else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    if not CUDA:
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=rows, max_name_column_width=60))
+        return
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    micros = {e.key: e.self_device_time_total for e in kernels}
+    total = sum(micros.values())
+    families: Counter[str] = Counter()
+    for name, time_us in micros.items():
+        families[kernel_family(name)] += time_us
+    print(f"# GPU time of one forward + backward at batch {batch_size}: {total / 1e3:.1f} ms in {len(micros)} kernels")
+    print("| kind of kernel | GPU time | share |")
+    print("| --- | --- | --- |")
+    for family, time_us in families.most_common():
+        print(f"| {family} | {time_us / 1e3:.1f} ms | {time_us / total:.1%} |")
+    print("| kernel | kind | GPU time | share | calls |")
+    print("| --- | --- | --- | --- | --- |")
+    for event in sorted(kernels, key=lambda e: -e.self_device_time_total)[:rows]:
+        print(f"| {event.key[:90]} | {kernel_family(event.key)} | {event.self_device_time_total / 1e3:.2f} ms | "
+              f"{event.self_device_time_total / total:.1%} | {event.count} |")
+
+
+def kernel_family(name: str) -> str:
+    """A rough kind for a CUDA kernel's name: how the step's GPU time splits."""
+    lowered = name.lower()
+    if "triplane_field" in lowered:
+        return "field query (Triton)"
+    if "composite" in lowered:
+        return "compositing (Triton)"
+    if any(k in lowered for k in ("fmha", "flash", "attention", "cudnn_generated_fort_native_sdpa", "sdpa")):
+        return "attention"
+    if any(k in lowered for k in ("gemm", "xmma", "nvjet", "cutlass", "sm90_", "wgmma")):
+        return "matrix products"
+    if any(k in lowered for k in ("conv", "implicit", "winograd", "cudnn")):
+        return "convolutions"
+    if lowered.startswith("triton_"):
+        return "Inductor fused (elementwise, norms)"
+    if "sort" in lowered or "scan" in lowered or "search" in lowered:
+        return "sort, scan, search"
+    return "other torch kernels"
 
 
 def cuda_ms(work, repeats: int = 5, warmup: int = 2) -> float:
@@ -299,7 +337,8 @@ def main() -> None:
     if args.torch_composite:  # VolumeRenderer.composite asks this whether the kernel runs here
         renderer_module.fused_composite_supported = lambda device: False
     if args.profile:
-        profile(config, args.batch_sizes[0], "ours" in args.paths, args.checkpointing, args.max_rays, not args.unfused)
+        profile(config, args.batch_sizes[0], "ours" in args.paths, args.checkpointing, args.max_rays, not args.unfused,
+                args.compile)
         return
     if args.breakdown:
         breakdown(config, args.batch_sizes[0], args.checkpointing, args.compile, args.recompute_blocks)

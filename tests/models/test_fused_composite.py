@@ -25,9 +25,10 @@ CHECKS = textwrap.dedent("""
         raw = torch.randn(2, 7, samples, 1) * 3
         if opaque:  # alpha exactly 1 somewhere: nothing behind it may get a gradient through 1 / (1 - alpha)
             raw[:, :3, samples // 2:] = 200.0
-        # outside the box, as renderer._shade pads; not the whole ray: an empty ray's depth (0 / 0) gives NaN
-        # gradients on either path
+        # outside the box, as renderer._shade pads: part of one ray, and the whole of another (an empty ray,
+        # whose depth must be the farthest and its gradients finite)
         raw[0, 0, :1] = torch.finfo(torch.float32).min / 3 if samples > 2 else raw[0, 0, :1]
+        raw[1, 0] = torch.finfo(torch.float32).min / 3
         rgb = torch.rand(2, 7, samples, 3)
         upstream = [torch.randn(2, 7, 3), torch.randn(2, 7, 1), torch.randn(2, 7, 1), torch.randn(2, 7, samples - 1, 1)]
         results = []
@@ -44,7 +45,8 @@ CHECKS = textwrap.dedent("""
 
         names = ["color", "depth", "opacity", "weights", "grad_rgb", "grad_raw"]
         report["cases"].append({"samples": samples, "opaque": opaque, "finite": all(
-            bool(torch.isfinite(t).all()) for t in results[1][4:]),
+            bool(torch.isfinite(t).all()) for result in results for t in result[4:]),
+            "empty_depth": [result[1][1, 0, 0].item() for result in results], "far": depths.max().item(),
             **{name: relative(f, r) for name, f, r in zip(names, results[1], results[0])}})
     try:
         composite_fused(torch.rand(3, 1, 3), torch.rand(3, 1, 1), torch.rand(3, 1, 1))
@@ -66,6 +68,8 @@ def test_fused_compositing_equals_torch_with_gradients(interpreted):
     assert interpreted["supported"]
     for case in interpreted["cases"]:
         assert case["finite"], case
+        # an empty ray's depth is the farthest sample depth (as released)
+        assert case["empty_depth"] == [case["far"], case["far"]], case
         for name in ("color", "depth", "opacity", "weights", "grad_rgb", "grad_raw"):
             assert case[name] < 1e-5, (name, case)
 
