@@ -157,3 +157,22 @@ def test_checkpointing_choices_and_compiled_network_keep_names_and_values():
     image, camera = torch.rand(1, 3, size, size), canonical_source_camera(1)
     with torch.no_grad():
         torch.testing.assert_close(compiled.model(image, camera), eager.model(image, camera), atol=1e-4, rtol=1e-4)
+
+
+def test_a_fused_optimizer_clips_gradients_under_bf16(shards, tmp_path):
+    # Lightning's mixed-precision plugin raises for a fused optimizer with gradient_clip_val (tiny.yaml: 1.0)
+    root = tmp_path / "fused"
+    assert main(args(shards, root, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "2",
+                     "--model.init_args.fused_optimizer", "true")) == 0
+    assert max(per_step(metrics(root), "train/loss")) == 1
+
+    torch.manual_seed(0)
+    module = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True)
+    params = list(module.model.parameters())
+    optimizer = torch.optim.AdamW(params, fused=True)
+    for algorithm, check in (("norm", lambda: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))),
+                             ("value", lambda: max(p.grad.abs().max() for p in params))):
+        for p in params:
+            p.grad = torch.randn_like(p) * 10
+        module.configure_gradient_clipping(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)
+        assert check() == pytest.approx(0.5, rel=1e-4), algorithm

@@ -56,7 +56,8 @@ class LRMModule(L.LightningModule):
     sample, so recomputing the renderer saves less memory than its time is worth: BENCHMARKS.md); "selective"
     recomputes only the blocks' elementwise work and keeps their matrix products and attention.
     recompute_blocks: under checkpointing, recompute only the first this many of the transformer's blocks (None:
-    all), for a batch that leaves memory over. compile_network: `LRM.compile_network`.
+    all), for a batch that leaves memory over. compile_network: `LRM.compile_network`. fused_optimizer: AdamW's
+    one-kernel step; None takes it on a GPU without fp16's grad scaler.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class LRMModule(L.LightningModule):
         gradient_checkpointing: bool | Literal["network", "selective"] = False,
         recompute_blocks: int | None = None,
         compile_network: bool = False,
+        fused_optimizer: bool | None = None,
         max_rays: int | None = None,
         val_render_size: int = 128,
         turntable_frames: int = 8,
@@ -161,9 +163,14 @@ class LRMModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         # fused: one kernel for all parameters on a GPU (39 against 6 ms a step of 452M parameters, BENCHMARKS.md);
-        # not under fp16's grad scaler, with which Lightning cannot clip a fused optimizer's gradients
+        # not under fp16's grad scaler, which a fused step would unscale itself, out of reach of clipping
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        fused = scaler is None and all(p.is_cuda for p in self.model.parameters())
+        fused = hp.fused_optimizer
+        if fused is None:
+            fused = scaler is None and all(p.is_cuda for p in self.model.parameters())
+        elif fused and scaler is not None:
+            raise ValueError("fused_optimizer: true cannot run under fp16 mixed precision (its grad scaler): use "
+                             "precision bf16-mixed or 32, or fused_optimizer: null")
         optimizer = torch.optim.AdamW(decay_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
                                       fused=fused or None)
         total = int(self.trainer.estimated_stepping_batches)
@@ -172,6 +179,17 @@ class LRMModule(L.LightningModule):
                                          restart_steps=[e * steps_per_epoch for e in self.restart_epochs],
                                          min_lr_ratio=hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if not (gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused")):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # Lightning's mixed-precision plugin refuses to clip for any fused optimizer, for fear of fp16 gradients it
+        # would unscale itself; a fused one runs only without a grad scaler, so these gradients are true ones
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     # ------------------------------------------------------------------ validation
 
