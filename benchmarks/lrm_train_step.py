@@ -9,7 +9,8 @@ opacity loss): 512 px input, 4 supervision views rendered as 128x128 patches of 
 style: the released decoder computation (concatenated features through the whole MLP); ours: planes
 projected by the decoder's first layer once. Model FLOPs a step are counted by torch's FlopCounterMode on the
 same step (forward and backward; matmuls, convolutions, attention); MFU is achieved FLOP/s over the GPU's
-dense bf16 peak. Timing: median step time over `--steps` steps after 3 warm-up steps. `--sync-check` runs the
+dense bf16 peak. Timing: median step time over `--steps` steps after 3 warm-up steps. Ours is also given as a
+multiple of the released style's samples/s at its best batch so far (the largest its memory allowed). `--sync-check` runs the
 steps after the warm-up under `torch.cuda.set_sync_debug_mode("warn")` and prints where the step waited on
 the GPU (a host-device synchronisation), if anywhere.
 """
@@ -347,8 +348,9 @@ def main() -> None:
           f"patches, bf16-mixed, checkpointing={args.checkpointing}, recompute_blocks={args.recompute_blocks}, "
           f"max_rays={args.max_rays}, compile={args.compile}, torch_composite={args.torch_composite}, "
           f"peak {peak / 1e12:.0f} TFLOP/s")
-    print("| path | batch | step | samples/s | TFLOP a step | MFU | peak memory |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| path | batch | step | samples/s | against released-style | TFLOP a step | MFU | peak memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    best_released = None  # samples/s: the released style's best batch so far, which its own memory allows
     for batch_size in args.batch_sizes:
         for path in args.paths:
             try:
@@ -357,11 +359,15 @@ def main() -> None:
                                                  args.compile and path == "ours", args.max_rays, not args.unfused,
                                                  args.recompute_blocks, sync_check)
             except torch.OutOfMemoryError:
-                print(f"| {path} | {batch_size} | out of memory | | | | |", flush=True)
+                print(f"| {path} | {batch_size} | out of memory | | | | | |", flush=True)
                 torch.cuda.empty_cache()
                 continue
-            print(f"| {path} | {batch_size} | {seconds * 1e3:.0f} ms | {batch_size / seconds:.1f} | "
-                  f"{flops / 1e12:.2f} | {flops / seconds / peak:.1%} | {memory:.1f} GiB |", flush=True)
+            rate = batch_size / seconds
+            if path == "released":
+                best_released = max(best_released or 0.0, rate)
+            ratio = f"{rate / best_released:.1f}x" if path == "ours" and best_released else ""
+            print(f"| {path} | {batch_size} | {seconds * 1e3:.0f} ms | {rate:.1f} | {ratio} | {flops / 1e12:.2f} | "
+                  f"{flops / seconds / peak:.1%} | {memory:.1f} GiB |", flush=True)
             if sync_check is not None:
                 found = ", ".join(f"{place} ({count}x)" for place, count in sync_check.places.most_common())
                 print(f"# host-device synchronisations in {args.steps} steps of {path}: {found or 'none'}", flush=True)
