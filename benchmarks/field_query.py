@@ -1,7 +1,7 @@
 """Triplane field queries a second: the unfused torch path against the one-kernel query (fused_field.py).
 
     python benchmarks/field_query.py [--points 4194304] [--blocks 16 32] [--warps 2 4] [--preset vfusion3d]
-    python benchmarks/field_query.py --backward [--backward-launch 16:8:4 32:8:1]
+    python benchmarks/field_query.py --backward [--backward-launch 16:8:4 32:8:1] [--along-rays [--occluded]]
 
 Released sizes by default (64x64 planes of 80 channels projected to 64, decoder 64 wide), random points in
 the box. Without gradients: the median time of `--repeats` queries after a warm-up, points a second, and the
@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
     parser.add_argument("--backward", action="store_true", help="time query + backward pass instead")
     parser.add_argument("--along-rays", action="store_true", help="--backward: points in order along rays")
+    parser.add_argument("--occluded", action="store_true",
+                        help="--backward --along-rays: no upstream gradient behind a random sample (from the 32nd "
+                             "on) of each ray, as behind an opaque surface whose transmittance underflows to 0")
     parser.add_argument("--backward-launch", nargs="+", default=[],
                         help="launches to try, as block:warps:programs (default: fused_field.BACKWARD_LAUNCH)")
     args = parser.parse_args()
@@ -102,9 +105,16 @@ def backward(args) -> None:
         points = (ends[0] + depths * (ends[1] - ends[0])).reshape(1, -1, 3)
         args.points = points.shape[1]
     upstream = torch.randn(1, args.points, 4, device=DEVICE)
+    if args.occluded and args.along_rays:
+        rays = args.points // 128
+        surface = torch.randint(32, 128, (rays, 1), device=DEVICE)
+        behind = torch.arange(128, device=DEVICE) >= surface  # (rays, 128)
+        upstream = upstream * ~behind.reshape(1, -1, 1)
     exact = copy.deepcopy(model).double()  # the reference: the unfused query in float64
     print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} sizes, "
-          f"{args.points} points{' along rays' if args.along_rays else ''}, query + backward")
+          f"{args.points} points{' along rays' if args.along_rays else ''}"
+          f"{f', {(upstream == 0).all(-1).float().mean():.0%} without upstream gradient' if args.occluded else ''}, "
+          "query + backward")
     print("| path | time | points/s | max relative gradient error against float64 |")
     print("| --- | --- | --- | --- |")
 

@@ -49,13 +49,17 @@ INTERPRETED_CHECKS = textwrap.dedent("""
 
     # gradients: the backward kernel against autograd through the unfused query, fp32 and bf16
     report["gradients"] = []
-    for layers, width, bf16 in ((4, 16, False), (2, 16, False), (3, 32, False), (4, 16, True)):
+    # sparse: no upstream gradient for most points, so that the bf16 backward kernel skips whole blocks
+    for layers, width, bf16, sparse in ((4, 16, False, False), (2, 16, False, False), (3, 32, False, False),
+                                        (4, 16, True, False), (4, 16, True, True)):
         decoder = TriplaneDecoder(3 * 8, width, layers)
         for layer in decoder.layers:
             torch.nn.init.normal_(layer.bias, std=0.1)
         planes = torch.randn(2, 3, 8, 6, 5, requires_grad=True)
         points = torch.rand(2, 70, 3) * 2.4 - 1.2
         up_sigma, up_rgb = torch.randn(2, 70, 1), torch.randn(2, 70, 3)
+        if sparse:
+            up_sigma[:, :50], up_rgb[:, :50] = 0.0, 0.0
 
         def gradients(mode):
             decoder.zero_grad()
@@ -75,7 +79,7 @@ INTERPRETED_CHECKS = textwrap.dedent("""
             return max(((x - y).abs().max() / x.abs().max()).item() for x, y in zip(a, b))
 
         reference = gradients("fp32")
-        report["gradients"].append({"layers": layers, "width": width, "bf16": bf16,
+        report["gradients"].append({"layers": layers, "width": width, "bf16": bf16, "sparse": sparse,
                                     "fused": relative(reference, gradients("fused")),
                                     "autocast": relative(reference, gradients("autocast")) if bf16 else None})
 
@@ -131,6 +135,7 @@ def test_fused_query_equals_the_projected_decoder(interpreted):
 
 
 def test_fused_gradients_equal_autograd_of_the_unfused_query(interpreted):
+    assert any(case["sparse"] for case in interpreted["gradients"])
     for case in interpreted["gradients"]:
         if case["bf16"]:
             # bf16 products in the backward: the error of bf16 autocast, not much more
@@ -229,6 +234,8 @@ def test_kernels_compile_for_an_h100_without_one(direction, bf16):
     block, warps = (fused_field.BACKWARD_LAUNCH[bf16][:2] if direction == "backward"
                     else (fused_field.BLOCK, fused_field.NUM_WARPS))
     constants = {"D": 64, "HIDDEN_LAYERS": 2, "OUT": fused_field.OUT_WIDTH, "BLOCK_SIZE": block, "BF16": bf16}
+    if direction == "backward":
+        constants["SKIP_EMPTY"] = bf16
     signature.update({name: "constexpr" for name in constants})
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})

@@ -158,10 +158,11 @@ if triton is not None:
 
     @triton.jit
     def _block_gradients(points, item, planes, first_bias, hidden_weights, hidden_biases, last_weight, last_bias,
-                         grad_out, grad_planes, rows, valid, cols, height, width, scale,
+                         upstream, grad_planes, rows, valid, cols, height, width, scale,
                          D: tl.constexpr, HIDDEN_LAYERS: tl.constexpr, OUT: tl.constexpr, BF16: tl.constexpr):
         """Recomputes one block's forward pass, adds its plane gradients into `grad_planes` by atomics and
-        returns its decoder gradients: (last weight, last bias, hidden weights, hidden biases, first bias)."""
+        returns its decoder gradients: (last weight, last bias, hidden weights, hidden biases, first bias).
+        upstream: the block's output gradients (BLOCK, OUT), zero past the 4 outputs."""
         x, y, z, batch, first = _first_layer(points, item, planes, first_bias, rows, valid, height, width, scale,
                                              cols, D)
         # each layer's activation kept (BLOCK x D floats a layer): recomputing them cost O(layers^2) products
@@ -173,8 +174,6 @@ if triton is not None:
         outs = tl.arange(0, OUT)
         weight = tl.load(last_weight + cols[:, None] * OUT + outs[None, :])
         raw = _dot(last_hidden, weight, BF16) + tl.load(last_bias + outs).to(tl.float32)[None, :]
-        upstream = tl.load(grad_out + rows[:, None] * 4 + outs[None, :], mask=valid[:, None] & (outs[None, :] < 4),
-                           other=0.0)
         sigmoid = tl.sigmoid(raw)
         grad = tl.where(outs[None, :] == 0, upstream, upstream * sigmoid * (1.0 - sigmoid) * 1.002)
         grad_last_weight = _dot(tl.trans(last_hidden), grad, BF16)
@@ -202,8 +201,8 @@ if triton is not None:
                                         grad_hidden_weights, grad_hidden_biases, grad_last_weight, grad_last_bias,
                                         count, height, width, scale, copy_size, copies,
                                         D: tl.constexpr, HIDDEN_LAYERS: tl.constexpr, OUT: tl.constexpr,
-                                        BLOCK_SIZE: tl.constexpr, BF16: tl.constexpr):
-        """Each program takes every (programs)-th block of samples and keeps its decoder gradients in
+                                        BLOCK_SIZE: tl.constexpr, BF16: tl.constexpr, SKIP_EMPTY: tl.constexpr):
+        """Each program takes a contiguous run of blocks of samples and keeps its decoder gradients in
         registers, adding them to memory once at the end: a block's atomics into the same few thousand
         weights would otherwise queue behind every other block's. Plane gradients go by atomics into copy
         (program % copies) of `grad_planes`, which spreads colliding texels."""
@@ -219,21 +218,37 @@ if triton is not None:
             acc_weights = acc_weights + (tl.zeros((D, D), dtype=tl.float32),)
             acc_biases = acc_biases + (tl.zeros((D,), dtype=tl.float32),)
         grad_copy = grad_planes + (program % copies) * copy_size
-        for block in range(program, tl.cdiv(count, BLOCK_SIZE), tl.num_programs(0)):
+        # a contiguous run of blocks a program: strided blocks lined up with the rays, so that the blocks without
+        # gradient (the ends of rays) fell to the same programs while others took every full one
+        blocks = tl.cdiv(count, BLOCK_SIZE)
+        per_program = tl.cdiv(blocks, tl.num_programs(0))
+        first_block = program * per_program
+        for block in range(first_block, tl.minimum(first_block + per_program, blocks)):
             rows = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-            last_w, last_b, weights, biases, first_b = _block_gradients(
-                points, item, planes, first_bias, hidden_weights, hidden_biases, last_weight, last_bias, grad_out,
-                grad_copy, rows, rows < count, cols, height, width, scale, D, HIDDEN_LAYERS, OUT, BF16)
-            acc_last_weight += last_w
-            acc_last_bias += last_b
-            acc_first_bias += first_b
-            summed_weights = ()
-            summed_biases = ()
-            for layer in tl.static_range(HIDDEN_LAYERS):
-                summed_weights = summed_weights + (acc_weights[layer] + weights[layer],)
-                summed_biases = summed_biases + (acc_biases[layer] + biases[layer],)
-            acc_weights = summed_weights
-            acc_biases = summed_biases
+            valid = rows < count
+            upstream = tl.load(grad_out + rows[:, None] * 4 + outs[None, :],
+                               mask=valid[:, None] & (outs[None, :] < 4), other=0.0)
+            # a block without upstream gradient adds nothing: samples outside the box (rays that miss it) and
+            # behind opaque ones (their transmittance underflowed to 0). In bf16 only: the branch made the fp32
+            # kernel spill more: 45 against 56 ms with nothing to skip (BENCHMARKS.md)
+            if SKIP_EMPTY:
+                live = tl.max(tl.max(tl.abs(upstream), axis=1), axis=0) > 0.0
+            else:
+                live = True
+            if live:
+                last_w, last_b, weights, biases, first_b = _block_gradients(
+                    points, item, planes, first_bias, hidden_weights, hidden_biases, last_weight, last_bias,
+                    upstream, grad_copy, rows, valid, cols, height, width, scale, D, HIDDEN_LAYERS, OUT, BF16)
+                acc_last_weight += last_w
+                acc_last_bias += last_b
+                acc_first_bias += first_b
+                summed_weights = ()
+                summed_biases = ()
+                for layer in tl.static_range(HIDDEN_LAYERS):
+                    summed_weights = summed_weights + (acc_weights[layer] + weights[layer],)
+                    summed_biases = summed_biases + (acc_biases[layer] + biases[layer],)
+                acc_weights = summed_weights
+                acc_biases = summed_biases
         # relaxed: nothing in the kernel reads these sums, and Triton's default (acq_rel) fences every add
         tl.atomic_add(grad_last_weight + cols[:, None] * OUT + outs[None, :], acc_last_weight, sem="relaxed")
         tl.atomic_add(grad_last_bias + outs, acc_last_bias, sem="relaxed")
@@ -296,7 +311,7 @@ class _FusedQuery(torch.autograd.Function):
             _triplane_field_backward_kernel[(programs,)](
                 points, item, *packed, grad_out.float().contiguous(), *grads, count, height, width, 2.0 / box_size,
                 planes.numel(), GRADIENT_COPIES, D=channels, HIDDEN_LAYERS=hidden_layers, OUT=OUT_WIDTH,
-                BLOCK_SIZE=block, BF16=bf16, num_warps=warps)
+                BLOCK_SIZE=block, BF16=bf16, SKIP_EMPTY=bf16, num_warps=warps)
         grads[0] = grads[0].sum(dim=0)
         return (None, None, None, *(g.to(t.dtype) for g, t in zip(grads, packed)))
 
