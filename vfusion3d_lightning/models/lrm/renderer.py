@@ -121,7 +121,7 @@ def _outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., :1], torch.sigmoid(x[..., 1:]) * 1.002 - 0.001
 
 
-OPACITY_FOR_DEPTH = 1e-10  # below this a ray's depth is its far limit; its square is still a normal fp32
+OPACITY_FOR_DEPTH = 1e-10  # below this a ray's depth is the farthest sample's; its square is a normal fp32
 
 
 def density_activation(raw_sigma: torch.Tensor) -> torch.Tensor:
@@ -367,8 +367,8 @@ class VolumeRenderer(nn.Module):
             color = (weights * rgb_mid).sum(dim=-2)
             opacity = weights.sum(dim=-2)
             depth_sum = (weights * depth_mid).sum(dim=-2)
-        # a ray of (nearly) no opacity has no surface: the farthest depth after the clamp, as released. Selected by a
-        # threshold rather than by 0 / 0 -> NaN, whose backward gave NaN gradients even where the clamp stops them
+        # a ray of (nearly) no opacity has no surface: the farthest depth after the clamp, as released; chosen
+        # by a threshold, not by 0 / 0 -> NaN, whose backward gave NaN gradients even where the clamp stops them
         visible = opacity > OPACITY_FOR_DEPTH
         depth = torch.where(visible, depth_sum / opacity.clamp_min(OPACITY_FOR_DEPTH), float("inf"))
         depth = torch.clamp(depth, depths.min(), depths.max())
