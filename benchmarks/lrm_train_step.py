@@ -1,8 +1,8 @@
 """LRM training step speed, FLOPs and MFU of the `vfusion3d` config, released-style and ours, per batch size.
 
-    python benchmarks/lrm_train_step.py [--batch-sizes 1 2 4 8 16 32] [--steps 10] [--checkpointing [all|network|selective]]
-        [--recompute-blocks 8] [--max-rays 16384] [--unfused] [--torch-composite] [--compile] [--sync-check]
-        [--profile | --breakdown]
+    python benchmarks/lrm_train_step.py [--batch-sizes 1 2 4 8 16 32] [--steps 10]
+        [--checkpointing [all|network|selective]] [--recompute-blocks 8] [--max-rays 16384] [--unfused]
+        [--torch-composite] [--compile] [--sync-check] [--profile | --breakdown]
 
 One step of `LRMModule.training_step` as Lightning runs it (bf16-mixed, AdamW, LPIPS-VGG with a random trunk,
 opacity loss): 512 px input, 4 supervision views rendered as 128x128 patches of a 384 px render. Released-
@@ -10,9 +10,9 @@ style: the released decoder computation (concatenated features through the whole
 projected by the decoder's first layer once. Model FLOPs a step are counted by torch's FlopCounterMode on the
 same step (forward and backward; matmuls, convolutions, attention); MFU is achieved FLOP/s over the GPU's
 dense bf16 peak. Timing: median step time over `--steps` steps after 3 warm-up steps. Ours is also given as a
-multiple of the released style's samples/s at its best batch so far (the largest its memory allowed). `--sync-check` runs the
-steps after the warm-up under `torch.cuda.set_sync_debug_mode("warn")` and prints where the step waited on
-the GPU (a host-device synchronisation), if anywhere.
+multiple of the released style's samples/s at its best batch so far (the largest its memory allowed).
+`--sync-check` runs the steps after the warm-up under `torch.cuda.set_sync_debug_mode("warn")` and prints
+where the step waited on the GPU (a host-device synchronisation), if anywhere.
 """
 
 from __future__ import annotations
