@@ -12,29 +12,17 @@ output and query gradient from the math backend in fp32, at batch 1.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from timing import cuda_ms
+
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 SHAPES = {"self (3072 x 3072)": (3072, 3072), "cross (3072 x 1297)": (3072, 1297)}
 HEADS, HEAD_DIM = 16, 64
-
-
-def gpu_ms(work, repeats: int, warmup: int = 3) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        work()
-        end.record()
-        end.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def inputs(batch: int, queries: int, keys: int, dtype=torch.bfloat16):
@@ -87,8 +75,8 @@ def main() -> None:
                 def forward_backward():
                     attend(backend, q, k, v).backward(grad)
 
-                forward_ms = gpu_ms(forward, args.repeats)
-                both_ms = gpu_ms(forward_backward, args.repeats)
+                forward_ms = cuda_ms(forward, args.repeats, warmup=3)
+                both_ms = cuda_ms(forward_backward, args.repeats, warmup=3)
             except RuntimeError as err:  # a backend that does not take these shapes here
                 print(f"| {shape_name} | {name} | unavailable: {str(err).splitlines()[0][:80]} | | | | |")
                 continue

@@ -34,6 +34,8 @@ from vfusion3d_lightning.models.lrm import LRMConfig
 from vfusion3d_lightning.models.lrm import renderer as renderer_module
 from vfusion3d_lightning.modules import LRMModule
 
+from timing import cuda_ms
+
 # dense bf16 tensor-core peaks, FLOP/s
 PEAKS = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12}
 
@@ -193,37 +195,19 @@ def kernel_family(name: str) -> str:
         return "field query (Triton)"
     if "composite" in lowered:
         return "compositing (Triton)"
-    if any(k in lowered for k in ("fmha", "flash", "attention", "cudnn_generated_fort_native_sdpa", "sdpa")):
+    # cudnn::fusion kernels (dot(dO, O), dQ to 16 bits) are cuDNN attention's backward, not convolutions
+    if any(k in lowered for k in ("fmha", "flash", "attention", "sdpa", "cudnn::fusion")):
         return "attention"
+    # before products: cuDNN's convolutions are implicit GEMMs whose names also say gemm and xmma
+    if any(k in lowered for k in ("conv", "implicit", "winograd", "fprop", "dgrad", "wgrad")):
+        return "convolutions"
     if any(k in lowered for k in ("gemm", "xmma", "nvjet", "cutlass", "sm90_", "wgmma")):
         return "matrix products"
-    if any(k in lowered for k in ("conv", "implicit", "winograd", "cudnn")):
-        return "convolutions"
     if lowered.startswith("triton_"):
         return "Inductor fused (elementwise, norms)"
     if "sort" in lowered or "scan" in lowered or "search" in lowered:
         return "sort, scan, search"
     return "other torch kernels"
-
-
-def cuda_ms(work, repeats: int = 5, warmup: int = 2) -> float:
-    """Median GPU milliseconds of `work()` (CUDA events; wall clock on the CPU)."""
-    times = []
-    for i in range(warmup + repeats):
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            work()
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            begin = time.perf_counter()
-            work()
-            elapsed = (time.perf_counter() - begin) * 1e3
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
 
 
 def breakdown(config: LRMConfig, batch_size: int, checkpointing: str | None, compile_network: bool,
