@@ -3,11 +3,11 @@
     python benchmarks/infer.py [--frames 160] [--size 384] [--grid 512] [--compile] [--repeats 3]
 
 Released-style: fp32, the released decoder computation (240 concatenated features a sample through the whole
-MLP), one turntable frame per call, dense density grid, marching cubes on the CPU. Ours: bf16 autocast,
-planes projected by the decoder's first layer once (renderer.py), the one-kernel field query
-(fused_field.py), `--frames-per-batch` frames a call, empty-space skipping (`LRM.occupancy`), coarse-to-fine
-grid; `--compile` adds torch.compile of the encoder/transformer (replayed as CUDA graphs) and of the ray
-renderer.
+MLP), one turntable frame per call, dense density grid, marching cubes on the CPU. Ours: bf16 autocast, with
+the network's matrix-product weights held in bf16 (`LRM.cast_network_weights`), planes projected by the
+decoder's first layer once (renderer.py), the one-kernel field query (fused_field.py), `--frames-per-batch`
+frames a call, empty-space skipping (`LRM.occupancy`), coarse-to-fine grid; `--compile` adds torch.compile
+of the encoder/transformer (replayed as CUDA graphs) and of the ray renderer.
 Each step: warm-up, then the median of `--repeats` runs (at least 10 for image -> planes) with CUDA
 synchronised, and its peak memory.
 Released sizes. image -> planes uses random weights (its time does not depend on them); the turntable and
@@ -118,6 +118,7 @@ def main() -> None:
     ours.load_state_dict(released.state_dict())
     sphere = write_sphere(ours)
     released.decoder.load_state_dict(ours.decoder.state_dict())
+    ours.cast_network_weights(torch.bfloat16)  # ours runs under bf16 autocast: its casts made once
     if args.compile:
         ours.compile_for_speed(cuda_graphs=CUDA)
     size = config.encoder_img_size or 512

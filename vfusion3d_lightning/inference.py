@@ -43,12 +43,17 @@ def max_rays_for(model: LRM, device: torch.device, memory_fraction: float = 0.5)
 
 
 class ImageTo3D:
-    """The released inference, batched: `ImageTo3D(LRM.from_pretrained("vfusion3d")).run("photo.png")`."""
+    """The released inference, batched: `ImageTo3D(LRM.from_pretrained("vfusion3d")).run("photo.png")`.
+
+    Takes over `model`: moves it to `device`, and with a dtype other than float32 holds its network weights in
+    that dtype (`LRM.cast_network_weights`)."""
 
     def __init__(self, model: LRM, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  input_size: int = 512, border_ratio: float = 0.2, background: str = "auto", compile: bool = False):
         self.model = model.eval().to(device)
         self.device, self.dtype = torch.device(device), dtype
+        if dtype != torch.float32:  # cast once what autocast would cast on every call
+            self.model.cast_network_weights(dtype)
         self.input_size, self.border_ratio, self.background = input_size, border_ratio, background
         if compile:  # BENCHMARKS.md: turntables and image -> planes on an H100
             self.model.compile_for_speed(cuda_graphs=self.device.type == "cuda")

@@ -207,3 +207,23 @@ def test_selective_checkpointing_under_autocast_with_leaf_image_tokens():
         grads.append(tokens.grad.clone())
         tokens.grad = None
     assert (grads[0] - grads[1]).abs().max() < 0.01 * grads[0].abs().max()  # bf16 rounding apart
+
+
+def test_network_weights_cast_once_give_autocasts_planes_bit_for_bit():
+    torch.manual_seed(0)
+    model = LRM(LRMConfig.tiny()).eval()
+    image = torch.rand(2, 3, 56, 56)
+    camera = canonical_source_camera(2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_planes = model(image, camera)
+        model.cast_network_weights(torch.bfloat16)
+        held_planes = model(image, camera)
+    assert torch.equal(held_planes, autocast_planes)
+    assert model.transformer.blocks[0].self_attn.to_qkv.weight.dtype == torch.bfloat16
+    assert model.encoder.vit.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert model.transformer.norm.weight.dtype == torch.float32  # autocast runs norms in float32
+    assert all(p.dtype == torch.float32 for p in model.decoder.parameters())
+    with pytest.raises(RuntimeError, match=r"torch.autocast\('cpu', dtype=torch.bfloat16\)"):
+        model(image, camera)
+    with pytest.raises(ValueError, match="torch.bfloat16 or torch.float16"):
+        model.cast_network_weights(torch.float32)
