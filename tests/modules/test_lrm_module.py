@@ -142,6 +142,8 @@ def test_checkpointing_choices_and_compiled_network_keep_names_and_values():
     partly = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing="network",
                        recompute_blocks=1).model
     assert partly.transformer.recompute_blocks == 1 and partly.encoder.gradient_checkpointing
+    with pytest.raises(ValueError, match="recompute_blocks.*needs checkpointing on: set gradient_checkpointing"):
+        LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, recompute_blocks=1)
     with pytest.raises(ValueError, match="gradient_checkpointing must be true, false, 'network' or 'selective', got 'renderer'"):
         LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing="renderer")
 

@@ -153,6 +153,9 @@ class LRM(nn.Module):
         if enabled not in (True, False, "selective"):
             raise ValueError(f"enabled must be true, false or 'selective', got {enabled!r}")
         layers = len(self.transformer.blocks)
+        if transformer_blocks is not None and enabled is False:
+            raise ValueError(f"transformer_blocks={transformer_blocks} (LRMModule's recompute_blocks) picks blocks to "
+                             "recompute, so it needs checkpointing on: set gradient_checkpointing, or leave it None")
         if transformer_blocks is not None and not 0 <= transformer_blocks <= layers:
             raise ValueError(f"transformer_blocks must be None or 0..{layers} (the transformer's blocks), got "
                              f"{transformer_blocks!r}")
