@@ -120,6 +120,15 @@ def test_evaluator_renders_all_views_from_the_ground_truth_cameras(samples, lpip
     assert np.isnan(scores.clip_image) and np.isnan(scores.clip_text)  # no CLIP given
 
 
+def test_evaluator_in_bfloat16_holds_the_network_weights_in_bfloat16(samples, lpips_model):
+    model = tiny_lrm()
+    evaluator = Evaluator(model, lpips_model, input_view=3, input_size=56, dtype=torch.bfloat16)
+    assert model.network_weights_dtype == torch.bfloat16
+    assert model.transformer.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    scores = evaluator.evaluate_sample(samples[1])
+    assert scores.views == 32 and 0 < scores.psnr < 60
+
+
 class Oracle(nn.Module):
     """An 'LRM' that renders the ground truth of whichever camera it is given (after `shift` views): it fails
     the test if asked for a camera the sample does not have."""

@@ -192,9 +192,10 @@ def evaluation_views(sample, input_view: int = 0, input_size: int = 512, render_
 class Evaluator:
     """Scores one LRM on multi-view samples: `evaluate(samples)` -> a list of `ObjectScores`.
 
-    `dtype` bfloat16 runs the LRM under autocast (planes and metrics stay float32); `views_per_batch` views
-    are rendered per call, each call in passes of at most `max_rays` rays (None: sized to free GPU memory as
-    `inference.max_rays_for` does, 2**16 on the CPU). The renderer's stratified jitter is seeded per object.
+    `dtype` bfloat16 runs the LRM under autocast (planes and metrics stay float32), an `LRM`'s network weights
+    held in bfloat16 (`LRM.cast_network_weights`); `views_per_batch` views are rendered per call, each call in
+    passes of at most `max_rays` rays (None: sized to free GPU memory as `inference.max_rays_for` does, 2**16
+    on the CPU). The renderer's stratified jitter is seeded per object.
     """
 
     def __init__(self, model: nn.Module, lpips_model: nn.Module, clip: ClipSimilarity | None = None, *,
@@ -202,11 +203,14 @@ class Evaluator:
                  input_size: int = 512, render_size: int | None = None, views_per_batch: int = 8,
                  max_rays: int | None = None, seed: int = 0):
         from .inference import max_rays_for
+        from .models.lrm import LRM
 
         if views_per_batch < 1:
             raise ValueError(f"views_per_batch must be >= 1, got {views_per_batch}")
         self.device, self.dtype = torch.device(device), dtype
         self.model = model.eval().to(self.device)
+        if dtype != torch.float32 and isinstance(self.model, LRM):  # cast once what autocast casts every call
+            self.model.cast_network_weights(dtype)
         self.lpips = lpips_model.to(self.device)
         self.clip = clip
         self.input_view, self.input_size, self.render_size = input_view, input_size, render_size
