@@ -1,6 +1,9 @@
 """Procedural assets -> rendered shards -> DataModule batches, with resume and failure reporting."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import torch
 
@@ -51,3 +54,18 @@ def test_cli_makes_assets_and_renders_supervision_sets(tmp_path, capsys):
     dm = MultiViewDataModule(str(tmp_path / "s" / "shard-000000.tar"), batch_size=2, num_workers=0,
                              input_size=16, supervision_size=16)
     assert next(iter(dm.train_dataloader()))["render_cameras"].shape == (2, 4, 25)
+
+
+def test_a_script_without_the_main_guard_gets_an_error_not_a_hang(tmp_path):
+    # spawn runs the script again in each rendering process, which then fails to start its own; a Pool
+    # would replace the dead worker and wait forever
+    write_assets(tmp_path / "assets", 1, seed=2)
+    script = tmp_path / "render_script.py"
+    script.write_text(textwrap.dedent(f"""
+        from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
+        render_folder({str(tmp_path / "assets")!r}, {str(tmp_path / "shards")!r}, RenderSettings(resolution=16),
+                      workers=1, progress=False)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "a rendering process died" in done.stderr and 'if __name__ == "__main__":' in done.stderr

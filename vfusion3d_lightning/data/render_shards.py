@@ -6,6 +6,8 @@ import json
 import multiprocessing
 import re
 import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +114,9 @@ def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSe
     shards are skipped, assets that fail are listed in the report and `render_report.json`.
 
     Rendering processes start with spawn, which imports the calling script again: in a script, call this
-    under `if __name__ == "__main__":`."""
+    under `if __name__ == "__main__":`. A rendering process that dies (a crash in the GL driver, the
+    memory, or that missing guard) stops the job with an error; the complete shards stay, and a rerun
+    resumes after them."""
     settings = settings or RenderSettings()
     asset_dir, out_dir = Path(asset_dir), Path(out_dir)
     done = resume_shard_folder(out_dir)
@@ -125,17 +129,27 @@ def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSe
     report = RenderReport(skipped_existing=len(assets) - len(jobs))
     if jobs:
         context = multiprocessing.get_context("spawn")  # a fresh process per worker: GL contexts do not fork
-        with context.Pool(max(1, workers), initializer=_start_worker, initargs=(settings,)) as pool, \
+        # an executor, not multiprocessing.Pool: Pool replaces a worker that dies and waits forever for its job
+        with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=_start_worker,
+                                 initargs=(settings,)) as pool, \
                 ShardWriter(out_dir, maxcount=shard_size, image_format=settings.image_format) as writer:
-            results = pool.imap_unordered(_render_one, jobs, chunksize=1)
-            for path, encoded, reason in tqdm(results, total=len(jobs), desc="render", unit="asset",
-                                              disable=not progress):
-                if encoded is None:
-                    report.failed.append({"asset": path, "reason": reason})
-                    tqdm.write(f"could not render {path}: {reason}")
-                else:
-                    writer.write(encoded)
-                    report.rendered += 1
+            pending = [pool.submit(_render_one, job) for job in jobs]
+            try:
+                for finished in tqdm(as_completed(pending), total=len(jobs), desc="render", unit="asset",
+                                     disable=not progress):
+                    path, encoded, reason = finished.result()
+                    if encoded is None:
+                        report.failed.append({"asset": path, "reason": reason})
+                        tqdm.write(f"could not render {path}: {reason}")
+                    else:
+                        writer.write(encoded)
+                        report.rendered += 1
+            except BrokenProcessPool as err:
+                raise RuntimeError(
+                    f"a rendering process died, with {report.rendered} of {len(jobs)} assets rendered into "
+                    f"{out_dir}: a crash in the GL driver, out of memory, or, in a script, render_folder called "
+                    "without `if __name__ == \"__main__\":` (its processes start with spawn, which runs the "
+                    "script again). Complete shards are kept: run again to resume after them") from err
         report.shards = [str(p) for p in writer.written]
     _write_report(out_dir, report)
     return report
