@@ -150,6 +150,9 @@ def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSe
                     f"{out_dir}: a crash in the GL driver, out of memory, or, in a script, render_folder called "
                     "without `if __name__ == \"__main__\":` (its processes start with spawn, which runs the "
                     "script again). Complete shards are kept: run again to resume after them") from err
+            finally:  # after an error render no more: leaving the executor waits for every job still queued
+                for job in pending:
+                    job.cancel()
         report.shards = [str(p) for p in writer.written]
     _write_report(out_dir, report)
     return report
