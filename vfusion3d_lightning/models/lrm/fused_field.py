@@ -263,7 +263,8 @@ GRADIENT_COPIES = 8  # copies of the plane gradient that programs add into in tu
 # the backward kernel's launch, bf16 and fp32: (samples a block, warps, programs a multiprocessor, each looping
 # over blocks); fastest of those tried on an H100 on samples along rays, as rendered (benchmarks/field_query.py
 # --backward --along-rays). The kernel holds 255 registers a thread, so a multiprocessor runs 8 warps whatever
-# the launch; capping registers (maxnreg) spilled more and ran slower.
+# the launch; capping registers (maxnreg) spilled more and ran slower. 64 samples with 8 warps gave wrong gradients
+# (NaN) under Triton 3.6, cause not found: check any new launch with field_query.py's gradient error column.
 BACKWARD_LAUNCH = {True: (16, 4, 4), False: (16, 8, 1)}
 
 
