@@ -35,6 +35,7 @@ except ImportError:  # triton ships with CUDA builds of torch; without it the un
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 32  # samples a program; measured on an H100 (benchmarks/field_query.py)
+# (64 samples with 4 warps hit an illegal memory access in bf16 under Triton 3.6, cause not found)
 NUM_WARPS = 4
 OUT_WIDTH = 16  # the 4 outputs padded to the smallest matrix width tl.dot takes
 
