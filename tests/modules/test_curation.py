@@ -3,6 +3,7 @@ videos spoiled the ways generated ones go wrong, and the elevation MLP on render
 
 import json
 import math
+import shutil
 
 import lightning as L
 import numpy as np
@@ -87,6 +88,19 @@ def test_features_are_cached_per_shard_and_match_a_direct_encoding(quality_data)
     row = table.keys.index(first.key)
     torch.testing.assert_close(quality[0], table.quality[row], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(elevation[0], table.elevation[row], atol=1e-4, rtol=1e-4)
+
+
+def test_features_with_loader_workers_read_every_shard(quality_data, tmp_path):
+    # each worker reads whole shards of its own: a shard reader that splits its list over workers gave some nothing
+    root, tag = quality_data
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for shard in complete_shards(root / "videos"):
+        shutil.copy(shard, videos / shard.name)
+    compute_features(videos, tiny_extractor(), accelerator="cpu", devices=1, num_workers=2, progress=False)
+    with_workers, in_process = read_features(videos, tag), read_features(root / "videos", tag)
+    assert len(complete_shards(videos)) > 2 and with_workers.keys == in_process.keys
+    torch.testing.assert_close(with_workers.quality, in_process.quality)
 
 
 def test_unreadable_shards_are_named(quality_data, tmp_path):

@@ -28,7 +28,7 @@ from ..io import atomic_write
 from ..registry import sha256_of
 from .feature_cache import cache_path, read_features, shard_paths, write_features
 from .render import default_intrinsics
-from .schema import SampleError, decode_sample, encode_sample, unreadable_shard
+from .schema import SampleError, decode_sample, encode_sample, read_raw_samples, unreadable_shard
 
 FILTER_REPORT, LABEL_REPORT = "filter_report.json", "label_report.json"
 
@@ -101,7 +101,7 @@ def _carry_features(shard: Path, out_shard: Path, keys: list[str], kept: list[st
 def _raw_samples(shard: Path) -> list[dict[str, Any]]:
     """A shard's samples as stored (suffix -> bytes), in order, without decoding images."""
     samples = []
-    for raw in wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False):
+    for raw in read_raw_samples(shard):
         samples.append({k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"})
     return samples
 
@@ -225,7 +225,7 @@ def label_shards(shards: str | Path | list[str], out_dir: str | Path, labellers:
     def process(shard: Path, out_shard: Path) -> dict[str, int]:
         elevation, quality = estimates(shard)
         samples, keys, counts = [], [], {"videos": 0, "elevation": 0, "masks": 0, "quality": 0}
-        for raw in wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False):
+        for raw in read_raw_samples(shard):
             sample = decode_sample(raw)
             image_format = json.loads(raw["json"])["image_format"]
             counts["videos"] += 1

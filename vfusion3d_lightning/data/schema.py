@@ -265,18 +265,28 @@ def unreadable_shard(path: str | Path, err: Exception) -> ShardError:
                        "out of the folder, then rerun")
 
 
+def read_raw_samples(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The samples of one shard file as stored (suffix -> bytes, and `__key__`), in order, undecoded.
+
+    All of the file, in any process: `wds.WebDataset` would split its shard list over DataLoader workers and
+    refuse to run under more than one rank, so a worker or rank reading a shard of its own got nothing or failed.
+    """
+    samples = wds.tarfile_samples(iter([{"url": os.fspath(path)}]))
+    while True:
+        try:
+            raw = next(samples)
+        except StopIteration:
+            return
+        except tarfile.TarError as err:
+            raise unreadable_shard(path, err) from err
+        yield raw
+
+
 def read_samples(paths: Sequence[str | Path], select: Callable[[int], Sequence[int]] | None = None,
                  require_cameras: bool = False) -> Iterator[MultiViewSample]:
     """The validated samples of these shard files, in order (`select` and `require_cameras` as decode_sample)."""
     for path in paths:
-        samples = wds.tarfile_samples(iter([{"url": os.fspath(path)}]))
-        while True:
-            try:
-                raw = next(samples)
-            except StopIteration:
-                break
-            except tarfile.TarError as err:
-                raise unreadable_shard(path, err) from err
+        for raw in read_raw_samples(path):
             yield decode_sample(raw, require_cameras, select)
 
 

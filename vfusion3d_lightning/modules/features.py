@@ -11,11 +11,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.feature_cache import cache_path, feature_tag, shard_paths, write_features
-from ..data.schema import SampleError, decode_sample
+from ..data.schema import SampleError, decode_sample, read_raw_samples
 from ..io import on_white
 from ..models.features import ELEVATION_VIEWS, QUALITY_FRAMES, DinoFeatures, curation_indices
 
@@ -45,7 +44,7 @@ class ShardFrames(Dataset):
     def _read(self, shard: Path) -> tuple[list[str], list[torch.Tensor]]:
         keys, frames = [], []
         needed = max(self.frames) + 1
-        for raw in wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False):
+        for raw in read_raw_samples(shard):
             def select(num_views: int) -> list[int]:
                 if num_views < needed:
                     raise SampleError(f"sample {raw.get('__key__')!r} in {shard} has {num_views} views; curation "
