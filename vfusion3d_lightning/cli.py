@@ -286,7 +286,8 @@ def lightning_cli(argv: list[str] | None, run: bool = True, overwrite_config: bo
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     if words and words[0] in LIGHTNING_COMMANDS:
-        lightning_cli(argv)
+        # predict writes no versioned log folder, so its rerun (skipping cached shards) meets its own config.yaml
+        lightning_cli(argv, overwrite_config=words[0] == "predict")
         return 0
     args = build_parser().parse_args(words)
     return args.run(args)

@@ -4,6 +4,7 @@ videos spoiled the ways generated ones go wrong, and the elevation MLP on render
 import json
 import math
 import shutil
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -101,6 +102,29 @@ def test_features_with_loader_workers_read_every_shard(quality_data, tmp_path):
     with_workers, in_process = read_features(videos, tag), read_features(root / "videos", tag)
     assert len(complete_shards(videos)) > 2 and with_workers.keys == in_process.keys
     torch.testing.assert_close(with_workers.quality, in_process.quality)
+
+
+def test_features_command_reruns_on_the_same_folder(quality_data, tmp_path):
+    # the README's features command, twice: the rerun skips cached shards; LightningCLI had refused to
+    # overwrite the config.yaml the first run saved
+    from vfusion3d_lightning.cli import main
+
+    root, tag = quality_data
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for shard in complete_shards(root / "videos")[:2]:
+        shutil.copy(shard, videos / shard.name)
+    overrides = ",".join(f"{key}: {value}" for key, value in TINY_DINO["overrides"].items())
+    argv = ["predict", "--config", str(Path(__file__).parents[2] / "configs/curation/features.yaml"),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--data.init_args.shards", str(videos),
+            "--data.init_args.num_workers", "0", "--model.init_args.weights", "null",
+            "--model.init_args.random_init", "true", "--model.init_args.model_name", TINY_DINO["model_name"],
+            "--model.init_args.image_size", str(TINY_DINO["image_size"]),
+            "--model.init_args.pooling", TINY_DINO["pooling"], "--model.init_args.overrides", f"{{{overrides}}}"]
+    for _ in range(2):
+        assert main(argv) == 0
+    assert len(read_features(videos, tag).keys) == 16 and (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_unreadable_shards_are_named(quality_data, tmp_path):
