@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -293,5 +294,34 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
 
 
+def _user_error(err: BaseException) -> BaseException | None:
+    """The error in `err`'s chain that is the user's to mend, with a message that says how: a missing file
+    (weights to fetch, an input path) or data that breaks the shard schema or cannot be rendered. Lightning's
+    config parser wraps errors from building a module, so the chain is searched."""
+    from .data.render import AssetLoadError
+    from .data.schema import SampleError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (FileNotFoundError, SampleError, AssetLoadError)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def console_main() -> int:
+    """The `vfusion3d-lightning` command: `main`, with errors the user can mend printed as one message
+    rather than a traceback (VFUSION3D_TRACEBACK=1 shows the traceback too)."""
+    try:
+        return main()
+    except Exception as err:
+        found = _user_error(err)
+        if found is None or os.environ.get("VFUSION3D_TRACEBACK") == "1":
+            raise
+        print(f"vfusion3d-lightning: error: {found}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

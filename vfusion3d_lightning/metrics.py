@@ -387,7 +387,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="LRM to evaluate: save_pretrained folder, weights file, registry name or LRMModule "
                              ".ckpt; repeat to compare several side by side")
-    parser.add_argument("--shards", required=True, help="held-out multi-view shards (brace pattern or glob), "
+    parser.add_argument("--shards", required=True, help="held-out multi-view shards (a folder, brace pattern or glob), "
                                                         "e.g. renders made with `render --views uniform32`")
     parser.add_argument("--out", required=True, help="folder for <checkpoint>/objects.csv, summary.md, plots/")
     parser.add_argument("--clip", default=DEFAULT_CLIP,

@@ -80,6 +80,19 @@ def collect_ids(dataset: ShardStream, workers: int) -> list[str]:
     return [batch["object_id"][0] for batch in loader]
 
 
+def test_a_folder_names_its_complete_shards(tmp_path, shard_factory):
+    shard_factory(tmp_path, n_shards=3, per_shard=2)
+    (tmp_path / "shard-000003.tar.partial").write_bytes(b"cut short")  # a killed writer's: not a shard yet
+    assert expand_shards(str(tmp_path)) == expand_shards(str(tmp_path / "shard-*.tar"))
+    assert len(expand_shards(str(tmp_path))) == 3
+    dm = MultiViewDataModule(str(tmp_path), batch_size=2, num_workers=0, num_supervision_views=4, input_size=28,
+                             supervision_size=16)
+    assert len(list(dm.train_dataloader())) == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no shard-NNNNNN.tar files in the folder .*empty"):
+        expand_shards(str(tmp_path / "empty"))
+
+
 def test_two_ranks_by_two_workers_read_disjoint_samples_covering_the_split(tmp_path, shard_factory):
     keys = shard_factory(tmp_path, n_shards=8, per_shard=3, n_views=4)
     urls = expand_shards(str(tmp_path / "shard-*.tar"))

@@ -117,7 +117,7 @@ def test_folders_round_trip_with_their_conditioning(tmp_path, i2vgen):
 
 
 def test_missing_models_say_what_to_fetch(tmp_path):
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download stabilityai/stable-video-diffusion"):
+    with pytest.raises(FileNotFoundError, match="hf download stabilityai/stable-video-diffusion"):
         VideoDiffusionModel.load(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="model_index.json missing"):

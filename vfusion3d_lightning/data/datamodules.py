@@ -28,7 +28,7 @@ from ..cameras import (
     render_camera_vector,
     source_camera_vector,
 )
-from .schema import MultiViewSample, SampleError, decode_sample, keys_in_shards
+from .schema import MultiViewSample, SampleError, complete_shards, decode_sample, keys_in_shards
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,18 @@ OnError = Literal["raise", "skip"]
 
 
 def expand_shards(pattern: str | list[str]) -> list[str]:
-    """Shard URLs from a brace pattern (`shard-{000000..000009}.tar`), a glob, a list, or comma-separated."""
+    """Shard URLs from a folder of shard-NNNNNN.tar files (its complete shards), a brace pattern
+    (`shard-{000000..000009}.tar`), a glob, a list, or comma-separated."""
     patterns = pattern if isinstance(pattern, list) else [p for p in pattern.split(",") if p]
     urls: list[str] = []
     for item in patterns:
-        if any(c in item for c in "*?["):
+        item = os.fspath(item)
+        if os.path.isdir(item):
+            shards = complete_shards(item)
+            if not shards:
+                raise FileNotFoundError(f"no shard-NNNNNN.tar files in the folder {item}")
+            urls.extend(os.fspath(shard) for shard in shards)
+        elif any(c in item for c in "*?["):
             matched = sorted(glob.glob(item))
             if not matched:
                 raise FileNotFoundError(f"no shards match {item!r}")

@@ -21,17 +21,11 @@ from safetensors.torch import save_file
 
 from ..io import atomic_write
 from .datamodules import expand_shards
-from .schema import complete_shards
 
 
 def shard_paths(shards: str | Path | list[str]) -> list[Path]:
     """A folder of shard-NNNNNN.tar files, a glob/brace pattern, or a list of them -> shard paths."""
-    if isinstance(shards, (str, Path)) and Path(shards).is_dir():
-        paths = complete_shards(shards)
-        if not paths:
-            raise FileNotFoundError(f"no shard-NNNNNN.tar files in {shards}")
-        return paths
-    return [Path(p) for p in expand_shards(shards if isinstance(shards, list) else str(shards))]
+    return [Path(p) for p in expand_shards(shards if isinstance(shards, list) else os.fspath(shards))]
 
 
 def feature_tag(model_name: str, pooling: str = "cls", random_init: bool = False) -> str:

@@ -92,7 +92,7 @@ def resolve_pretrained_folder(source: str | Path) -> Path:
     raise FileNotFoundError(
         f"video model {source!r} is not a folder, a cached hub id or one of the architectures "
         f"{sorted(ARCHITECTURES)}. Fetch a public model ({hub_ids}) on a machine with network access, e.g. "
-        f"`huggingface-cli download {HUB_IDS['UNetSpatioTemporalConditionModel']} --local-dir "
+        f"`hf download {HUB_IDS['UNetSpatioTemporalConditionModel']} --local-dir "
         f"checkpoints/stable-video-diffusion-img2vid-xt`, copy it here and pass that folder")
 
 
