@@ -36,7 +36,8 @@ def build_lpips(backbone_weights: str | None = None, random_backbone: bool = Fal
             raise FileNotFoundError(
                 f"LPIPS needs torchvision's ImageNet VGG16 weights and none are at {path}. Download "
                 f"{VGG16_SOURCE} and save it as {torch_hub_vgg16()} (the torch hub cache, $TORCH_HOME) or pass its "
-                "path as lpips_backbone_weights; lpips_random_backbone: true builds an untrained trunk for tests."
+                "path (LRMModule: lpips_backbone_weights; evaluate: --lpips-weights); lpips_random_backbone: true "
+                "(evaluate: --lpips-random-backbone) builds an untrained trunk for tests."
             )
         from .registry import load_state_file
 
