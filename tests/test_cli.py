@@ -45,3 +45,21 @@ def test_missing_weights_are_one_error_line_not_a_traceback(tmp_path):
     assert "vfusion3d-lightning: error: weights 'dino-vitb16'" in predict.stderr
     shown = _command(["infer", "photo.png", "--out", "out"], tmp_path, VFUSION3D_TRACEBACK="1")
     assert shown.returncode == 1 and "Traceback" in shown.stderr and "FileNotFoundError" in shown.stderr
+
+
+def test_a_data_error_in_a_loader_worker_prints_its_own_message(monkeypatch, capsys):
+    from torch.utils.data import DataLoader, Dataset
+
+    from vfusion3d_lightning import cli
+    from vfusion3d_lightning.data.schema import SampleError
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            raise SampleError("shard x.tar holds no samples; write it again")
+
+    monkeypatch.setattr(cli, "main", lambda: list(DataLoader(Broken(), num_workers=1)))
+    assert cli.console_main() == 1
+    assert capsys.readouterr().err == "vfusion3d-lightning: error: shard x.tar holds no samples; write it again\n"

@@ -319,7 +319,11 @@ def console_main() -> int:
         found = _user_error(err)
         if found is None or os.environ.get("VFUSION3D_TRACEBACK") == "1":
             raise
-        print(f"vfusion3d-lightning: error: {found}", file=sys.stderr)
+        message = str(found)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its message ends the worker's traceback
+            name, _, text = message.strip().splitlines()[-1].partition(": ")
+            message = text if text and " " not in name else message
+        print(f"vfusion3d-lightning: error: {message}", file=sys.stderr)
         return 1
 
 
