@@ -127,6 +127,27 @@ def test_features_command_reruns_on_the_same_folder(quality_data, tmp_path):
     assert len(read_features(videos, tag).keys) == 16 and (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_validation_split_does_not_depend_on_which_shard_holds_a_video(quality_data, tmp_path):
+    # render workers finish in any order, so the same videos can land in other shards on a rerun
+    from vfusion3d_lightning.data.curation import CurationDataModule
+    from vfusion3d_lightning.data.feature_cache import cache_path
+
+    root, tag = quality_data
+    shards = complete_shards(root / "videos")
+    shuffled = tmp_path / "videos"
+    shuffled.mkdir()
+    for shard, name in zip(shards, reversed([s.name for s in shards])):
+        shutil.copy(shard, shuffled / name)
+        shutil.copy(cache_path(shard, tag), cache_path(shuffled / name, tag))
+    assert read_features(shuffled, tag).keys != read_features(root / "videos", tag).keys
+    splits = []
+    for folder in (root / "videos", shuffled):
+        data = CurationDataModule(str(folder), tag, "quality", labels=str(root / "labels.jsonl"))
+        data.setup()
+        splits.append(data.val_set.tensors)
+    torch.testing.assert_close(splits[0], splits[1], rtol=0, atol=0)
+
+
 def test_unreadable_shards_are_named(quality_data, tmp_path):
     from vfusion3d_lightning.data.schema import SampleError
     from vfusion3d_lightning.modules.features import ShardFrames

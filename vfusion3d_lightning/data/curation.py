@@ -16,10 +16,16 @@ from .labels import read_labels
 Target = Literal["quality", "elevation"]
 
 
+def _in_key_order(keys: list[str], rows: list[int]) -> list[int]:
+    # rows by sample key, not by place in the shards: renders land in shards in the order workers finish, and
+    # the seeded validation split must pick the same videos from any such layout
+    return sorted(rows, key=keys.__getitem__)
+
+
 def labelled_quality(shards: str, tag: str, labels_path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quality features of the labelled videos in these shards: (N, D) and labels (N,)."""
     table, labels = read_features(shards, tag), read_labels(labels_path)
-    rows = [i for i, key in enumerate(table.keys) if key in labels]
+    rows = _in_key_order(table.keys, [i for i, key in enumerate(table.keys) if key in labels])
     if not rows:
         raise ValueError(f"none of the {len(table.keys)} videos in {shards} has a label in {labels_path}")
     return table.quality[rows], torch.tensor([labels[table.keys[i]] for i in rows])
@@ -33,7 +39,7 @@ def render_elevations(shards: str, tag: str) -> tuple[torch.Tensor, torch.Tensor
         for key, meta in read_metadata(shard).items():
             if meta.get("elevations"):
                 elevation[key] = float(meta["elevations"][0])
-    rows = [i for i, key in enumerate(table.keys) if key in elevation]
+    rows = _in_key_order(table.keys, [i for i, key in enumerate(table.keys) if key in elevation])
     if not rows:
         raise ValueError(f"no sample in {shards} has elevations; the elevation MLP trains on 3D renders")
     return table.elevation[rows], torch.tensor([elevation[table.keys[i]] for i in rows], dtype=torch.float32)
