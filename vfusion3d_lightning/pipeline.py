@@ -444,7 +444,7 @@ def _automatic_labels(pipe: Pipeline, folder: Path) -> tuple[str, str]:
     from .data.spoil import SPOIL_KINDS, spoil_video
 
     videos, labels = folder / "labelled", folder / "labels.jsonl"
-    good = _samples(pipe.output("render", "orbit16"))
+    good = sorted(_samples(pipe.output("render", "orbit16")), key=lambda sample: sample.key)  # any shard layout
     rng = np.random.default_rng(pipe.config.seed)
     lines = []
     if not complete_shards(videos):

@@ -11,8 +11,8 @@ from vfusion3d_lightning.cameras import canonical_source_camera
 from vfusion3d_lightning.cli import main
 from vfusion3d_lightning.data.datamodules import MultiViewDataModule, VideoDataModule
 from vfusion3d_lightning.data.procedural import write_assets
-from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
-from vfusion3d_lightning.data.schema import complete_shards
+from vfusion3d_lightning.data.render_shards import RenderSettings, find_assets, render_folder, sample_key
+from vfusion3d_lightning.data.schema import complete_shards, keys_in_shards
 
 
 def test_assets_render_to_shards_that_feed_both_datamodules(tmp_path):
@@ -23,6 +23,9 @@ def test_assets_render_to_shards_that_feed_both_datamodules(tmp_path):
     assert report.rendered == 6 and report.skipped_existing == 0
     assert [f["asset"].endswith("broken.obj") for f in report.failed] == [True]
     assert len(complete_shards(shards)) == 2
+    # in the assets' order whichever worker finished first
+    assert list(keys_in_shards(complete_shards(shards)).values()) == [
+        [sample_key(p) for p in find_assets(assets) if p.name != "broken.obj"][i:i + 4] for i in (0, 4)]
     saved = json.loads((shards / "render_report.json").read_text())
     assert saved["rendered"] == 6 and "broken.obj" in saved["failed"][0]["asset"]
 

@@ -6,7 +6,7 @@ import json
 import multiprocessing
 import re
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,8 +135,9 @@ def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSe
                 ShardWriter(out_dir, maxcount=shard_size, image_format=settings.image_format) as writer:
             pending = [pool.submit(_render_one, job) for job in jobs]
             try:
-                for finished in tqdm(as_completed(pending), total=len(jobs), desc="render", unit="asset",
-                                     disable=not progress):
+                # written in the assets' order, not as workers finish: the same folder gives the same shards,
+                # which the seeded splits and pairings downstream depend on
+                for finished in tqdm(pending, desc="render", unit="asset", disable=not progress):
                     path, encoded, reason = finished.result()
                     if encoded is None:
                         report.failed.append({"asset": path, "reason": reason})
