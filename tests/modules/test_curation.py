@@ -14,13 +14,13 @@ import torch
 from vfusion3d_lightning.data.curation import CurationDataModule
 from vfusion3d_lightning.data.feature_cache import read_features, shard_paths
 from vfusion3d_lightning.data.spoil import SPOIL_KINDS, spoil_video
-from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter, complete_shards, decode_sample
+from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter, complete_shards
+from vfusion3d_lightning.data.schema import read_samples as read_shard_samples
 from vfusion3d_lightning.models.features import curation_indices, uniform_indices
 from vfusion3d_lightning.models.quality import QualitySVM
 from vfusion3d_lightning.modules import ElevationModule, FeatureExtractor, QualityModule
 from vfusion3d_lightning.modules.features import compute_features
 
-import webdataset as wds
 
 # a random ViT's class token alone carries little; with the patch mean its features separate the spoiled videos
 TINY_DINO = dict(model_name="vit_small_patch16_224", random_init=True, image_size=64, pooling="cls+mean",
@@ -34,8 +34,7 @@ def tiny_extractor(**kwargs) -> FeatureExtractor:
 
 
 def read_samples(folder) -> list[MultiViewSample]:
-    return [decode_sample(raw) for raw in wds.WebDataset([str(p) for p in complete_shards(folder)],
-                                                         shardshuffle=False)]
+    return list(read_shard_samples(complete_shards(folder)))
 
 
 @pytest.fixture(scope="module")
@@ -285,8 +284,7 @@ def test_filter_then_label_keeps_the_schema_and_resumes(quality_data, tmp_path, 
     predicted = dict(zip(read_features(kept_dir, tag).keys,
                          ElevationMLP.from_pretrained(tmp_path / "elevation_mlp")(
                              read_features(kept_dir, tag).elevation).tolist()))
-    labelled = [decode_sample(raw, require_cameras=True) for raw in wds.WebDataset(
-        [str(p) for p in complete_shards(labelled_dir)], shardshuffle=False)]
+    labelled = list(read_shard_samples(complete_shards(labelled_dir), require_cameras=True))
     assert [s.key for s in labelled] == [s.key for s in kept]
     overlaps = []
     for sample in labelled:

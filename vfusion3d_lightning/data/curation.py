@@ -17,8 +17,8 @@ Target = Literal["quality", "elevation"]
 
 
 def _in_key_order(keys: list[str], rows: list[int]) -> list[int]:
-    # rows by sample key, not by place in the shards: renders land in shards in the order workers finish, and
-    # the seeded validation split must pick the same videos from any such layout
+    # rows by sample key, not by place in the shards: a resumed render or curation run can put the same videos
+    # in other shards, and the seeded validation split must pick the same ones from any layout
     return sorted(rows, key=keys.__getitem__)
 
 
