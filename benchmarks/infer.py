@@ -24,8 +24,8 @@ import time
 import torch
 
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
-from vfusion3d_lightning.isosurface import nearest_vertex_distance
-from vfusion3d_lightning.mesh import coarse_to_fine_grid, density_grid, extract_mesh
+from vfusion3d_lightning.geometry.isosurface import nearest_vertex_distance
+from vfusion3d_lightning.geometry.mesh import coarse_to_fine_grid, density_grid, extract_mesh
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.models.lrm.analytic import write_sphere
 

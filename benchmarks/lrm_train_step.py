@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
-from vfusion3d_lightning.losses import lpips_loss, opacity_loss
+from vfusion3d_lightning.training.losses import lpips_loss, opacity_loss
 from vfusion3d_lightning.models.lrm import LRMConfig
 from vfusion3d_lightning.models.lrm import renderer as renderer_module
-from vfusion3d_lightning.modules import LRMModule
+from vfusion3d_lightning.training import LRMModule
 
 from timing import cuda_ms
 
@@ -214,7 +214,7 @@ def breakdown(config: LRMConfig, batch_size: int, checkpointing: str | None, com
               recompute_blocks: int | None = None) -> None:
     """GPU time of each part of the step, forward and backward, timed apart: encoder, transformer, renderer
     with its losses (LPIPS also alone) and the AdamW step, foreach and fused."""
-    from vfusion3d_lightning.modules.lrm import decay_groups
+    from vfusion3d_lightning.training.lrm import decay_groups
 
     torch.manual_seed(0)
     m = module(config, True, checkpointing, None, True, compile_network, recompute_blocks).to(DEVICE).train()

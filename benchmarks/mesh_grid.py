@@ -21,8 +21,8 @@ import mcubes
 import numpy as np
 import torch
 
-from vfusion3d_lightning.isosurface import nearest_vertex_distance, surface_nets
-from vfusion3d_lightning.mesh import coarse_to_fine_grid, density_grid
+from vfusion3d_lightning.geometry.isosurface import nearest_vertex_distance, surface_nets
+from vfusion3d_lightning.geometry.mesh import coarse_to_fine_grid, density_grid
 from vfusion3d_lightning.models.lrm.analytic import write_radius_squared
 from vfusion3d_lightning.models.lrm.renderer import TriplaneDecoder, density_activation, sample_triplane
 

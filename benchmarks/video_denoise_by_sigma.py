@@ -15,8 +15,8 @@ from PIL import Image
 
 from vfusion3d_lightning.io import on_white
 from vfusion3d_lightning.models.video.objectives import EDMObjective
-from vfusion3d_lightning.models.video.pipeline import OrbitVideoPipeline, SamplerSettings
-from vfusion3d_lightning.modules.video_diffusion import load_video_model, orbit_grid
+from vfusion3d_lightning.models.video.sampler import OrbitVideoPipeline, SamplerSettings
+from vfusion3d_lightning.training.video_diffusion import load_video_model, orbit_grid
 
 from video_first_frames import samples
 

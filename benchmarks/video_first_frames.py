@@ -14,7 +14,7 @@ from PIL import Image
 
 from vfusion3d_lightning.data.schema import complete_shards, decode_sample
 from vfusion3d_lightning.io import on_white
-from vfusion3d_lightning.modules.video_diffusion import orbit_grid
+from vfusion3d_lightning.training.video_diffusion import orbit_grid
 
 
 def samples(folder: str) -> dict:

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from vfusion3d_lightning.modules import VideoDiffusionModule
+from vfusion3d_lightning.training import VideoDiffusionModule
 
 
 def main() -> None:

@@ -164,10 +164,10 @@ from vfusion3d_lightning.data.schema import (
     encode_sample,
     read_samples,
 )
-from vfusion3d_lightning.models.elevation import ElevationMLP
+from vfusion3d_lightning.models.curation.elevation import ElevationMLP
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
-from vfusion3d_lightning.models.quality import FORMAT as SVM_FORMAT
-from vfusion3d_lightning.models.quality import QualitySVM
+from vfusion3d_lightning.models.curation.quality import FORMAT as SVM_FORMAT
+from vfusion3d_lightning.models.curation.quality import QualitySVM
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "tiny-random"  # feature tag of the random curation features below
@@ -499,8 +499,8 @@ def test_bad_samples_are_skipped_counted_and_named_in_training(datamodule, tmp_p
 
 def test_frames_of_different_sizes_in_one_shard_are_named_by_feature_caching(tmp_path):
     from vfusion3d_lightning.data.feature_cache import feature_tag
-    from vfusion3d_lightning.modules import FeatureExtractor
-    from vfusion3d_lightning.modules.features import compute_features
+    from vfusion3d_lightning.training import FeatureExtractor
+    from vfusion3d_lightning.training.features import compute_features
 
     videos = tmp_path / "videos"
     with ShardWriter(videos) as writer:
@@ -668,7 +668,7 @@ def wrong_files(tmp_path_factory, lrm_dir, models) -> dict[str, Path]:
 
 
 def load_lrm_module(path):
-    from vfusion3d_lightning.modules import LRMModule
+    from vfusion3d_lightning.training import LRMModule
 
     return LRMModule(network=LRMConfig.tiny(), pretrained=str(path), lpips_random_backbone=True)
 
@@ -842,7 +842,7 @@ def test_a_full_disk_during_curation_keeps_earlier_shards_and_report(command, mo
 def test_a_full_disk_while_saving_models_leaves_the_old_ones_whole(lrm_dir, models, tmp_path, monkeypatch,
                                                                    capsys):
     import vfusion3d_lightning.io as io_module
-    import vfusion3d_lightning.models.elevation as elevation_module
+    import vfusion3d_lightning.models.curation.elevation as elevation_module
     import vfusion3d_lightning.models.lrm.pretrained as pretrained_module
 
     folder = tmp_path / "lrm"

@@ -8,9 +8,9 @@ from PIL import Image
 
 from vfusion3d_lightning.cli import main
 from vfusion3d_lightning.inference import ImageTo3D
-from vfusion3d_lightning.mesh import density_grid
+from vfusion3d_lightning.geometry.mesh import density_grid
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
-from vfusion3d_lightning.preprocess import preprocess
+from vfusion3d_lightning.data.preprocess import preprocess
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vfusion3d_lightning.isosurface import nearest_vertex_distance, surface_nets
+from vfusion3d_lightning.geometry.isosurface import nearest_vertex_distance, surface_nets
 
 
 def coords(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

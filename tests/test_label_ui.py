@@ -12,7 +12,7 @@ from PIL import Image
 
 from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter
 from vfusion3d_lightning.data.labels import read_labels
-from vfusion3d_lightning.label_ui import LabelServer
+from vfusion3d_lightning.commands.label_ui import LabelServer
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 KEYS = ["vid0000", "vid0001", "vid0002"]

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torchvision
 
-from vfusion3d_lightning.losses import build_lpips, lpips_loss, opacity_loss
+from vfusion3d_lightning.training.losses import build_lpips, lpips_loss, opacity_loss
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
-from vfusion3d_lightning.modules.lrm import decay_groups
+from vfusion3d_lightning.training.lrm import decay_groups
 
 
 def test_missing_vgg_weights_say_what_to_fetch(tmp_path, monkeypatch):

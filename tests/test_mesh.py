@@ -5,8 +5,8 @@ import pytest
 import torch
 import trimesh
 
-from vfusion3d_lightning.isosurface import nearest_vertex_distance
-from vfusion3d_lightning.mesh import SURFACES, coarse_to_fine_grid, density_grid, export_mesh, extract_mesh
+from vfusion3d_lightning.geometry.isosurface import nearest_vertex_distance
+from vfusion3d_lightning.geometry.mesh import SURFACES, coarse_to_fine_grid, density_grid, export_mesh, extract_mesh
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 
 RADIUS = 0.5

@@ -12,8 +12,8 @@ from vfusion3d_lightning.cameras import canonical_source_pose
 from vfusion3d_lightning.data.procedural import write_assets
 from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
 from vfusion3d_lightning.io import on_white
-from vfusion3d_lightning.losses import build_lpips
-from vfusion3d_lightning.metrics import (
+from vfusion3d_lightning.training.losses import build_lpips
+from vfusion3d_lightning.evaluation import (
     CSV_FIELDS,
     PSNR_CAP,
     Evaluator,

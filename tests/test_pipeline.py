@@ -15,7 +15,7 @@ from PIL import Image
 
 from vfusion3d_lightning.cli import main
 from vfusion3d_lightning.data.schema import complete_shards, decode_sample
-from vfusion3d_lightning.pipeline import STAGES, load_config
+from vfusion3d_lightning.commands.pipeline import STAGES, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "pipeline" / "quickstart.yaml"

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vfusion3d_lightning.preprocess import foreground, load_image, preprocess, recenter
+from vfusion3d_lightning.data.preprocess import foreground, load_image, preprocess, recenter
 
 
 def rgba_square(size=100, box=(10, 30, 40, 90), colour=(200, 30, 30)):
@@ -60,7 +60,7 @@ def test_missing_rembg_or_inputs_give_clear_errors(tmp_path, monkeypatch):
 
 
 def test_threshold_masks_fill_small_holes_keep_large_ones_and_drop_specks():
-    from vfusion3d_lightning.preprocess import foreground_masks, threshold_mask
+    from vfusion3d_lightning.data.preprocess import foreground_masks, threshold_mask
 
     rgb = np.full((100, 100, 3), 255, np.uint8)
     rgb[20:80, 20:80] = (40, 90, 200)  # the object

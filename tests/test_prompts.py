@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from vfusion3d_lightning import prompts
-from vfusion3d_lightning.prompts import (EXAMPLES, SingleObjectClassifier, build_prompt, clean_captions,
+from vfusion3d_lightning.data import prompts
+from vfusion3d_lightning.data.prompts import (EXAMPLES, SingleObjectClassifier, build_prompt, clean_captions,
                                          comparison_key, curate_prompts, normalise, parse_answer, read_captions,
                                          resolve_model)
 

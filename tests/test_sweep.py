@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vfusion3d_lightning import sweep
+from vfusion3d_lightning.commands import sweep
 from vfusion3d_lightning.data.procedural import write_assets
 from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
 
@@ -103,7 +103,7 @@ def test_trial_command_appends_the_result_callback():
     command = sweep.trial_command(["a.yaml", "b.yaml"], [("trainer.max_epochs", "2")], trial, Path("out"))
     assert command == ["fit", "--config", "a.yaml", "--config", "b.yaml", "--trainer.max_epochs=2",
                        "--model.init_args.lr=0.0001", f"--trainer.default_root_dir={Path('out') / trial.name}",
-                       "--trainer.callbacks+=vfusion3d_lightning.callbacks.SweepResult"]
+                       "--trainer.callbacks+=vfusion3d_lightning.training.callbacks.SweepResult"]
 
 
 def test_the_callback_path_names_the_callback_and_the_command_does_not_import_lightning():
@@ -111,11 +111,11 @@ def test_the_callback_path_names_the_callback_and_the_command_does_not_import_li
 
     import lightning as L
 
-    from vfusion3d_lightning.callbacks import SweepResult
+    from vfusion3d_lightning.training.callbacks import SweepResult
 
-    assert issubclass(SweepResult, L.Callback) and f"vfusion3d_lightning.callbacks.{SweepResult.__name__}" == sweep.CALLBACK
+    assert issubclass(SweepResult, L.Callback) and f"vfusion3d_lightning.training.callbacks.{SweepResult.__name__}" == sweep.CALLBACK
     # the command's parser imports this module: that must not pay for importing Lightning
-    probe = "import sys, vfusion3d_lightning.sweep; print('lightning' in sys.modules)"
+    probe = "import sys, vfusion3d_lightning.commands.sweep; print('lightning' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
 
@@ -229,7 +229,7 @@ def test_sweep_runs_each_trial_in_its_own_folder_and_sorts_the_results(lr_sweep)
         lrs[name] = config["model"]["init_args"]["lr"]
         assert config["trainer"]["default_root_dir"] == str(out / name)
         callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
-        assert callbacks[-1] == "vfusion3d_lightning.callbacks.SweepResult"
+        assert callbacks[-1] == "vfusion3d_lightning.training.callbacks.SweepResult"
         assert "lightning.pytorch.callbacks.ModelCheckpoint" in callbacks  # the config's own callbacks kept
         result = json.loads((out / name / sweep.RESULT_FILE).read_text())
         assert [h["epoch"] for h in result["history"]] == [0]  # one validation, no sanity check

@@ -1,6 +1,6 @@
 """vfusion3d-lightning: VFusion3D (Meta, 2024) as a PyTorch Lightning model zoo."""
 
-from .models.lrm import LRM, LRMConfig
+from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 
 __version__ = "0.1.0"
 __all__ = ["LRM", "LRMConfig", "__version__"]

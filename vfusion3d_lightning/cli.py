@@ -13,9 +13,9 @@ from PIL import Image
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .cameras import canonical_source_camera, turntable_cameras
-    from .io import to_uint8_images
-    from .models.lrm import LRM, LRMConfig
+    from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
+    from vfusion3d_lightning.io import to_uint8_images
+    from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 
     torch.manual_seed(args.seed)
     config = LRMConfig.preset(args.preset)
@@ -37,7 +37,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_weights(args: argparse.Namespace) -> int:
-    from .registry import checkpoint_dir, load_registry
+    from vfusion3d_lightning.hub import checkpoint_dir, load_registry
 
     directory = checkpoint_dir(args.checkpoint_dir)
     for name, entry in load_registry().items():
@@ -48,7 +48,7 @@ def run_weights(args: argparse.Namespace) -> int:
 
 
 def run_procedural(args: argparse.Namespace) -> int:
-    from .data.procedural import write_assets
+    from vfusion3d_lightning.data.procedural import write_assets
 
     paths = write_assets(args.out, args.count, seed=args.seed, formats=tuple(args.formats), style=args.style)
     print(f"{len(paths)} procedural assets in {args.out}")
@@ -56,7 +56,7 @@ def run_procedural(args: argparse.Namespace) -> int:
 
 
 def run_render(args: argparse.Namespace) -> int:
-    from .data.render_shards import RenderSettings, render_folder
+    from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
 
     settings = RenderSettings(views=args.views, resolution=args.resolution, radius=args.radius, seed=args.seed,
                               image_format=args.format)
@@ -69,8 +69,8 @@ def run_render(args: argparse.Namespace) -> int:
 def run_infer(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .inference import ImageTo3D, input_images, save_outputs
-    from .models.lrm import LRM
+    from vfusion3d_lightning.inference import ImageTo3D, input_images, save_outputs
+    from vfusion3d_lightning.models.lrm import LRM
 
     images = input_images(args.input)
     model = LRM.from_pretrained(args.checkpoint)
@@ -94,9 +94,9 @@ def run_infer(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .data.generate_shards import generate_shards, read_inputs
-    from .models.video import SamplerSettings
-    from .modules.video_diffusion import load_video_model
+    from vfusion3d_lightning.data.generate_shards import generate_shards, read_inputs
+    from vfusion3d_lightning.models.video import SamplerSettings
+    from vfusion3d_lightning.training.video_diffusion import load_video_model
 
     inputs = read_inputs(args.inputs)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -114,8 +114,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_filter(args: argparse.Namespace) -> int:
-    from .data.curate_shards import file_digest, filter_shards
-    from .models.quality import QualitySVM
+    from vfusion3d_lightning.data.curate_shards import file_digest, filter_shards
+    from vfusion3d_lightning.models.curation.quality import QualitySVM
 
     svm = QualitySVM.load(args.svm)
     report = filter_shards(args.shards, args.out, svm, args.threshold, svm_id=file_digest(args.svm))
@@ -126,9 +126,9 @@ def run_filter(args: argparse.Namespace) -> int:
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from .data.curate_shards import Labellers, file_digest, label_shards
-    from .models.elevation import ElevationMLP
-    from .models.quality import QualitySVM
+    from vfusion3d_lightning.data.curate_shards import Labellers, file_digest, label_shards
+    from vfusion3d_lightning.models.curation.elevation import ElevationMLP
+    from vfusion3d_lightning.models.curation.quality import QualitySVM
 
     labellers = Labellers(elevation=ElevationMLP.from_pretrained(args.elevation) if args.elevation else None,
                           masks=None if args.masks == "none" else args.masks, mask_tolerance=args.mask_tolerance,
@@ -142,12 +142,12 @@ def run_label(args: argparse.Namespace) -> int:
 
 
 MODULE_COMMANDS = (
-    ("label-ui", "label_ui", "a local web page to label generated videos good or bad"),
-    ("pipeline", "pipeline", "the whole system end to end, resumable: assets -> renders -> video model -> videos "
+    ("label-ui", "commands.label_ui", "a local web page to label generated videos good or bad"),
+    ("pipeline", "commands.pipeline", "the whole system end to end, resumable: assets -> renders -> video model -> videos "
                              "-> curation -> LRM -> metrics, samples"),
-    ("evaluate", "metrics", "3D metrics (PSNR, SSIM, LPIPS, CLIP) of LRM checkpoints on held-out multi-view shards"),
-    ("prompts", "prompts", "keep the captions an LLM judges to describe a single object (resumable)"),
-    ("sweep", "sweep", "grid or random search over config overrides: one `fit` per trial in its own process and "
+    ("evaluate", "evaluation", "3D metrics (PSNR, SSIM, LPIPS, CLIP) of LRM checkpoints on held-out multi-view shards"),
+    ("prompts", "data.prompts", "keep the captions an LLM judges to describe a single object (resumable)"),
+    ("sweep", "commands.sweep", "grid or random search over config overrides: one `fit` per trial in its own process and "
                        "folder, results sorted by a metric (resumable)"),
 )
 
@@ -298,8 +298,8 @@ def _user_error(err: BaseException) -> BaseException | None:
     """The error in `err`'s chain that is the user's to mend, with a message that says how: a missing file
     (weights to fetch, an input path) or data that breaks the shard schema or cannot be rendered. Lightning's
     config parser wraps errors from building a module, so the chain is searched."""
-    from .data.render import AssetLoadError
-    from .data.schema import SampleError
+    from vfusion3d_lightning.data.render import AssetLoadError
+    from vfusion3d_lightning.data.schema import SampleError
 
     seen = set()
     while err is not None and id(err) not in seen:

@@ -8,13 +8,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .cameras import canonical_source_camera, turntable_cameras
-from .io import atomic_write, to_uint8_images
-from .mesh import export_mesh, extract_mesh
-from .models.lrm import LRM
-from .preprocess import preprocess
+from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
+from vfusion3d_lightning.io import atomic_write, to_uint8_images
+from vfusion3d_lightning.geometry.mesh import export_mesh, extract_mesh
+from vfusion3d_lightning.models.lrm import LRM
+from vfusion3d_lightning.data.preprocess import IMAGE_SUFFIXES, preprocess
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_FORMATS = ("mp4", "gif")
 
 

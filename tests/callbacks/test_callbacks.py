@@ -2,7 +2,7 @@ import lightning as L
 import pytest
 import torch
 
-from vfusion3d_lightning.callbacks import CameraNoise, LRRestartAtStage, ResolutionStages
+from vfusion3d_lightning.training.callbacks import CameraNoise, LRRestartAtStage, ResolutionStages
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vfusion3d_lightning import registry
+from vfusion3d_lightning import hub as registry
 from vfusion3d_lightning.cameras import add_camera_noise, canonical_source_camera, turntable_cameras
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 

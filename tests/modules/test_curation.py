@@ -16,10 +16,10 @@ from vfusion3d_lightning.data.feature_cache import read_features, shard_paths
 from vfusion3d_lightning.data.spoil import SPOIL_KINDS, spoil_video
 from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter, complete_shards
 from vfusion3d_lightning.data.schema import read_samples as read_shard_samples
-from vfusion3d_lightning.models.features import curation_indices, uniform_indices
-from vfusion3d_lightning.models.quality import QualitySVM
-from vfusion3d_lightning.modules import ElevationModule, FeatureExtractor, QualityModule
-from vfusion3d_lightning.modules.features import compute_features
+from vfusion3d_lightning.models.curation.features import curation_indices, uniform_indices
+from vfusion3d_lightning.models.curation.quality import QualitySVM
+from vfusion3d_lightning.training import ElevationModule, FeatureExtractor, QualityModule
+from vfusion3d_lightning.training.features import compute_features
 
 
 # a random ViT's class token alone carries little; with the patch mean its features separate the spoiled videos
@@ -69,7 +69,7 @@ def test_uniform_frames_of_an_orbit():
 
 
 def test_dino_needs_weights_unless_random_is_asked():
-    from vfusion3d_lightning.models.features import DinoFeatures
+    from vfusion3d_lightning.models.curation.features import DinoFeatures
 
     with pytest.raises(ValueError, match="checkpoints/dino-vitb16/model.safetensors"):
         DinoFeatures()
@@ -149,7 +149,7 @@ def test_validation_split_does_not_depend_on_which_shard_holds_a_video(quality_d
 
 def test_unreadable_shards_are_named(quality_data, tmp_path):
     from vfusion3d_lightning.data.schema import SampleError
-    from vfusion3d_lightning.modules.features import ShardFrames
+    from vfusion3d_lightning.training.features import ShardFrames
 
     root, _ = quality_data
     source = complete_shards(root / "videos")[0]
@@ -227,7 +227,7 @@ def test_elevation_mlp_beats_the_mean_on_held_out_objects(tmp_path, procedural_s
     error, baseline = (trainer.callback_metrics[k].item() for k in ("val/mae_deg", "val/baseline_mae_deg"))
     print(f"held-out elevation MAE {error:.2f} deg, constant-mean baseline {baseline:.2f} deg")
     assert error < 0.85 * baseline
-    from vfusion3d_lightning.models.elevation import ElevationMLP
+    from vfusion3d_lightning.models.curation.elevation import ElevationMLP
 
     exported = ElevationMLP.from_pretrained(tmp_path / "elevation_mlp")  # what `label` reads
     assert exported.config["feature_tag"] == extractor.tag
@@ -243,7 +243,7 @@ def test_filter_then_label_keeps_the_schema_and_resumes(quality_data, tmp_path, 
     from vfusion3d_lightning.cli import main
     from vfusion3d_lightning.data.curate_shards import FILTER_REPORT
     from vfusion3d_lightning.data.labels import read_labels
-    from vfusion3d_lightning.models.elevation import ElevationMLP
+    from vfusion3d_lightning.models.curation.elevation import ElevationMLP
 
     root, tag = quality_data
     table, labels = read_features(root / "videos", tag), read_labels(root / "labels.jsonl")
@@ -314,7 +314,7 @@ def test_filter_then_label_keeps_the_schema_and_resumes(quality_data, tmp_path, 
 
 
 def test_elevation_mlp_folder_round_trip_and_errors(tmp_path):
-    from vfusion3d_lightning.models.elevation import ElevationMLP
+    from vfusion3d_lightning.models.curation.elevation import ElevationMLP
 
     torch.manual_seed(0)
     mlp = ElevationMLP(12, hidden_dim=8, feature_tag="some-tag")

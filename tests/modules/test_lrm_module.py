@@ -12,8 +12,8 @@ import torch
 from vfusion3d_lightning.cameras import canonical_source_camera
 from vfusion3d_lightning.cli import lightning_cli, main
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
-from vfusion3d_lightning.modules import LRMModule
-from vfusion3d_lightning.schedules import WarmupCosineRestarts
+from vfusion3d_lightning.training import LRMModule
+from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "lrm" / "tiny.yaml")

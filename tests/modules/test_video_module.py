@@ -12,8 +12,8 @@ import torch
 
 from vfusion3d_lightning.cli import main
 from vfusion3d_lightning.models.video import VideoDiffusionModel
-from vfusion3d_lightning.modules import VideoDiffusionModule
-from vfusion3d_lightning.modules.video_diffusion import load_video_model
+from vfusion3d_lightning.training import VideoDiffusionModule
+from vfusion3d_lightning.training.video_diffusion import load_video_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "video" / "tiny.yaml")

@@ -24,11 +24,11 @@ import webdataset as wds
 from safetensors import safe_open
 from tqdm import tqdm
 
-from ..io import atomic_write
-from ..registry import sha256_of
-from .feature_cache import cache_path, read_features, shard_paths, write_features
-from .render import default_intrinsics
-from .schema import SampleError, decode_sample, encode_sample, read_raw_samples, unreadable_shard
+from vfusion3d_lightning.io import atomic_write
+from vfusion3d_lightning.hub import sha256_of
+from vfusion3d_lightning.data.feature_cache import cache_path, read_features, shard_paths, write_features
+from vfusion3d_lightning.data.render import default_intrinsics
+from vfusion3d_lightning.data.schema import SampleError, decode_sample, encode_sample, read_raw_samples, unreadable_shard
 
 FILTER_REPORT, LABEL_REPORT = "filter_report.json", "label_report.json"
 
@@ -176,7 +176,7 @@ def filter_shards(shards: str | Path | list[str], out_dir: str | Path, svm, thre
 def orbit_labels(elevation: float, num_views: int, size: int, radius: float) -> dict[str, np.ndarray]:
     """The cameras of a generated orbit from its estimated elevation: views 2*pi/n apart in azimuth from 0
     (the condition image's view), one elevation, looking at the origin from `radius`, as the renders."""
-    from ..cameras import orbit_azimuths, orbit_poses
+    from vfusion3d_lightning.cameras import orbit_azimuths, orbit_poses
 
     # orbit_poses needs an elevation strictly inside (-pi/2, pi/2)
     elevation = float(np.clip(elevation, -math.radians(89), math.radians(89)))
@@ -203,7 +203,7 @@ class Labellers:
 def label_shards(shards: str | Path | list[str], out_dir: str | Path, labellers: Labellers,
                  settings_id: dict[str, str] | None = None, progress: bool = True) -> CurationReport:
     """Write each video with its elevation and orbit cameras, masks in its alpha channel, and quality score."""
-    from ..preprocess import foreground_masks
+    from vfusion3d_lightning.data.preprocess import foreground_masks
 
     if labellers.elevation is None and labellers.masks is None and labellers.quality is None:
         raise ValueError("nothing to label: give an elevation MLP, a mask method or a quality SVM")

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .feature_cache import read_features, read_metadata, shard_paths
-from .labels import read_labels
+from vfusion3d_lightning.data.feature_cache import read_features, read_metadata, shard_paths
+from vfusion3d_lightning.data.labels import read_labels
 
 Target = Literal["quality", "elevation"]
 

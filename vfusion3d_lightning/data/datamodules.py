@@ -22,13 +22,13 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..cameras import (
+from vfusion3d_lightning.cameras import (
     canonical_source_pose,
     canonicalize_poses,
     render_camera_vector,
     source_camera_vector,
 )
-from .schema import MultiViewSample, SampleError, complete_shards, decode_sample, keys_in_shards
+from vfusion3d_lightning.data.schema import MultiViewSample, SampleError, complete_shards, decode_sample, keys_in_shards
 
 log = logging.getLogger(__name__)
 

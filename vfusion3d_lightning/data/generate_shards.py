@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..inference import IMAGE_SUFFIXES
-from ..io import atomic_write, to_uint8_images
-from ..models.video import OrbitVideoPipeline, SamplerSettings, VideoDiffusionModel
-from ..preprocess import preprocess
-from .render_shards import sample_key
-from .schema import MultiViewSample, ShardWriter, resume_shard_folder
+from vfusion3d_lightning.io import atomic_write, to_uint8_images
+from vfusion3d_lightning.models.video import OrbitVideoPipeline, SamplerSettings, VideoDiffusionModel
+from vfusion3d_lightning.data.preprocess import IMAGE_SUFFIXES, preprocess
+from vfusion3d_lightning.data.render_shards import sample_key
+from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter, resume_shard_folder
 
 REPORT_NAME = "generate_report.json"
 

@@ -21,7 +21,7 @@ import trimesh
 from PIL import Image
 from tqdm import tqdm
 
-from ..io import atomic_write
+from vfusion3d_lightning.io import atomic_write
 
 PRIMITIVES = ("box", "sphere", "cylinder", "cone", "capsule", "torus")
 FORMATS = ("glb", "obj", "ply")

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ..io import atomic_write
-from .render import (
+from vfusion3d_lightning.io import atomic_write
+from vfusion3d_lightning.data.render import (
     AssetLoadError,
     CameraSet,
     MeshRenderer,
@@ -26,7 +26,7 @@ from .render import (
     scale_intrinsics,
     uniform_cameras,
 )
-from .schema import MultiViewSample, ShardWriter, encode_sample, resume_shard_folder
+from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter, encode_sample, resume_shard_folder
 
 ASSET_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 VIEW_SETS = ("orbit16", "random32", "uniform32")

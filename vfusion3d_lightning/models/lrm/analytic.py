@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .model import LRM
+from vfusion3d_lightning.models.lrm.model import LRM
 
 STEEPNESS = 60.0  # raw density falls by this much per unit of r^2: a crisp surface, as trained fields have
 

@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from .transformer import checkpoint_block
+from vfusion3d_lightning.models.lrm.transformer import checkpoint_block
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

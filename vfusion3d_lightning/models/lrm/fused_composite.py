@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_field import INTERPRETED, triton
+from vfusion3d_lightning.models.lrm.fused_field import INTERPRETED, triton
 
 if triton is not None:
     import triton.language as tl

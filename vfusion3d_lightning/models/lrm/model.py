@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...cameras import SOURCE_CAMERA_DIM
-from .config import LRMConfig
-from .encoder import DinoEncoder
-from .renderer import Occupancy, RenderOutput, TriplaneDecoder, VolumeRenderer, density_activation
-from .transformer import CameraEmbedder, TriplaneTransformer
+from vfusion3d_lightning.cameras import SOURCE_CAMERA_DIM
+from vfusion3d_lightning.models.lrm.config import LRMConfig
+from vfusion3d_lightning.models.lrm.encoder import DinoEncoder
+from vfusion3d_lightning.models.lrm.renderer import Occupancy, RenderOutput, TriplaneDecoder, VolumeRenderer, density_activation
+from vfusion3d_lightning.models.lrm.transformer import CameraEmbedder, TriplaneTransformer
 
 
 # layers whose weights autocast casts to its dtype (with their inputs) on every call
@@ -168,13 +168,13 @@ class LRM(nn.Module):
 
     def load_encoder_weights(self, source: str | Path, checkpoint_dir: str | Path | None = None) -> None:
         """Load pretrained DINOv2 weights into the encoder (a file, or a registry name such as "dinov2-base")."""
-        from .pretrained import load_encoder_weights
+        from vfusion3d_lightning.models.lrm.pretrained import load_encoder_weights
 
         load_encoder_weights(self, source, checkpoint_dir)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write `model.safetensors` and `config.json` into `directory`."""
-        from .pretrained import save_pretrained
+        from vfusion3d_lightning.models.lrm.pretrained import save_pretrained
 
         return save_pretrained(self, directory)
 
@@ -182,6 +182,6 @@ class LRM(nn.Module):
     def from_pretrained(cls, source: str | Path, config: LRMConfig | None = None,
                         checkpoint_dir: str | Path | None = None) -> "LRM":
         """Load a `save_pretrained` folder or file, the released VFusion3D checkpoint, or a registry name."""
-        from .pretrained import load_pretrained
+        from vfusion3d_lightning.models.lrm.pretrained import load_pretrained
 
         return load_pretrained(cls, source, config, checkpoint_dir)

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from ...io import atomic_write
-from ...registry import load_state_file, locate_weights
-from .config import LRMConfig
-from .convert import convert_released_lrm, hf_dinov2_to_timm, is_released_state_dict
+from vfusion3d_lightning.io import atomic_write
+from vfusion3d_lightning.hub import load_state_file, locate_weights
+from vfusion3d_lightning.models.lrm.config import LRMConfig
+from vfusion3d_lightning.models.lrm.convert import convert_released_lrm, hf_dinov2_to_timm, is_released_state_dict
 
 if TYPE_CHECKING:
-    from .model import LRM
+    from vfusion3d_lightning.models.lrm.model import LRM
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

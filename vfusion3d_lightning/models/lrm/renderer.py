@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ...cameras import split_render_camera
-from .fused_composite import composite_fused, fused_composite_supported
-from .fused_field import FusedField, fused_field_supported
+from vfusion3d_lightning.cameras import split_render_camera
+from vfusion3d_lightning.models.lrm.fused_composite import composite_fused, fused_composite_supported
+from vfusion3d_lightning.models.lrm.fused_field import FusedField, fused_field_supported
 
 # Channels of each plane's 2D coordinates: plane 0 is XY, plane 1 XZ, plane 2 ZY (EG3D issue 67 fix).
 PLANE_AXES = ((0, 1), (0, 2), (2, 1))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .architectures import ARCHITECTURES, char_tokenizer
+from vfusion3d_lightning.models.video.architectures import ARCHITECTURES, char_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .model import Conditions, VideoDiffusionModel
+from vfusion3d_lightning.models.video.model import Conditions, VideoDiffusionModel
 
 
 def _per_sample_mean(values: Tensor) -> Tensor:

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..io import atomic_write, run_log_dir, to_uint8_images
-from ..registry import load_state_file
-from ..models.video import (Conditioning, OrbitVideoPipeline, SamplerSettings, VideoDiffusionModel, objective_for,
+from vfusion3d_lightning.io import atomic_write, run_log_dir, to_uint8_images
+from vfusion3d_lightning.hub import load_state_file
+from vfusion3d_lightning.models.video import (Conditioning, OrbitVideoPipeline, SamplerSettings, VideoDiffusionModel, objective_for,
                             train_temporal_only)
-from ..schedules import WarmupCosineRestarts
-from .ema import ParameterEMA
+from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
+from vfusion3d_lightning.training.ema import ParameterEMA
 
 
 class VideoDiffusionModule(L.LightningModule):
@@ -75,7 +75,7 @@ class VideoDiffusionModule(L.LightningModule):
         self.strict_loading = not self._frozen_weights_reload()
 
     def _frozen_weights_reload(self) -> bool:
-        from ..models.video import ARCHITECTURES
+        from vfusion3d_lightning.models.video import ARCHITECTURES
 
         return self.hparams.model not in ARCHITECTURES
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..io import run_log_dir
-from ..models.elevation import ElevationMLP
+from vfusion3d_lightning.io import run_log_dir
+from vfusion3d_lightning.models.curation.elevation import ElevationMLP
 
 LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
 

@@ -7,7 +7,7 @@
 Trials are the Cartesian product of the `--grid` values (or `--random N` distinct combinations of it). Each trial
 is `vfusion3d-lightning fit --config CONFIG --KEY=VALUE ... --trainer.default_root_dir OUT/<trial>` in a fresh
 Python process (no shared global state or GPU memory), with the `SweepResult` callback appended to the config's
-callbacks (`--trainer.callbacks+=vfusion3d_lightning.callbacks.SweepResult`). `SweepResult` writes the logged
+callbacks (`--trainer.callbacks+=vfusion3d_lightning.training.callbacks.SweepResult`). `SweepResult` writes the logged
 metrics after every validation and at the end to `OUT/<trial>/sweep_result.json`; the sweep reads them back.
 
 OUT holds `trials.json` (each trial's name, overrides and command), one folder per trial (the run's
@@ -36,11 +36,11 @@ from typing import Any
 
 import yaml
 
-from .io import atomic_write
+from vfusion3d_lightning.io import atomic_write
+from vfusion3d_lightning.training.callbacks import SWEEP_RESULT_FILE as RESULT_FILE
 
-RESULT_FILE = "sweep_result.json"
 TRIALS_FILE = "trials.json"
-CALLBACK = "vfusion3d_lightning.callbacks.SweepResult"
+CALLBACK = "vfusion3d_lightning.training.callbacks.SweepResult"
 RESERVED = {"trainer.default_root_dir": "the sweep sets it per trial to OUT/<trial>",
             "config": "give configs with --config"}
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")

@@ -10,8 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..io import run_log_dir
-from ..models.quality import QualitySVM
+from vfusion3d_lightning.io import run_log_dir
+from vfusion3d_lightning.models.curation.quality import QualitySVM
 
 
 class QualityModule(L.LightningModule):

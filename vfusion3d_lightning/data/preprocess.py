@@ -14,6 +14,8 @@ from PIL import Image, UnidentifiedImageError
 BACKGROUNDS = ("auto", "rembg", "alpha", "white")
 REMBG_MODEL = "isnet-general-use"
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as uint8 (H, W, 4) when it has an alpha channel, else (H, W, 3)."""

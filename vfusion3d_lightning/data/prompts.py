@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .io import atomic_write
+from vfusion3d_lightning.io import atomic_write
 
 DEFAULT_MODEL = "meta-llama/Llama-2-13b-chat-hf"  # the paper's filter (Llama2-13B); gated on the hub
 DECISIONS_FILE, PROMPTS_FILE, REPORT_FILE = "decisions.jsonl", "prompts.txt", "prompts_report.json"

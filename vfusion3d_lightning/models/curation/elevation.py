@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..io import atomic_write
-from ..registry import load_state_file
+from vfusion3d_lightning.io import atomic_write
+from vfusion3d_lightning.hub import load_state_file
 
 FORMAT = "vfusion3d-elevation-mlp/1"
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"

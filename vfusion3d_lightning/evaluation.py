@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import atomic_write, to_uint8_images
-from .losses import build_lpips, lpips_loss
+from vfusion3d_lightning.io import atomic_write, to_uint8_images
+from vfusion3d_lightning.training.losses import build_lpips, lpips_loss
 
 PSNR_CAP = 100.0  # dB; an MSE of 1e-10, far below 8-bit quantisation, so only exact copies reach it
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -169,8 +169,8 @@ def evaluation_views(sample, input_view: int = 0, input_size: int = 512, render_
     (N, 3, S, S) on white and render_cameras (N, 25) in sample view order, in the frame where the input camera
     is canonical (S = render_size, default the sample's width); input_view, object_id, prompt.
     """
-    from .data.datamodules import LRMViews
-    from .data.schema import SampleError
+    from vfusion3d_lightning.data.datamodules import LRMViews
+    from vfusion3d_lightning.data.schema import SampleError
 
     n = sample.num_views
     if not sample.has_cameras:
@@ -202,8 +202,8 @@ class Evaluator:
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, input_view: int = 0,
                  input_size: int = 512, render_size: int | None = None, views_per_batch: int = 8,
                  max_rays: int | None = None, seed: int = 0):
-        from .inference import max_rays_for
-        from .models.lrm import LRM
+        from vfusion3d_lightning.inference import max_rays_for
+        from vfusion3d_lightning.models.lrm import LRM
 
         if views_per_batch < 1:
             raise ValueError(f"views_per_batch must be >= 1, got {views_per_batch}")
@@ -269,9 +269,9 @@ class Evaluator:
 
 def read_samples(pattern: str) -> Iterator:
     """Validated `MultiViewSample`s with cameras from shards (brace pattern, glob or list), in shard order."""
-    from .data.datamodules import expand_shards
-    from .data.schema import SampleError, ShardError
-    from .data.schema import read_samples as read_shard_samples
+    from vfusion3d_lightning.data.datamodules import expand_shards
+    from vfusion3d_lightning.data.schema import SampleError, ShardError
+    from vfusion3d_lightning.data.schema import read_samples as read_shard_samples
 
     try:
         yield from read_shard_samples(expand_shards(pattern), require_cameras=True)
@@ -284,9 +284,9 @@ def read_samples(pattern: str) -> Iterator:
 
 def load_lrm(source: str | Path):
     """An LRM from whatever `LRM.from_pretrained` accepts, or a Lightning .ckpt of `LRMModule`."""
-    from .models.lrm import LRM, LRMConfig
-    from .models.lrm.pretrained import load_into
-    from .registry import load_state_file
+    from vfusion3d_lightning.models.lrm import LRM, LRMConfig
+    from vfusion3d_lightning.models.lrm.pretrained import load_into
+    from vfusion3d_lightning.hub import load_state_file
 
     if not str(source).endswith(".ckpt"):
         return LRM.from_pretrained(source)
@@ -409,7 +409,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .data.datamodules import count_samples, expand_shards
+    from vfusion3d_lightning.data.datamodules import count_samples, expand_shards
 
     out = Path(args.out)
     total = count_samples(expand_shards(args.shards)) if "://" not in args.shards else None

@@ -39,7 +39,7 @@ def build_lpips(backbone_weights: str | None = None, random_backbone: bool = Fal
                 "path (LRMModule: lpips_backbone_weights; evaluate: --lpips-weights); lpips_random_backbone: true "
                 "(evaluate: --lpips-random-backbone) builds an untrained trunk for tests."
             )
-        from .registry import load_state_file
+        from vfusion3d_lightning.hub import load_state_file
 
         vgg = torchvision.models.vgg16()
         state = load_state_file(path)  # refuses pickled code, names a cut file

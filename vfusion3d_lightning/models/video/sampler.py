@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .model import VideoDiffusionModel
+from vfusion3d_lightning.models.video.model import VideoDiffusionModel
 
 
 @dataclass

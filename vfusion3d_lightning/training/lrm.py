@@ -13,13 +13,13 @@ from PIL import Image
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ..cameras import turntable_cameras
-from ..io import atomic_write, run_log_dir, to_uint8_images
-from ..losses import build_lpips, lpips_loss, opacity_loss, pixel_l2
-from ..models.lrm import LRM, LRMConfig
-from ..models.lrm.pretrained import load_into
-from ..registry import load_state_file
-from ..schedules import WarmupCosineRestarts
+from vfusion3d_lightning.cameras import turntable_cameras
+from vfusion3d_lightning.io import atomic_write, run_log_dir, to_uint8_images
+from vfusion3d_lightning.training.losses import build_lpips, lpips_loss, opacity_loss, pixel_l2
+from vfusion3d_lightning.models.lrm import LRM, LRMConfig
+from vfusion3d_lightning.models.lrm.pretrained import load_into
+from vfusion3d_lightning.hub import load_state_file
+from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
 
 
 def resize_views(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import load_state_file, locate_weights
-from .lrm.encoder import IMAGENET_MEAN, IMAGENET_STD
+from vfusion3d_lightning.hub import load_state_file, locate_weights
+from vfusion3d_lightning.models.lrm.encoder import IMAGENET_MEAN, IMAGENET_STD
 
 POOLINGS = ("cls", "mean", "cls+mean")
 QUALITY_FRAMES = 8

@@ -18,7 +18,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from ..io import atomic_write
+from vfusion3d_lightning.io import atomic_write
 
 FORMAT = "vfusion3d-quality-svm/1"
 

@@ -12,10 +12,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.feature_cache import cache_path, feature_tag, shard_paths, write_features
-from ..data.schema import SampleError, decode_sample, read_raw_samples
-from ..io import on_white
-from ..models.features import ELEVATION_VIEWS, QUALITY_FRAMES, DinoFeatures, curation_indices
+from vfusion3d_lightning.data.feature_cache import cache_path, feature_tag, shard_paths, write_features
+from vfusion3d_lightning.data.schema import SampleError, decode_sample, read_raw_samples
+from vfusion3d_lightning.io import on_white
+from vfusion3d_lightning.models.curation.features import ELEVATION_VIEWS, QUALITY_FRAMES, DinoFeatures, curation_indices
 
 
 class ShardFrames(Dataset):
@@ -102,7 +102,7 @@ class ShardFeaturesDataModule(L.LightningDataModule):
         extractor = self.trainer.lightning_module if self.trainer is not None else None
         if not isinstance(extractor, FeatureExtractor):
             raise TypeError("ShardFeaturesDataModule feeds a FeatureExtractor (model.class_path "
-                            "vfusion3d_lightning.modules.FeatureExtractor)")
+                            "vfusion3d_lightning.training.FeatureExtractor)")
         todo = [p for p in shard_paths(self.shards)
                 if self.recompute or not cache_path(p, extractor.tag).is_file()]
         return DataLoader(ShardFrames(todo, extractor.frames), batch_size=None, num_workers=self.num_workers)

@@ -31,9 +31,9 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from PIL import Image
 
-from .data.labels import read_labels
-from .io import on_white, to_uint8_images
-from .data.schema import MultiViewSample, SampleError, complete_shards, decode_sample, unreadable_shard
+from vfusion3d_lightning.data.labels import read_labels
+from vfusion3d_lightning.io import on_white, to_uint8_images
+from vfusion3d_lightning.data.schema import MultiViewSample, SampleError, complete_shards, decode_sample, unreadable_shard
 
 LABELS = {"good": 1, "bad": 0}
 

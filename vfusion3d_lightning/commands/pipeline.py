@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from .io import atomic_write
+from vfusion3d_lightning.io import atomic_write
 
 RECORD = "stage.json"
 
@@ -297,7 +297,7 @@ def _override_args(overrides: dict[str, Any]) -> list[str]:
 def _lightning(command: str, run: LightningRun, root: Path, settings: dict[str, Any], resume: bool = False):
     """Run LightningCLI `command` on `run.config` with the user's overrides, then the pipeline's `settings`;
     returns the LightningCLI object (model, datamodule, trainer)."""
-    from .cli import lightning_cli
+    from vfusion3d_lightning.cli import lightning_cli
 
     args = ["--config", run.config, *_override_args(run.overrides), *_override_args(settings),
             "--trainer.default_root_dir", str(root)]
@@ -324,8 +324,8 @@ def _fitted_checkpoint(root: Path) -> str:
 
 
 def stage_assets(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    from .data.procedural import write_assets
-    from .data.render_shards import find_assets
+    from vfusion3d_lightning.data.procedural import write_assets
+    from vfusion3d_lightning.data.render_shards import find_assets
 
     cfg = pipe.config.assets
     if cfg.folder:
@@ -345,7 +345,7 @@ def stage_assets(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 
 def stage_render(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    from .data.render_shards import RenderSettings, render_folder
+    from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
 
     cfg, seed = pipe.config.render, pipe.config.seed
     jobs = {"orbit16": ("train", "orbit16"), "set32": ("train", "random32"), "held_out32": ("held_out", "uniform32")}
@@ -363,7 +363,7 @@ def stage_render(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 def _samples(folder: str, select=None) -> list:
     """The samples of a stage's shard folder, in order; `select` picks views as decode_sample's does."""
-    from .data.schema import complete_shards, read_samples
+    from vfusion3d_lightning.data.schema import complete_shards, read_samples
 
     return list(read_samples(complete_shards(folder), select))
 
@@ -383,7 +383,7 @@ def _condition_images(pipe: Pipeline, folder: Path) -> Path:
     """First views of the training orbits on white, with the prompt beside each (the quickstart's inputs)."""
     from PIL import Image
 
-    from .io import on_white, to_uint8_images
+    from vfusion3d_lightning.io import on_white, to_uint8_images
 
     cfg = pipe.config.generate
     inputs = folder / "inputs"
@@ -401,9 +401,9 @@ def _condition_images(pipe: Pipeline, folder: Path) -> Path:
 def stage_generate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     import torch
 
-    from .data.generate_shards import generate_shards, read_inputs
-    from .models.video import SamplerSettings
-    from .modules.video_diffusion import load_video_model
+    from vfusion3d_lightning.data.generate_shards import generate_shards, read_inputs
+    from vfusion3d_lightning.models.video import SamplerSettings
+    from vfusion3d_lightning.training.video_diffusion import load_video_model
 
     cfg = pipe.config.generate
     source = cfg.inputs or _condition_images(pipe, folder)
@@ -440,8 +440,8 @@ def stage_features(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 def _automatic_labels(pipe: Pipeline, folder: Path) -> tuple[str, str]:
     """Good: the orbit renders; bad: spoiled copies of them (data/spoil.py). Returns (shard folder, labels)."""
-    from .data.schema import MultiViewSample, ShardWriter, complete_shards
-    from .data.spoil import SPOIL_KINDS, spoil_video
+    from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter, complete_shards
+    from vfusion3d_lightning.data.spoil import SPOIL_KINDS, spoil_video
 
     videos, labels = folder / "labelled", folder / "labels.jsonl"
     good = sorted(_samples(pipe.output("render", "orbit16")), key=lambda sample: sample.key)  # any shard layout
@@ -480,8 +480,8 @@ def stage_quality(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 
 def stage_filter(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    from .data.curate_shards import file_digest, filter_shards
-    from .models.quality import QualitySVM
+    from vfusion3d_lightning.data.curate_shards import file_digest, filter_shards
+    from vfusion3d_lightning.models.curation.quality import QualitySVM
 
     svm_path = pipe.output("quality", "quality_svm")
     report = filter_shards(pipe.output("generate", "videos"), folder / "kept", QualitySVM.load(svm_path),
@@ -506,8 +506,8 @@ def stage_elevation(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 
 def stage_label(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    from .data.curate_shards import Labellers, file_digest, label_shards
-    from .models.elevation import ElevationMLP
+    from vfusion3d_lightning.data.curate_shards import Labellers, file_digest, label_shards
+    from vfusion3d_lightning.models.curation.elevation import ElevationMLP
 
     cfg, mlp = pipe.config.label, pipe.output("elevation", "elevation_mlp")
     labellers = Labellers(elevation=ElevationMLP.from_pretrained(mlp), masks=cfg.masks,
@@ -535,7 +535,7 @@ def stage_lrm_finetune(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 
 def stage_evaluate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    from . import metrics
+    from vfusion3d_lightning import evaluation as metrics
 
     cfg = pipe.config.evaluate
     parser = argparse.ArgumentParser()
@@ -556,9 +556,9 @@ def stage_evaluate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 def stage_export(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     from PIL import Image
 
-    from .inference import ImageTo3D, save_outputs
-    from .mesh import density_grid, extract_mesh
-    from .models.lrm import LRM
+    from vfusion3d_lightning.inference import ImageTo3D, save_outputs
+    from vfusion3d_lightning.geometry.mesh import density_grid, extract_mesh
+    from vfusion3d_lightning.models.lrm import LRM
 
     cfg = pipe.config.export
     samples = _samples(pipe.output("render", "held_out32"), select=lambda n: [0])

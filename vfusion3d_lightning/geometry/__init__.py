@@ -1,0 +1,1 @@
+"""Geometry: isosurface extraction and meshes."""

@@ -1,0 +1,1 @@
+"""Curation networks: DINO video features, the quality SVM and the elevation MLP."""
