@@ -8,8 +8,8 @@ the box. Without gradients: the median time of `--repeats` queries after a warm-
 largest difference from the unfused fp32 query. With `--backward`: a query and its backward pass into the
 planes and decoder (as in training), against autograd through the unfused query in float64; the error is
 the largest over the gradient tensors of max |difference| / max |reference gradient|, with that tensor. A launch is
-samples-a-block:warps:programs-a-multiprocessor of the backward kernel (fused_field.BACKWARD_LAUNCH). On a CPU without CUDA, run with TRITON_INTERPRET=1 and
-the tiny preset to check the script.
+samples-a-block:warps:programs-a-multiprocessor of the backward kernel (fused_field.BACKWARD_LAUNCH). On a CPU
+without CUDA, run with TRITON_INTERPRET=1 and the tiny preset to check the script.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import time
 import torch
 import triton
 
-from vfusion3d_lightning.models.lrm import LRM, LRMConfig
-from vfusion3d_lightning.models.lrm import fused_field
+from vfusion3d_lightning import presets
+from vfusion3d_lightning.models.lrm import LRM, LRMConfig, fused_field
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[fused_field.BLOCK])
     parser.add_argument("--warps", type=int, nargs="+", default=[fused_field.NUM_WARPS])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
+    parser.add_argument("--preset", default="vfusion3d", choices=presets.network_names())
     parser.add_argument("--backward", action="store_true", help="time query + backward pass instead")
     parser.add_argument("--along-rays", action="store_true", help="--backward: points in order along rays")
     parser.add_argument("--occluded", action="store_true",
@@ -62,7 +62,7 @@ def main() -> None:
         backward(args)
         return
     torch.manual_seed(0)
-    config = LRMConfig.preset(args.preset)
+    config = LRMConfig.from_name(args.preset)
     model = LRM(config).to(DEVICE).eval()
     size = config.triplane_high_res
     planes = torch.randn(1, 3, config.triplane_dim, size, size, device=DEVICE)
@@ -92,7 +92,7 @@ def main() -> None:
 
 def backward(args) -> None:
     torch.manual_seed(0)
-    config = LRMConfig.preset(args.preset)
+    config = LRMConfig.from_name(args.preset)
     model = LRM(config).to(DEVICE).train()
     for layer in model.decoder.layers:  # zero biases (the released init) would hide bias-gradient errors
         torch.nn.init.normal_(layer.bias, std=0.1)

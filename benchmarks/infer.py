@@ -23,12 +23,12 @@ import time
 
 import torch
 
+from vfusion3d_lightning import presets
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
 from vfusion3d_lightning.geometry.isosurface import nearest_vertex_distance
 from vfusion3d_lightning.geometry.mesh import coarse_to_fine_grid, density_grid, extract_mesh
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.models.lrm.analytic import write_sphere
-
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # the CPU runs the tiny preset, to check the script
@@ -105,13 +105,13 @@ def main() -> None:
     parser.add_argument("--profile", choices=["turntable", "planes"],
                         help="print the top kernels of 16 turntable frames or of image -> planes, released-style and "
                              "ours, and stop")
-    parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
+    parser.add_argument("--preset", default="vfusion3d", choices=presets.network_names())
     parser.add_argument("--threshold", type=float, default=1.0, help="mesh density level (the release's 1.0)")
     args = parser.parse_args()
     global VERBOSE
     VERBOSE = args.verbose
     torch.manual_seed(0)
-    config = LRMConfig.preset(args.preset)
+    config = LRMConfig.from_name(args.preset)
     released = LRM(config).to(DEVICE).eval()
     released.renderer.project_planes = False
     ours = LRM(config).to(DEVICE).eval()
@@ -171,7 +171,8 @@ def main() -> None:
     _, t_dense, m_dense = timed(lambda: density_grid(ours, planes, args.grid), args.repeats)
     _, t_grid_fast, m_grid_fast = timed(lambda: coarse_to_fine_grid(ours, planes, args.grid, threshold=threshold),
                                         args.repeats)
-    print(f"{args.grid}^3 grid: released-style {t_grid_ref:.3f} s, ours dense {t_dense:.3f} s (peak {m_dense:.2f} GiB), "
+    print(f"{args.grid}^3 grid: released-style {t_grid_ref:.3f} s, "
+          f"ours dense {t_dense:.3f} s (peak {m_dense:.2f} GiB), "
           f"ours coarse-to-fine {t_grid_fast:.3f} s", flush=True)
     rows.append((f"{args.grid}^3 density grid", t_grid_ref, m_grid_ref, t_grid_fast, m_grid_fast, "s"))
     # end to end, colours and the trimesh included: dense grid and PyMCubes as released; ours on the GPU
@@ -191,18 +192,21 @@ def main() -> None:
     for name, t_ref, m_ref, t_fast, m_fast, unit in rows:
         scale = 1e3 if unit == "ms" else 1
         memory = "-" if m_ref is None else f"{m_ref:.1f} / {m_fast:.1f}"
-        print(f"| {name} | {t_ref * scale:.{0 if unit == 'ms' else 2}f} {unit} | {t_fast * scale:.{1 if unit == 'ms' else 2}f}"
+        print(f"| {name} | {t_ref * scale:.{0 if unit == 'ms' else 2}f} {unit} | "
+              f"{t_fast * scale:.{1 if unit == 'ms' else 2}f}"
               f" {unit} | {t_ref / t_fast:.1f}x | {memory} |")
     print(f"planes bf16 vs fp32: max |diff| {planes_error:.3g} (planes std {planes_std:.3g})")
     def gap(a, b):
         return f"mean |diff| {(a - b).abs().mean():.5f}, max {(a - b).abs().max():.4f}"
 
-    print(f"turntable frames against ours fp32 without skipping: ours bf16 with skipping {gap(frames_fast, frames_fp32)}; "
+    print(f"turntable frames against ours fp32 without skipping: "
+          f"ours bf16 with skipping {gap(frames_fast, frames_fp32)}; "
           f"ours bf16 without skipping {gap(frames_full, frames_fp32)}; released-style (same seed) "
           f"{gap(frames_ref, frames_fp32)}; ours fp32 with other sample jitter {gap(frames_noise, frames_fp32)}")
     print(f"occupancy: {occupied:.1%} of 128^3 cells; ours bf16 without skipping {t_full:.2f} s")
     print(f"mesh at density {threshold:.4g}: {len(vertices_ref)} vertices released-style (marching cubes), "
-          f"{len(vertices_fast)} ours (surface nets); farthest vertex from the other mesh: ours {mesh_gap[0]:.2f} voxel, "
+          f"{len(vertices_fast)} ours (surface nets); "
+          f"farthest vertex from the other mesh: ours {mesh_gap[0]:.2f} voxel, "
           f"released-style {mesh_gap[1]:.2f} voxel")
 
 

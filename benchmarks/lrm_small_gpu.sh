@@ -12,8 +12,8 @@ case "${1:-}" in
   data)
     cli procedural --out data/small/assets --count 2400
     cli procedural --out data/small/val_assets --count 96 --seed 1000000
-    time cli render data/small/assets --out data/small/train --views random32 --resolution 128 --workers 14 --shard-size 100
-    cli render data/small/val_assets --out data/small/val --views random32 --resolution 128 --workers 8 --shard-size 12
+    time cli render --assets data/small/assets --out data/small/train --views random32 --resolution 128 --workers 14 --shard_size 100
+    cli render --assets data/small/val_assets --out data/small/val --views random32 --resolution 128 --workers 8 --shard_size 12
     ;;
   train)
     last=$(ls -t outputs/small_gpu/lightning_logs/version_*/checkpoints/last.ckpt 2>/dev/null | head -1 || true)

@@ -25,16 +25,16 @@ from collections import Counter
 
 import lightning as L
 import torch
+from timing import cuda_ms
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from vfusion3d_lightning import presets
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
-from vfusion3d_lightning.training.losses import lpips_loss, opacity_loss
 from vfusion3d_lightning.models.lrm import LRMConfig
 from vfusion3d_lightning.models.lrm import renderer as renderer_module
 from vfusion3d_lightning.training import LRMModule
-
-from timing import cuda_ms
+from vfusion3d_lightning.training.losses import lpips_loss, opacity_loss
 
 # dense bf16 tensor-core peaks, FLOP/s
 PEAKS = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12}
@@ -157,7 +157,8 @@ def step_flops(config: LRMConfig, project: bool, batch: dict[str, torch.Tensor])
 def profile(config: LRMConfig, batch_size: int, project: bool, checkpointing: str | None, max_rays: int | None,
             fused: bool, compile_network: bool = False, rows: int = 50) -> None:
     """The kernels that take the step's time (torch.profiler), largest first."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     m = module(config, project, checkpointing, max_rays, fused, compile_network).to(DEVICE).train()
     batch = {k: v.to(DEVICE) for k, v in synthetic_batch(batch_size, config.encoder_img_size or 512).items()}
@@ -309,16 +310,19 @@ def main() -> None:
     parser.add_argument("--torch-composite", action="store_true",
                         help="ours with torch's compositing in place of the compositing kernel (fused_composite.py)")
     parser.add_argument("--unfused", action="store_true", help="ours without the one-kernel field query under autograd")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and transformer (LRMModule(compile_network=True))")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the encoder and transformer (LRMModule(compile_network=True))")
     parser.add_argument("--sync-check", action="store_true",
                         help="report host-device synchronisations in the steps after the warm-up (a GPU is needed)")
-    parser.add_argument("--profile", action="store_true", help="print the top kernels of one step of ours at the first batch size")
-    parser.add_argument("--breakdown", action="store_true", help="time each part of the step of ours apart at the first batch size")
-    parser.add_argument("--preset", default="vfusion3d", choices=["vfusion3d", "tiny"])
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top kernels of one step of ours at the first batch size")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time each part of the step of ours apart at the first batch size")
+    parser.add_argument("--preset", default="vfusion3d", choices=presets.network_names())
     parser.add_argument("--paths", nargs="+", default=["released", "ours"], choices=["released", "ours"])
     args = parser.parse_args()
     peak = peak_flops()
-    config = LRMConfig.preset(args.preset)
+    config = LRMConfig.from_name(args.preset)
     if args.torch_composite:  # VolumeRenderer.composite asks this whether the kernel runs here
         renderer_module.fused_composite_supported = lambda device: False
     if args.profile:
@@ -328,8 +332,9 @@ def main() -> None:
     if args.breakdown:
         breakdown(config, args.batch_sizes[0], args.checkpointing, args.compile, args.recompute_blocks)
         return
-    print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} config, 4 views of 128^2 "
-          f"patches, bf16-mixed, checkpointing={args.checkpointing}, recompute_blocks={args.recompute_blocks}, "
+    print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} config, "
+          f"4 views of 128^2 patches, bf16-mixed, checkpointing={args.checkpointing}, "
+          f"recompute_blocks={args.recompute_blocks}, "
           f"max_rays={args.max_rays}, compile={args.compile}, torch_composite={args.torch_composite}, "
           f"peak {peak / 1e12:.0f} TFLOP/s")
     print("| path | batch | step | samples/s | against released-style | TFLOP a step | MFU | peak memory |")

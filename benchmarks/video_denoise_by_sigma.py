@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from video_first_frames import samples
 
 from vfusion3d_lightning.io import on_white
+from vfusion3d_lightning.models.video import VideoDiffusionModel
 from vfusion3d_lightning.models.video.objectives import EDMObjective
 from vfusion3d_lightning.models.video.sampler import OrbitVideoPipeline, SamplerSettings
-from vfusion3d_lightning.training.video_diffusion import load_video_model, orbit_grid
-
-from video_first_frames import samples
+from vfusion3d_lightning.training.video_diffusion import orbit_grid
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_video_model(args.checkpoint).to(device).eval()
+    model = VideoDiffusionModel.from_pretrained(args.checkpoint).to(device).eval()
     truth = list(samples(args.shards).values())[:args.count]
     frames = torch.stack([on_white(s.images) for s in truth]).to(device)
     prompts = [s.prompt or "" for s in truth]

@@ -8,10 +8,10 @@ MAX_TIME=${2:-00:00:06:00}
 RES=${3:-32}
 BATCH=${4:-32}
 CLI="python3 -m vfusion3d_lightning.cli"
-[ -d "$OUT/assets" ] || $CLI procedural --out "$OUT/assets" --count 1200 --seed 0 --formats glb > /dev/null
-$CLI render "$OUT/assets" --out "$OUT/train" --views orbit16 --resolution "$RES" --workers 16 --shard-size 50 2>&1 | tail -1
-[ -d "$OUT/val_assets" ] || $CLI procedural --out "$OUT/val_assets" --count 32 --seed 12345 --formats glb > /dev/null
-$CLI render "$OUT/val_assets" --out "$OUT/val" --views orbit16 --resolution "$RES" --workers 8 --shard-size 32 2>&1 | tail -1
+[ -d "$OUT/assets" ] || $CLI procedural --out "$OUT/assets" --count 1200 --seed 0 --formats "[glb]" > /dev/null
+$CLI render --assets "$OUT/assets" --out "$OUT/train" --views orbit16 --resolution "$RES" --workers 16 --shard_size 50 2>&1 | tail -1
+[ -d "$OUT/val_assets" ] || $CLI procedural --out "$OUT/val_assets" --count 32 --seed 12345 --formats "[glb]" > /dev/null
+$CLI render --assets "$OUT/val_assets" --out "$OUT/val" --views orbit16 --resolution "$RES" --workers 8 --shard_size 32 2>&1 | tail -1
 $CLI fit --config configs/video/small_gpu.yaml --trainer.default_root_dir "$OUT/run" \
   --trainer.max_time "$MAX_TIME" --trainer.enable_progress_bar false --trainer.logger.init_args.save_dir "$OUT/run" \
   --data.init_args.train_shards "$OUT/train/shard-*.tar" --data.init_args.val_shards "$OUT/val/shard-*.tar" \
@@ -20,5 +20,5 @@ $CLI fit --config configs/video/small_gpu.yaml --trainer.default_root_dir "$OUT/
 python3 benchmarks/video_first_frames.py "$OUT/val" "$OUT/val_inputs"
 CKPT=$(ls -t "$OUT"/run/lightning_logs/version_*/checkpoints/last.ckpt | head -1)
 $CLI generate --model "$CKPT" --inputs "$OUT/val_inputs" --out "$OUT/generated" --size "$RES" --steps 25 \
-  --guidance 1.0 2.0 --batch-size 8 --background alpha --border-ratio -1
+  --guidance "[1.0, 2.0]" --batch_size 8 --background alpha --border_ratio null
 python3 benchmarks/video_first_frames.py "$OUT/val" "$OUT/val_inputs" --grid "$OUT/generated" "$OUT/orbits.png"

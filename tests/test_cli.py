@@ -15,7 +15,7 @@ def test_demo_writes_a_rendered_turntable_frame(tmp_path, capsys):
 
 
 def test_weights_lists_the_registry(tmp_path, capsys):
-    assert main(["weights", "--checkpoint-dir", str(tmp_path)]) == 0
+    assert main(["weights", "--checkpoint_dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "vfusion3d" in printed and "missing" in printed and str(tmp_path) in printed
 
@@ -34,7 +34,7 @@ def test_missing_weights_are_one_error_line_not_a_traceback(tmp_path):
     from pathlib import Path
 
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "photo.png")
-    infer = _command(["infer", "photo.png", "--out", "out"], tmp_path)
+    infer = _command(["infer", "--input", "photo.png", "--out", "out"], tmp_path)
     assert infer.returncode == 1 and "Traceback" not in infer.stderr
     assert "vfusion3d-lightning: error: weights 'vfusion3d'" in infer.stderr
     assert "huggingface.co/facebook/vfusion3d" in infer.stderr
@@ -43,7 +43,7 @@ def test_missing_weights_are_one_error_line_not_a_traceback(tmp_path):
     predict = _command(["predict", "--config", str(features), "--trainer.accelerator", "cpu"], tmp_path)
     assert predict.returncode == 1 and "Traceback" not in predict.stderr
     assert "vfusion3d-lightning: error: weights 'dino-vitb16'" in predict.stderr
-    shown = _command(["infer", "photo.png", "--out", "out"], tmp_path, VFUSION3D_TRACEBACK="1")
+    shown = _command(["infer", "--input", "photo.png", "--out", "out"], tmp_path, VFUSION3D_TRACEBACK="1")
     assert shown.returncode == 1 and "Traceback" in shown.stderr and "FileNotFoundError" in shown.stderr
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 
-from vfusion3d_lightning import LRM, LRMConfig
+from vfusion3d_lightning import LRM, LRMConfig, presets
 
 NETWORKS = Path(__file__).resolve().parents[1] / "configs" / "lrm" / "network"
 
@@ -17,9 +17,49 @@ def parse_network(*args: str) -> LRMConfig:
     return parser.instantiate(parser.parse_args(list(args))).network
 
 
-@pytest.mark.parametrize("name, preset", [("tiny", LRMConfig.tiny()), ("vfusion3d", LRMConfig.vfusion3d())])
-def test_network_configs_equal_the_presets(name, preset):
-    assert parse_network("--network", str(NETWORKS / f"{name}.yaml")) == preset
+@pytest.mark.parametrize("name", presets.network_names())
+def test_every_shipped_network_size_builds_its_config(name):
+    # one home for the sizes: LRMConfig.from_name reads the shipped YAML that training configs point at
+    config = LRMConfig.from_name(name)
+    assert config == parse_network("--network", str(presets.shipped_config(f"lrm/network/{name}")))
+    assert LRMConfig.from_dict(config.to_dict()) == config
+    if name == "tiny":  # the others are the size of real networks: their config is enough here
+        planes = LRM(config)(torch.rand(1, 3, config.encoder_img_size, config.encoder_img_size), torch.zeros(1, 16))
+        assert planes.shape == (1, 3, config.triplane_dim, config.triplane_high_res, config.triplane_high_res)
+
+
+def test_network_names_are_the_shipped_files_and_unknown_names_list_them():
+    assert {"tiny", "vfusion3d"} <= set(presets.network_names())
+    assert presets.network_names() == sorted(path.stem for path in NETWORKS.glob("*.yaml"))
+    with pytest.raises(ValueError, match=r"unknown LRM network 'huge'.*\['tiny', 'vfusion3d'\]"):
+        LRMConfig.from_name("huge")
+
+
+def test_registry_configs_name_shipped_network_sizes():
+    from vfusion3d_lightning import hub
+    from vfusion3d_lightning.models.video import ARCHITECTURES
+
+    for name, entry in hub.load_registry().items():
+        if entry.converter in ("vfusion3d_released", "dinov2_hf", "lrm"):
+            assert entry.config in presets.network_names(), name
+            LRMConfig.from_name(entry.config)
+        assert name not in ARCHITECTURES  # a registry name must not shadow a random-weights architecture
+
+
+def test_shipped_configs_resolve_by_name_and_list_every_file():
+    root = presets.configs_root()
+    files = root.rglob("*.yaml")
+    assert presets.list_configs() == sorted(p.relative_to(root).with_suffix("").as_posix() for p in files)
+    for name in ("lrm/tiny", "lrm/tiny.yaml", "configs/lrm/tiny.yaml"):
+        assert presets.shipped_config(name) == root / "lrm" / "tiny.yaml"
+    for wrong in ("lrm/huge", "../checkpoints/registry"):
+        with pytest.raises(FileNotFoundError, match="no shipped config named .*lrm/tiny"):
+            presets.shipped_config(wrong)
+    assert presets.callbacks_preset().name == "vfusion3d_stages.yaml"
+    assert presets.callbacks_preset("vfusion3d_stages.yaml") == presets.callbacks_preset()
+    with pytest.raises(FileNotFoundError, match="vfusion3d_stages"):
+        presets.callbacks_preset("other")
+    assert presets.registry_path().name == "registry.yaml"
 
 
 def test_tiny_network_config_builds_a_working_model_and_takes_overrides():

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 import yaml
 
@@ -40,6 +41,7 @@ class RankRecord(L.Callback):
         Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_splits_the_data_and_keeps_the_ranks_in_step(tmp_path):
     write_assets(tmp_path / "assets", 8, seed=2, progress=False)
     render_folder(tmp_path / "assets", tmp_path / "set32", RenderSettings(views="random32", resolution=48),

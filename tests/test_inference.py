@@ -7,16 +7,16 @@ import trimesh
 from PIL import Image
 
 from vfusion3d_lightning.cli import main
-from vfusion3d_lightning.inference import ImageTo3D
-from vfusion3d_lightning.geometry.mesh import density_grid
-from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.data.preprocess import preprocess
+from vfusion3d_lightning.geometry.mesh import density_grid
+from vfusion3d_lightning.inference import ImageTo3D
+from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    model = LRM(LRMConfig.tiny()).eval()
+    model = LRM(LRMConfig.from_name("tiny")).eval()
     return model, model.save_pretrained(tmp_path_factory.mktemp("lrm") / "tiny")
 
 
@@ -43,10 +43,10 @@ def test_infer_writes_videos_and_coloured_meshes(checkpoint, tmp_path):
     inputs = write_inputs(tmp_path / "inputs")
     threshold = median_threshold(model, inputs / "photo.jpg")
     out = tmp_path / "out"
-    common = ["--checkpoint", str(directory), "--frames", "6", "--render-size", "24", "--frames-per-batch", "4",
-              "--input-size", "56", "--mesh-resolution", "24", "--mesh-threshold", f"{threshold}",
-              "--video-format", "gif", "--device", "cpu"]
-    assert main(["infer", str(inputs), "--out", str(out), "--background", "white", *common]) == 0
+    common = ["--checkpoint", str(directory), "--frames", "6", "--render_size", "24", "--frames_per_batch", "4",
+              "--input_size", "56", "--mesh_resolution", "24", "--mesh_threshold", f"{threshold}",
+              "--video_format", "gif", "--device", "cpu"]
+    assert main(["infer", "--input", str(inputs), "--out", str(out), "--background", "white", *common]) == 0
     for name in ("cutout", "photo"):
         gif = Image.open(out / name / "turntable.gif")
         assert gif.n_frames == 6 and gif.size == (24, 24)
@@ -54,8 +54,8 @@ def test_infer_writes_videos_and_coloured_meshes(checkpoint, tmp_path):
         mesh = trimesh.load(out / name / "mesh.glb", force="mesh")
         assert len(mesh.faces) > 0 and mesh.visual.vertex_colors.shape == (len(mesh.vertices), 4)
     # one RGBA file on its own uses its alpha channel; PLY and no video on request
-    assert main(["infer", str(inputs / "cutout.png"), "--out", str(tmp_path / "single"), *common[:-4],
-                 "--video-format", "none", "--mesh-format", "ply"]) == 0
+    assert main(["infer", "--input", str(inputs / "cutout.png"), "--out", str(tmp_path / "single"), *common[:-4],
+                 "--video_format", "none", "--mesh_format", "ply"]) == 0
     assert sorted(p.name for p in (tmp_path / "single" / "cutout").iterdir()) == ["input.png", "mesh.ply"]
 
 
@@ -75,10 +75,11 @@ def test_batched_turntable_equals_frame_by_frame(checkpoint):
 def test_missing_inputs_are_clear(checkpoint, tmp_path):
     _, directory = checkpoint
     with pytest.raises(FileNotFoundError, match="neither an image file nor a folder"):
-        main(["infer", str(tmp_path / "nothing.png"), "--checkpoint", str(directory), "--out", str(tmp_path)])
+        main(["infer", "--input", str(tmp_path / "nothing.png"), "--checkpoint", str(directory),
+              "--out", str(tmp_path)])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
-        main(["infer", str(tmp_path / "empty"), "--checkpoint", str(directory), "--out", str(tmp_path)])
+        main(["infer", "--input", str(tmp_path / "empty"), "--checkpoint", str(directory), "--out", str(tmp_path)])
 
 
 def test_mp4_and_gif_keep_every_frame(tmp_path):
@@ -98,10 +99,12 @@ def test_mp4_and_gif_keep_every_frame(tmp_path):
 def test_missing_or_wrong_checkpoints_are_clear(checkpoint, tmp_path):
     inputs = write_inputs(tmp_path / "inputs")
     with pytest.raises(FileNotFoundError, match="no LRM weights"):
-        main(["infer", str(inputs), "--checkpoint", str(tmp_path / "nothing.safetensors"), "--out", str(tmp_path)])
+        main(["infer", "--input", str(inputs), "--checkpoint", str(tmp_path / "nothing.safetensors"),
+              "--out", str(tmp_path)])
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     (wrong / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable safetensors"):
-        main(["infer", str(inputs), "--checkpoint", str(wrong / "model.safetensors"), "--out", str(tmp_path)])
+        main(["infer", "--input", str(inputs), "--checkpoint", str(wrong / "model.safetensors"),
+              "--out", str(tmp_path)])
 

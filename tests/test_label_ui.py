@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter
-from vfusion3d_lightning.data.labels import read_labels
 from vfusion3d_lightning.commands.label_ui import LabelServer
+from vfusion3d_lightning.data.labels import read_labels
+from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 KEYS = ["vid0000", "vid0001", "vid0002"]
@@ -141,10 +141,10 @@ def test_read_labels_last_line_wins_and_names_bad_lines(tmp_path):
     path.write_text('{"key": "a", "label": 1}\n\n{"key": "b", "label": 0}\n{"key": "a", "label": 0}\n')
     assert read_labels(path) == {"a": 0, "b": 0}
     path.write_text('{"key": "a", "label": 1}\n{"key": "b", "label": "good"}\n')
-    with pytest.raises(ValueError, match=r"labels\.jsonl line 2: label must be"):
+    with pytest.raises(ValueError, match=r"labels\.jsonl:2: label must be"):
         read_labels(path)
     path.write_text('{"key": "a", "label": 1}\n\n{"key": "b", "lab\n')
-    with pytest.raises(ValueError, match=r"labels\.jsonl line 3: not valid JSON"):
+    with pytest.raises(ValueError, match=r"labels\.jsonl:3: not JSON"):
         read_labels(path)
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from vfusion3d_lightning.training.losses import build_lpips, lpips_loss, opacity_loss
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
+from vfusion3d_lightning.training.losses import build_lpips, lpips_loss, opacity_loss
 from vfusion3d_lightning.training.lrm import decay_groups
 
 
@@ -37,7 +37,7 @@ def test_opacity_loss_is_mse_against_the_mask():
 
 
 def test_weight_decay_skips_biases_norms_and_position_embeddings():
-    model = LRM(LRMConfig.tiny())
+    model = LRM(LRMConfig.from_name("tiny"))
     decay, no_decay = decay_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}

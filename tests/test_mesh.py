@@ -23,7 +23,7 @@ def logit_of(colour: float) -> float:
 def sphere_model(rgb=(1.0, 0.0, 0.0)) -> tuple[LRM, torch.Tensor]:
     """A tiny LRM and planes whose activated density is softplus(SLOPE * (R^2 - r^2) + log(e - 1)):
     it equals THRESHOLD exactly on the sphere |p| = RADIUS. Colour is constant `rgb`."""
-    model = LRM(LRMConfig.tiny()).eval()
+    model = LRM(LRMConfig.from_name("tiny")).eval()
     c = model.config.triplane_dim
     ramp = (torch.arange(PLANE_RES) + 0.5) / PLANE_RES * 2 - 1  # pixel centres, align_corners=False
     u = ramp.view(1, PLANE_RES).expand(PLANE_RES, PLANE_RES)  # plane's first coordinate (width)

@@ -1,6 +1,5 @@
 """3D evaluation: the protocol (views, cameras), the metrics' extremes, CLIP loading, the `evaluate` command."""
 
-import argparse
 import csv
 
 import numpy as np
@@ -9,23 +8,23 @@ import torch
 from torch import nn
 
 from vfusion3d_lightning.cameras import canonical_source_pose
+from vfusion3d_lightning.cli import main
+from vfusion3d_lightning.commands.evaluate import evaluate
 from vfusion3d_lightning.data.procedural import write_assets
 from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
-from vfusion3d_lightning.io import on_white
-from vfusion3d_lightning.training.losses import build_lpips
 from vfusion3d_lightning.evaluation import (
     CSV_FIELDS,
     PSNR_CAP,
     Evaluator,
-    add_arguments,
     evaluation_views,
+    held_out_samples,
     image_scores,
     load_clip,
-    read_samples,
-    run,
 )
+from vfusion3d_lightning.io import on_white
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.models.lrm.renderer import RenderOutput
+from vfusion3d_lightning.training.losses import build_lpips
 
 SIZE = 24  # shard resolution: SSIM's 11-px window still fits, LPIPS' VGG still has 1 px at its last stage
 
@@ -42,7 +41,7 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def samples(shards):
-    return list(read_samples(shards))
+    return list(held_out_samples(shards))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +76,7 @@ def clip_dir(tmp_path_factory):
 
 def tiny_lrm(seed: int = 0) -> LRM:
     torch.manual_seed(seed)
-    return LRM(LRMConfig.tiny())
+    return LRM(LRMConfig.from_name("tiny"))
 
 
 def relative_poses(poses: torch.Tensor) -> torch.Tensor:
@@ -185,19 +184,13 @@ def test_clip_similarity_from_a_saved_folder(clip_dir, samples):
 
 
 def test_missing_clip_says_what_to_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"(?s)does not exist.*hf download openai/clip-vit-large-patch14"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)no such folder.*hf download openai/clip-vit-large-patch14"):
         load_clip(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"(?s)cannot load CLIP from folder.*config\.json.*--clip none"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)CLIP model .*\(a folder without the config.*--clip none"):
         load_clip(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match=r"(?s)not in the local Hugging Face cache.*hf download"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)not in the local cache.*hf download"):
         load_clip("nobody-here/no-such-clip-model")
-
-
-def parse(*words: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(list(words))
 
 
 def test_evaluate_command_compares_checkpoints(tmp_path, shards, clip_dir):
@@ -207,10 +200,9 @@ def test_evaluate_command_compares_checkpoints(tmp_path, shards, clip_dir):
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "hyper_parameters": {"network": model.config.to_dict()}}, ckpt)
     out = tmp_path / "eval"
-    args = parse("--checkpoint", str(folder), "--checkpoint", str(ckpt), "--shards", shards, "--out", str(out),
-                 "--clip", str(clip_dir), "--lpips-random-backbone", "--max-objects", "2", "--input-size", "56",
-                 "--render-size", "16", "--device", "cpu")
-    assert run(args) == 0
+    assert main(["evaluate", "--checkpoint+", str(folder), "--checkpoint+", str(ckpt), "--shards", shards, "--out",
+                 str(out), "--clip", str(clip_dir), "--lpips_random_backbone", "true", "--max_objects", "2",
+                 "--input_size", "56", "--render_size", "16", "--device", "cpu"]) == 0
     tables = {}
     for name in ("tiny_export", "last"):
         with open(out / name / "objects.csv", newline="") as handle:
@@ -229,8 +221,7 @@ def test_evaluate_command_compares_checkpoints(tmp_path, shards, clip_dir):
 
 
 def test_evaluate_command_fails_early_without_clip(tmp_path, shards):
-    args = parse("--checkpoint", str(tmp_path / "never_loaded"), "--shards", shards, "--out", str(tmp_path / "o"),
-                 "--clip", str(tmp_path / "no_clip"), "--lpips-random-backbone", "--device", "cpu")
-    with pytest.raises(FileNotFoundError, match="CLIP model folder .*no_clip does not exist"):
-        run(args)
+    with pytest.raises(FileNotFoundError, match=r"CLIP model '.*no_clip' \(no such folder\) not found: fetch "):
+        evaluate([str(tmp_path / "never_loaded")], shards, tmp_path / "o", clip=str(tmp_path / "no_clip"),
+                 lpips_random_backbone=True, device="cpu")
     assert not (tmp_path / "o").exists()

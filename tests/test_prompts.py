@@ -1,7 +1,7 @@
 """Prompt curation: reading, cleaning, the few-shot prompt, answer parsing, and the resumable LLM stage run on a
 tiny Llama saved to disk and loaded through transformers' from_pretrained."""
 
-import argparse
+
 import json
 
 import pytest
@@ -9,10 +9,20 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from vfusion3d_lightning.cli import main
 from vfusion3d_lightning.data import prompts
-from vfusion3d_lightning.data.prompts import (EXAMPLES, SingleObjectClassifier, build_prompt, clean_captions,
-                                         comparison_key, curate_prompts, normalise, parse_answer, read_captions,
-                                         resolve_model)
+from vfusion3d_lightning.data.prompts import (
+    EXAMPLES,
+    SingleObjectClassifier,
+    build_prompt,
+    clean_captions,
+    comparison_key,
+    curate_prompts,
+    normalise,
+    parse_answer,
+    read_captions,
+    resolve_model,
+)
 
 # what the tiny model is built to answer for each caption (its first generated word); "maybe" = unparsed
 ANSWERS = {
@@ -261,7 +271,7 @@ def test_a_missing_model_says_what_to_download_and_how_to_pass_it(tmp_path):
             resolve_model(source)
         message = str(err.value)
         assert str(source) in message and "meta-llama/Llama-2-13b-chat-hf" in message
-        assert "hf download" in message and "--model" in message and "--allow-download" in message
+        assert "hf download" in message and "--model" in message and "--allow_download true" in message
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty has no config.json"):
         SingleObjectClassifier.from_pretrained(tmp_path / "empty")
@@ -269,16 +279,12 @@ def test_a_missing_model_says_what_to_download_and_how_to_pass_it(tmp_path):
         "vfusion3d-tests/not-a-cached-model"
 
 
-def test_cli_run(tmp_path, tiny_llm, capsys):
-    parser = argparse.ArgumentParser()
-    prompts.add_arguments(parser)
+def test_prompts_command(tmp_path, tiny_llm, capsys):
     files, out = write_inputs(tmp_path), tmp_path / "out"
-    args = parser.parse_args([*map(str, files), "--model", str(tiny_llm), "--out", str(out), "--batch-size", "3",
-                              "--dtype", "float32", "--device", "cpu", "--max-new-tokens", "1"])
-    assert prompts.run(args) == 0
+    assert main(["prompts", "--captions", f"[{', '.join(map(str, files))}]", "--model", str(tiny_llm), "--out",
+                 str(out), "--batch_size", "3", "--dtype", "float32", "--device", "cpu", "--max_new_tokens", "1"]) == 0
     assert (out / "prompts.txt").read_text() == "".join(c + "\n" for c in SINGLE)
     assert [r["answer"] for r in decision_lines(out)] == [ANSWERS[c] for c in CAPTIONS]  # one new token each
     assert "4 prompts" in capsys.readouterr().out
-    missing = parser.parse_args([str(files[0]), "--model", str(tmp_path / "nope"), "--out", str(out)])
     with pytest.raises(FileNotFoundError, match="meta-llama/Llama-2-13b-chat-hf"):
-        prompts.run(missing)
+        main(["prompts", "--captions", f"[{files[0]}]", "--model", str(tmp_path / "nope"), "--out", str(out)])

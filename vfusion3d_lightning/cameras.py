@@ -103,7 +103,9 @@ def look_at(
     return pose
 
 
-def spherical_to_cartesian(azimuth: torch.Tensor, elevation: torch.Tensor, radius: torch.Tensor | float) -> torch.Tensor:
+def spherical_to_cartesian(
+    azimuth: torch.Tensor, elevation: torch.Tensor, radius: torch.Tensor | float
+) -> torch.Tensor:
     """Points on a z-up sphere: azimuth from +x towards +y, elevation above the xy plane. -> (..., 3)"""
     azimuth, elevation = _as_float_tensor(azimuth), _as_float_tensor(elevation)
     return torch.stack(
@@ -151,7 +153,9 @@ def _check_pose(pose: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} holds NaN or inf values; check the camera poses of this sample")
 
 
-def source_camera_vector(pose: torch.Tensor, intrinsics: Intrinsics | torch.Tensor = DEFAULT_INTRINSICS) -> torch.Tensor:
+def source_camera_vector(
+    pose: torch.Tensor, intrinsics: Intrinsics | torch.Tensor = DEFAULT_INTRINSICS
+) -> torch.Tensor:
     """The 16-number encoder camera: 3x4 cam-to-world row-major, then fx/W, fy/H, cx/W, cy/H.
 
     pose: (..., 4, 4) or (..., 3, 4); intrinsics: an `Intrinsics` or normalised (..., 3, 3) -> (..., 16).
@@ -167,7 +171,9 @@ def source_camera_vector(pose: torch.Tensor, intrinsics: Intrinsics | torch.Tens
     return torch.cat([pose[..., :3, :].reshape(*pose.shape[:-2], 12), intr], dim=-1)
 
 
-def render_camera_vector(pose: torch.Tensor, intrinsics: Intrinsics | torch.Tensor = DEFAULT_INTRINSICS) -> torch.Tensor:
+def render_camera_vector(
+    pose: torch.Tensor, intrinsics: Intrinsics | torch.Tensor = DEFAULT_INTRINSICS
+) -> torch.Tensor:
     """The 25-number render camera: 4x4 cam-to-world row-major, then the normalised 3x3 intrinsics.
 
     pose: (..., 4, 4) or (..., 3, 4); intrinsics: an `Intrinsics` or normalised (..., 3, 3) -> (..., 25).

@@ -1,4 +1,4 @@
-"""3D evaluation of LRMs on held-out multi-view renders, as in the paper's ablations, and the `evaluate` command.
+"""3D evaluation of LRMs on held-out multi-view renders, as in the paper's ablations.
 
 Protocol, per object of the shards (the 32-view `uniform32` sets; any N-view set with cameras works): view
 `input_view` (default 0) composited on white is the input; its camera becomes the canonical source camera and
@@ -15,7 +15,6 @@ input image and the rendered novel views (all views but the input one), `clip_te
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vfusion3d_lightning.io import atomic_write, to_uint8_images
-from vfusion3d_lightning.training.losses import build_lpips, lpips_loss
+from vfusion3d_lightning.training.losses import lpips_loss
 
 PSNR_CAP = 100.0  # dB; an MSE of 1e-10, far below 8-bit quantisation, so only exact copies reach it
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -126,14 +125,17 @@ class ClipSimilarity:
         return embeddings @ self.embed_images(reference[None])[0], to_text
 
 
-def clip_download_hint() -> str:
-    """Where to get the default CLIP model and how to point at it."""
+def missing_clip_error(source: str, problem: str) -> FileNotFoundError:
+    """The missing-weights error for CLIP: what to fetch, where to save it, and how to do without."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
+    from vfusion3d_lightning.hub import missing_weights_error
+
     target = f"checkpoints/{Path(DEFAULT_CLIP).name}"
-    return (f"download it once where there is internet, e.g. `hf download {DEFAULT_CLIP} --local-dir {target}` "
-            f"and pass --clip {target}, or `hf download {DEFAULT_CLIP}` to fill the Hugging Face cache "
-            f"({HF_HUB_CACHE}, $HF_HOME) and keep the default; --clip none skips the CLIP metrics")
+    return missing_weights_error(
+        f"CLIP model {source!r} ({problem})", f"{DEFAULT_CLIP} (`hf download {DEFAULT_CLIP} --local-dir {target}`)",
+        target, note=f"then pass --clip {target}; or `hf download {DEFAULT_CLIP}` fills the Hugging Face cache "
+                     f"({HF_HUB_CACHE}) and keeps the default; --clip none skips the CLIP metrics")
 
 
 def load_clip(source: str | Path = DEFAULT_CLIP, device: str | torch.device = "cpu") -> ClipSimilarity:
@@ -145,17 +147,14 @@ def load_clip(source: str | Path = DEFAULT_CLIP, device: str | torch.device = "c
     if Path(source).expanduser().is_dir():
         source = str(Path(source).expanduser())
     elif Path(source).expanduser().exists() or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"CLIP model folder {source} does not exist (or is not a folder); "
-                                + clip_download_hint())
+        raise missing_clip_error(source, "no such folder")
     try:
         model = CLIPModel.from_pretrained(source, local_files_only=True)
         processor = CLIPProcessor.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:  # transformers says OSError for missing files, ValueError for bad ids
-        where = "folder" if Path(source).is_dir() else "hub id (not in the local Hugging Face cache)"
-        raise FileNotFoundError(
-            f"cannot load CLIP from {where} {source!r}: it needs config.json, the weights and the processor "
-            f"files (preprocessor_config.json, tokenizer) as CLIPModel/CLIPProcessor.save_pretrained write them; "
-            f"{clip_download_hint()}. ({type(err).__name__}: {err})") from err
+        where = "a folder without" if Path(source).is_dir() else "a hub id not in the local cache, so without"
+        raise missing_clip_error(source, f"{where} the config, weights and processor files that CLIPModel and "
+                                         f"CLIPProcessor.save_pretrained write: {type(err).__name__}: {err}") from err
     return ClipSimilarity(model, processor, device)
 
 
@@ -227,7 +226,8 @@ class Evaluator:
         size = views["target_images"].shape[-1]
         generator = torch.Generator(self.device).manual_seed(self.seed)
         with self._autocast():
-            planes = self.model(views["input_image"][None].to(self.device), views["source_camera"][None].to(self.device))
+            planes = self.model(views["input_image"][None].to(self.device),
+                                views["source_camera"][None].to(self.device))
         planes = planes.float()
         frames = []
         for start in range(0, cameras.shape[1], self.views_per_batch):
@@ -267,7 +267,7 @@ class Evaluator:
         return [self.evaluate_sample(sample) for sample in chosen]
 
 
-def read_samples(pattern: str) -> Iterator:
+def held_out_samples(pattern: str) -> Iterator:
     """Validated `MultiViewSample`s with cameras from shards (brace pattern, glob or list), in shard order."""
     from vfusion3d_lightning.data.datamodules import expand_shards
     from vfusion3d_lightning.data.schema import SampleError, ShardError
@@ -280,25 +280,6 @@ def read_samples(pattern: str) -> Iterator:
     except SampleError as err:  # training skips bad samples; a comparison of checkpoints must not
         raise SampleError(f"{err}; evaluation scores every object of the shards: mend that sample or leave its "
                           "shard out of --shards") from err
-
-
-def load_lrm(source: str | Path):
-    """An LRM from whatever `LRM.from_pretrained` accepts, or a Lightning .ckpt of `LRMModule`."""
-    from vfusion3d_lightning.models.lrm import LRM, LRMConfig
-    from vfusion3d_lightning.models.lrm.pretrained import load_into
-    from vfusion3d_lightning.hub import load_state_file
-
-    if not str(source).endswith(".ckpt"):
-        return LRM.from_pretrained(source)
-    checkpoint = load_state_file(source)
-    network = checkpoint.get("hyper_parameters", {}).get("network")
-    weights = {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
-    if network is None or not weights:
-        raise ValueError(f"{source} has no `hyper_parameters.network` or no `model.` weights: not a checkpoint of "
-                         "LRMModule; give a save_pretrained folder (LRMModule.export) or weights file instead")
-    model = LRM(LRMConfig.from_dict(network) if isinstance(network, dict) else network)
-    load_into(model, weights, str(source))
-    return model
 
 
 # ---------------------------------------------------------------- outputs
@@ -378,61 +359,3 @@ def checkpoint_names(sources: list[str]) -> list[str]:
             name, k = f"{base}-{k}", k + 1
         names.append(name)
     return names
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", action="append", required=True,
-                        help="LRM to evaluate: save_pretrained folder, weights file, registry name or LRMModule "
-                             ".ckpt; repeat to compare several side by side")
-    parser.add_argument("--shards", required=True, help="held-out multi-view shards (a folder, brace pattern or glob), "
-                                                        "e.g. renders made with `render --views uniform32`")
-    parser.add_argument("--out", required=True, help="folder for <checkpoint>/objects.csv, summary.md, plots/")
-    parser.add_argument("--clip", default=DEFAULT_CLIP,
-                        help="CLIP folder or hub id in the local cache (default %(default)s); 'none' skips CLIP")
-    parser.add_argument("--lpips-weights", default=None,
-                        help="torchvision VGG16 weights for LPIPS (default: the torch hub cache)")
-    parser.add_argument("--lpips-random-backbone", action="store_true",
-                        help="untrained LPIPS trunk: for tests only, the LPIPS numbers mean nothing")
-    parser.add_argument("--max-objects", type=int, default=None, help="evaluate the first N objects only")
-    parser.add_argument("--input-view", type=int, default=0, help="the view given to the LRM (default 0)")
-    parser.add_argument("--input-size", type=int, default=512, help="encoder input size (default 512)")
-    parser.add_argument("--render-size", type=int, default=None,
-                        help="render and compare at this size (default: the shards' resolution)")
-    parser.add_argument("--views-per-batch", type=int, default=8, help="views rendered per call")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="bfloat16 runs the LRM under autocast")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the renderer's sample jitter")
-
-
-def run(args: argparse.Namespace) -> int:
-    from vfusion3d_lightning.data.datamodules import count_samples, expand_shards
-
-    out = Path(args.out)
-    total = count_samples(expand_shards(args.shards)) if "://" not in args.shards else None
-    # weights of the judges first: a missing LPIPS or CLIP model fails before any LRM is loaded
-    lpips_model = build_lpips(args.lpips_weights, args.lpips_random_backbone)
-    clip = None if str(args.clip).lower() == "none" else load_clip(args.clip, args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    results: dict[str, list[ObjectScores]] = {}
-    for name, source in zip(checkpoint_names(args.checkpoint), args.checkpoint):
-        evaluator = Evaluator(load_lrm(source), lpips_model, clip, device=args.device, dtype=dtype,
-                              input_view=args.input_view, input_size=args.input_size, render_size=args.render_size,
-                              views_per_batch=args.views_per_batch, seed=args.seed)
-        scores = evaluator.evaluate(read_samples(args.shards), args.max_objects, total, desc=name)
-        if not scores:
-            raise ValueError(f"no samples in {args.shards}")
-        results[name] = scores
-        print(f"{name}: {len(scores)} objects -> {write_csv(out / name / 'objects.csv', scores)}")
-        del evaluator  # free the LRM before loading the next
-    table = summary_table(results)
-    note = (f"\nInput view {args.input_view}; means ± std over objects of per-object means over views; "
-            f"PSNR per view capped at {PSNR_CAP:g} dB; CLIP: cosine similarity, novel views only.\n")
-    atomic_write(out / "summary.md", lambda tmp: tmp.write_text(table + note))
-    print(table + note)
-    for path in plot_distributions(results, out / "plots"):
-        print(f"plot -> {path}")
-    return 0

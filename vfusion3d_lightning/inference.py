@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
-from vfusion3d_lightning.io import atomic_write, to_uint8_images
+from vfusion3d_lightning.data.preprocess import preprocess
 from vfusion3d_lightning.geometry.mesh import export_mesh, extract_mesh
+from vfusion3d_lightning.io import atomic_write, to_uint8_images
 from vfusion3d_lightning.models.lrm import LRM
-from vfusion3d_lightning.data.preprocess import IMAGE_SUFFIXES, preprocess
 
 VIDEO_FORMATS = ("mp4", "gif")
 
@@ -132,19 +132,6 @@ def write_video(frames: torch.Tensor, path: str | Path, fps: int = 40) -> Path:
         def save(tmp: Path) -> None:
             imageio.mimwrite(tmp, pictures, fps=fps, macro_block_size=1)
     return atomic_write(path, save)
-
-
-def input_images(source: str | Path) -> list[Path]:
-    """An image file, or the images in a folder (sorted)."""
-    source = Path(source)
-    if source.is_dir():
-        images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not images:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
-        return images
-    if not source.is_file():
-        raise FileNotFoundError(f"input {source} is neither an image file nor a folder")
-    return [source]
 
 
 def save_outputs(result: InferenceResult, out_dir: Path, video_format: str | None, mesh_format: str | None,

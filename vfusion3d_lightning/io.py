@@ -1,15 +1,17 @@
-"""Writing outputs: files that are never half-written under their final name, images as uint8."""
+"""Reading and writing files: outputs never half-written under their final name, JSONL records, images as uint8."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -35,6 +37,38 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def atomic_write_folder(directory: str | os.PathLike, write: Callable[[Path], None],
+                        last: Sequence[str] = ()) -> Path:
+    """Fill a temporary folder with `write(tmp)`, then move each file it wrote to the same place under
+    `directory`, replacing the file there; the files named in `last` move at the end.
+
+    Every byte is written before any file is replaced, so a full disk or an error in `write` leaves the files
+    of `directory` as they were (a crash while moving, a few renames, could mix old and new files). Files of
+    `directory` that `write` does not write are kept. Returns `directory`.
+
+    Args:
+        directory: the folder to write into; created if absent.
+        write: writes the new files into the temporary folder it is given (subfolders allowed).
+        last: paths relative to the folder (e.g. the weights, by which loaders recognise a folder) moved after
+            the others.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # inside `directory`: the same file system, so each move is a rename
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".partial-"))
+    try:
+        write(tmp)
+        files = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
+        order = [p for p in files if p.as_posix() not in last] + [p for p in files if p.as_posix() in last]
+        for relative in order:
+            (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(tmp / relative, 0o666 & ~_UMASK)  # as open() would make it, whatever the writer did
+            os.replace(tmp / relative, directory / relative)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:
     """Images (..., 3, H, W) in [0, 1] -> (..., H, W, 3) uint8, rounded."""
     pixels = images.detach().float().clamp(0, 1).movedim(-3, -1).cpu().numpy()
@@ -55,3 +89,21 @@ def run_log_dir(trainer) -> Path:
     if logger is not None:
         directory = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
     return Path(directory or trainer.default_root_dir)
+
+
+def read_jsonl(path: str | os.PathLike, advice: str = "") -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file, in order; a line that is not JSON is
+    a ValueError naming `path:line` (then `advice`, e.g. what to do about it). A byte-order mark is skipped.
+
+    Args:
+        path: the JSONL file.
+        advice: appended to the error for a bad line.
+    """
+    with open(path, encoding="utf-8-sig") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err})" + (f"; {advice}" if advice else "")) from None

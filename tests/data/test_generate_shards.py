@@ -79,7 +79,7 @@ def test_generate_command_writes_valid_synthetic_shards(tmp_path, model):
     keys = write_images(tmp_path / "images", 2)
     model.save_pretrained(tmp_path / "model")
     code = main(["generate", "--model", str(tmp_path / "model"), "--inputs", str(tmp_path / "images"), "--out",
-                 str(tmp_path / "out"), "--size", "32", "--steps", "2", "--batch-size", "2", "--seed", "3",
+                 str(tmp_path / "out"), "--size", "32", "--steps", "2", "--batch_size", "2", "--seed", "3",
                  "--device", "cpu"])
     assert code == 0
     samples = read_shards(tmp_path / "out")
@@ -92,7 +92,7 @@ def test_generate_command_writes_valid_synthetic_shards(tmp_path, model):
     clip = OrbitClip(16, 32)(sample, np.random.default_rng(0))  # usable as video training data again
     assert clip["frames"].shape == (16, 3, 32, 32)
     report = json.loads((tmp_path / "out" / "generate_report.json").read_text())
-    assert report["generated"] == 2 and not report["failed"]
+    assert report["written"] == 2 and not report["failed"]
 
 
 class Interrupt(RuntimeError):
@@ -128,7 +128,7 @@ def test_an_interrupted_run_resumes_writing_each_prompt_exactly_once(tmp_path, m
 
     report = generate_shards(model, inputs, tmp_path / "out", SETTINGS, frame_size=32, batch_size=2,
                              shard_size=2, progress=False)
-    assert report.skipped_existing == 4 and report.generated == 1
+    assert report.skipped_existing == 4 and report.written == 1
     assert not list((tmp_path / "out").glob("*.partial"))
     resumed = read_shards(tmp_path / "out")
     assert sorted(resumed) == keys

@@ -20,18 +20,18 @@ def test_assets_render_to_shards_that_feed_both_datamodules(tmp_path):
     write_assets(assets, 6, seed=1)
     (assets / "broken.obj").write_text("v 0 0 0\nthis is not an obj file\n")
     report = render_folder(assets, shards, RenderSettings(resolution=32), workers=2, shard_size=4, progress=False)
-    assert report.rendered == 6 and report.skipped_existing == 0
+    assert report.written == 6 and report.skipped_existing == 0
     assert [f["asset"].endswith("broken.obj") for f in report.failed] == [True]
     assert len(complete_shards(shards)) == 2
     # in the assets' order whichever worker finished first
     assert list(keys_in_shards(complete_shards(shards)).values()) == [
         [sample_key(p) for p in find_assets(assets) if p.name != "broken.obj"][i:i + 4] for i in (0, 4)]
     saved = json.loads((shards / "render_report.json").read_text())
-    assert saved["rendered"] == 6 and "broken.obj" in saved["failed"][0]["asset"]
+    assert saved["written"] == 6 and "broken.obj" in saved["failed"][0]["asset"]
 
     # a rerun renders nothing that is already in a complete shard
     again = render_folder(assets, shards, RenderSettings(resolution=32), workers=1, progress=False)
-    assert again.rendered == 0 and again.skipped_existing == 6 and len(complete_shards(shards)) == 2
+    assert again.written == 0 and again.skipped_existing == 6 and len(complete_shards(shards)) == 2
 
     dm = MultiViewDataModule(str(shards / "shard-*.tar"), batch_size=3, num_workers=2, num_supervision_views=4,
                              input_size=28, supervision_size=32)
@@ -50,8 +50,8 @@ def test_assets_render_to_shards_that_feed_both_datamodules(tmp_path):
 
 
 def test_cli_makes_assets_and_renders_supervision_sets(tmp_path, capsys):
-    assert main(["procedural", "--out", str(tmp_path / "a"), "--count", "2", "--formats", "ply"]) == 0
-    assert main(["render", str(tmp_path / "a"), "--out", str(tmp_path / "s"), "--views", "random32",
+    assert main(["procedural", "--out", str(tmp_path / "a"), "--count", "2", "--formats", "[ply]"]) == 0
+    assert main(["render", "--assets", str(tmp_path / "a"), "--out", str(tmp_path / "s"), "--views", "random32",
                  "--resolution", "16", "--workers", "1"]) == 0
     assert "rendered 2, already present 0, failed 0" in capsys.readouterr().out
     dm = MultiViewDataModule(str(tmp_path / "s" / "shard-000000.tar"), batch_size=2, num_workers=0,

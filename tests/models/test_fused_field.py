@@ -83,7 +83,8 @@ INTERPRETED_CHECKS = textwrap.dedent("""
                                     "fused": relative(reference, gradients("fused")),
                                     "autocast": relative(reference, gradients("autocast")) if bf16 else None})
 
-    model = LRM(dataclasses.replace(LRMConfig.tiny(), coarse_samples=12, importance_samples=12)).eval()
+    model = LRM(dataclasses.replace(LRMConfig.from_name("tiny"),
+                                    coarse_samples=12, importance_samples=12)).eval()
     planes = write_sphere(model, 0.5)
     cameras = turntable_cameras(2)[None]
 
@@ -155,7 +156,8 @@ def test_fused_render_equals_the_unfused_render(interpreted):
 
 @pytest.fixture(scope="module")
 def sphere_model():
-    model = LRM(dataclasses.replace(LRMConfig.tiny(), coarse_samples=32, importance_samples=32)).eval()
+    model = LRM(dataclasses.replace(LRMConfig.from_name("tiny"),
+                                    coarse_samples=32, importance_samples=32)).eval()
     return model, write_sphere(model, 0.5)
 
 

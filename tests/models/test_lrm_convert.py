@@ -225,7 +225,7 @@ def test_converted_tiny_release_computes_what_the_released_modules_compute():
             param.normal_(0, 0.2)
     state = {f"encoder.model.{k}": v for k, v in to_2024_names(hf_model.state_dict()).items()}
     state.update(released.state_dict())
-    model = LRM(LRMConfig.tiny()).eval()
+    model = LRM(LRMConfig.from_name("tiny")).eval()
     model.load_state_dict(convert_released_lrm(state), strict=True)
 
     image = torch.rand(2, 3, 56, 56)
@@ -255,7 +255,7 @@ def test_released_checkpoint_with_every_name_loads_exactly(tmp_path):
     torch.save({"model_state_dict": state, "epoch": 29}, path)  # saved the released way
 
     model = LRM.from_pretrained(path)
-    assert model.config == LRMConfig.vfusion3d()
+    assert model.config == LRMConfig.from_name("vfusion3d")
     loaded = model.state_dict()
     del model
 
@@ -294,7 +294,7 @@ def test_released_names_with_a_wrapper_prefix_and_wrong_names():
     state.update(released.state_dict())
     prefixed = {f"module.{k}": v for k, v in state.items()}
     converted = convert_released_lrm(prefixed)
-    LRM(LRMConfig.tiny()).load_state_dict(converted, strict=True)
+    LRM(LRMConfig.from_name("tiny")).load_state_dict(converted, strict=True)
     state["transformer.layers.0.unknown.weight"] = torch.zeros(1)
     with pytest.raises(KeyError, match="transformer.layers.0.unknown.weight"):
         convert_released_lrm(state)

@@ -18,7 +18,7 @@ def tiny_batch(batch: int = 2):
 
 def test_tiny_forward_and_backward_reach_every_parameter():
     torch.manual_seed(0)
-    model = LRM(LRMConfig.tiny())
+    model = LRM(LRMConfig.from_name("tiny"))
     image, camera = tiny_batch()
     planes = model(image, add_camera_noise(camera, 0.02))
     assert planes.shape == (2, 3, 8, 16, 16)
@@ -33,7 +33,7 @@ def test_tiny_forward_and_backward_reach_every_parameter():
 @pytest.mark.parametrize("mode", [True, "selective"])
 def test_gradient_checkpointing_gives_the_same_gradients(mode):
     torch.manual_seed(0)
-    model = LRM(LRMConfig.tiny())
+    model = LRM(LRMConfig.from_name("tiny"))
     image, camera = tiny_batch()
     model(image, camera).square().mean().backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -55,7 +55,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode):
 
 def test_recomputing_some_transformer_blocks_keeps_gradients_and_skips_the_rest():
     torch.manual_seed(0)
-    model = LRM(LRMConfig.tiny())
+    model = LRM(LRMConfig.from_name("tiny"))
     image, camera = tiny_batch()
     model(image, camera).square().mean().backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -72,13 +72,14 @@ def test_recomputing_some_transformer_blocks_keeps_gradients_and_skips_the_rest(
     assert calls == {0: 2, 1: 1}  # the first block ran again in the backward pass, the second kept its activations
     for name, grad in reference.items():
         assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-6), name
-    with pytest.raises(ValueError, match=r"transformer_blocks must be None or 0..2 \(the transformer's blocks\), got 3"):
+    with pytest.raises(ValueError,
+                       match=r"transformer_blocks must be None or 0..2 \(the transformer's blocks\), got 3"):
         model.set_gradient_checkpointing(True, transformer_blocks=3)
 
 
 def test_selective_checkpointing_recomputes_no_matrix_products():
     torch.manual_seed(0)
-    model = LRM(LRMConfig.tiny())
+    model = LRM(LRMConfig.from_name("tiny"))
     image, camera = tiny_batch()
 
     def step_flops(mode) -> int:
@@ -96,10 +97,11 @@ def test_selective_checkpointing_recomputes_no_matrix_products():
 
 def test_save_and_load_pretrained_round_trip_is_exact(tmp_path):
     torch.manual_seed(0)
-    config = dataclasses.replace(LRMConfig.tiny(), triplane_dim=6)
+    config = dataclasses.replace(LRMConfig.from_name("tiny"), triplane_dim=6)
     model = LRM(config).eval()
     model.save_pretrained(tmp_path / "lrm")
-    assert sorted(os.listdir(tmp_path / "lrm")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "lrm")) == ["README.md", "config.json", "model.safetensors"]
+    assert "LRM.from_pretrained(FOLDER)" in (tmp_path / "lrm" / "README.md").read_text()
     assert json.loads((tmp_path / "lrm" / "config.json").read_text())["triplane_dim"] == 6
     loaded = LRM.from_pretrained(tmp_path / "lrm").eval()
     assert loaded.config == config
@@ -117,8 +119,8 @@ def test_save_and_load_pretrained_round_trip_is_exact(tmp_path):
 
 
 def test_loading_into_the_wrong_config_names_the_keys(tmp_path):
-    LRM(LRMConfig.tiny()).save_pretrained(tmp_path / "lrm")
-    other = dataclasses.replace(LRMConfig.tiny(), triplane_dim=12, transformer_layers=3)
+    LRM(LRMConfig.from_name("tiny")).save_pretrained(tmp_path / "lrm")
+    other = dataclasses.replace(LRMConfig.from_name("tiny"), triplane_dim=12, transformer_layers=3)
     with pytest.raises(ValueError) as err:
         LRM.from_pretrained(tmp_path / "lrm", config=other)
     message = str(err.value)
@@ -134,8 +136,8 @@ def test_missing_inputs_give_clear_errors(tmp_path):
         LRM.from_pretrained(tmp_path / "empty")
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors"):
-        LRM.from_pretrained(tmp_path / "broken.safetensors", config=LRMConfig.tiny())
-    model = LRM(LRMConfig.tiny())
+        LRM.from_pretrained(tmp_path / "broken.safetensors", config=LRMConfig.from_name("tiny"))
+    model = LRM(LRMConfig.from_name("tiny"))
     with pytest.raises(ValueError, match="NaN"):
         model(torch.rand(1, 3, 56, 56), torch.full((1, 16), float("nan")))
     with pytest.raises(ValueError, match="source_camera must be"):
@@ -165,11 +167,13 @@ def test_registry_names_resolve_to_files_with_clear_errors(tmp_path, monkeypatch
     monkeypatch.setenv(registry.CHECKPOINT_DIR_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError) as err:
         LRM.from_pretrained("vfusion3d")
-    assert str(tmp_path / "vfusion3d" / "vfusion3dckpt") in str(err.value)
-    assert "Download them from" in str(err.value)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("weights 'vfusion3d' (Released VFusion3D LRM")
+    assert (f"not found: fetch https://huggingface.co/facebook/vfusion3d (the released torch checkpoint "
+            f"`vfusion3dckpt`) and save it as {tmp_path / 'vfusion3d' / 'vfusion3dckpt'}") in message
     with pytest.raises(KeyError, match="known names"):
         LRM.from_pretrained("no-such-weights")
-    model = LRM(LRMConfig.tiny())
+    model = LRM(LRMConfig.from_name("tiny"))
     with pytest.raises(FileNotFoundError, match="dinov2-base"):
         model.load_encoder_weights("dinov2-base")
     # a present file with a wrong digest is refused; without a digest the computed one is printed
@@ -184,6 +188,10 @@ def test_registry_names_resolve_to_files_with_clear_errors(tmp_path, monkeypatch
     monkeypatch.setattr(registry, "load_registry", lambda: entries)
     registry.resolve_weights("dinov2-base")
     assert registry.sha256_of(weights) in capsys.readouterr().out
+    # an entry that holds other weights is refused, naming what loads it
+    with pytest.raises(ValueError, match=r"'dinov2-base' .* is not LRM weights: it loads with "
+                                         r"LRM\.load_encoder_weights"):
+        LRM.from_pretrained("dinov2-base")
 
 
 def test_registry_file_lists_known_weights():
@@ -195,7 +203,7 @@ def test_registry_file_lists_known_weights():
 def test_selective_checkpointing_under_autocast_with_leaf_image_tokens():
     # autocast caches the bf16 cast of an fp32 leaf across blocks; the recompute must still match the forward
     torch.manual_seed(0)
-    transformer = LRM(LRMConfig.tiny()).transformer
+    transformer = LRM(LRMConfig.from_name("tiny")).transformer
     tokens = torch.randn(2, 5, transformer.blocks[0].cross_attn.to_k.in_features, requires_grad=True)
     camera = torch.randn(2, transformer.blocks[0].norm_cross.modulation.in_features)
     grads = []
@@ -211,7 +219,7 @@ def test_selective_checkpointing_under_autocast_with_leaf_image_tokens():
 
 def test_network_weights_cast_once_give_autocasts_planes_bit_for_bit():
     torch.manual_seed(0)
-    model = LRM(LRMConfig.tiny()).eval()
+    model = LRM(LRMConfig.from_name("tiny")).eval()
     image = torch.rand(2, 3, 56, 56)
     camera = canonical_source_camera(2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

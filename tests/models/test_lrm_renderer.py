@@ -14,7 +14,7 @@ NARROW = Intrinsics.from_fov(math.radians(10), 5)  # nearly parallel rays; the c
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return LRM(LRMConfig.tiny()).eval()
+    return LRM(LRMConfig.from_name("tiny")).eval()
 
 
 def constant_field(model: LRM, density: float, colour: float) -> None:
@@ -38,7 +38,7 @@ def camera_at(position, target=(0.0, 0.0, 0.0), intrinsics=NARROW) -> torch.Tens
 
 
 def test_empty_triplane_renders_white_with_zero_opacity():
-    model = LRM(LRMConfig.tiny()).eval()
+    model = LRM(LRMConfig.from_name("tiny")).eval()
     with torch.no_grad():
         model.decoder.layers[-1].bias[0] = -30.0  # density softplus(-31) ~ 3e-14
     planes = torch.zeros(2, 3, model.config.triplane_dim, 16, 16)
@@ -48,7 +48,8 @@ def test_empty_triplane_renders_white_with_zero_opacity():
 
 
 def test_constant_density_gives_beer_lambert_opacity_and_colour():
-    model = LRM(dataclasses.replace(LRMConfig.tiny(), coarse_samples=64, importance_samples=64)).eval()
+    model = LRM(dataclasses.replace(LRMConfig.from_name("tiny"),
+                                    coarse_samples=64, importance_samples=64)).eval()
     density, grey = 0.5, 0.2
     constant_field(model, density, grey)
     out = model.render(planes_for(model), camera_at((3.0, 0.0, 0.0)), size=5,
@@ -62,7 +63,8 @@ def test_constant_density_gives_beer_lambert_opacity_and_colour():
 
 
 def test_dense_field_depth_is_the_box_entry_distance():
-    dense = LRM(dataclasses.replace(LRMConfig.tiny(), coarse_samples=64, importance_samples=64)).eval()
+    dense = LRM(dataclasses.replace(LRMConfig.from_name("tiny"),
+                                    coarse_samples=64, importance_samples=64)).eval()
     constant_field(dense, 200.0, 0.5)
     for seed in range(4):
         out = dense.render(planes_for(dense), camera_at((3.0, 0.0, 0.0)), size=5,
@@ -74,7 +76,7 @@ def test_dense_field_depth_is_the_box_entry_distance():
 
 
 def test_rays_that_miss_the_box_render_background():
-    model = LRM(LRMConfig.tiny()).eval()
+    model = LRM(LRMConfig.from_name("tiny")).eval()
     constant_field(model, 5.0, 0.0)
     out = model.render(planes_for(model), camera_at((3.0, 0.0, 0.0), target=(6.0, 0.0, 0.0)), size=5)
     assert torch.allclose(out.rgb, torch.ones_like(out.rgb)) and out.opacity.max() == 0
@@ -185,7 +187,7 @@ def test_projected_planes_render_as_the_released_concatenated_features(model):
 
 
 def test_renderer_checkpointing_gives_the_same_gradients():
-    model = LRM(LRMConfig.tiny())
+    model = LRM(LRMConfig.from_name("tiny"))
     planes = torch.randn(2, 3, 8, 16, 16)
     cameras = turntable_cameras(2, elevation=0.3)[None].expand(2, -1, -1)
 

@@ -6,8 +6,15 @@ import json
 import pytest
 import torch
 
-from vfusion3d_lightning.models.video import (Conditioning, EDMObjective, OrbitVideoPipeline, SamplerSettings,
-                                              SchedulerObjective, VideoDiffusionModel, objective_for)
+from vfusion3d_lightning.models.video import (
+    Conditioning,
+    EDMObjective,
+    OrbitVideoPipeline,
+    SamplerSettings,
+    SchedulerObjective,
+    VideoDiffusionModel,
+    objective_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +113,10 @@ def test_folders_round_trip_with_their_conditioning(tmp_path, i2vgen):
     folder = i2vgen.save_pretrained(tmp_path / "model")
     index = json.loads((folder / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "I2VGenXLUNet"] and index["tokenizer"][1] == "CLIPTokenizer"
-    loaded = VideoDiffusionModel.load(folder)
+    assert "VideoDiffusionModel.from_pretrained(FOLDER)" in (folder / "README.md").read_text()
+    weights = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors"))
+    assert weights and not list(folder.rglob("*.bin")) and not list(folder.glob(".partial-*"))
+    loaded = VideoDiffusionModel.from_pretrained(folder)
     assert loaded.conditioning.fps == 12
     assert all(torch.equal(a, b) for a, b in zip(i2vgen.state_dict().values(), loaded.state_dict().values()))
     settings = SamplerSettings(num_inference_steps=2, min_guidance=9.0, max_guidance=9.0)
@@ -116,25 +126,21 @@ def test_folders_round_trip_with_their_conditioning(tmp_path, i2vgen):
     i2vgen.conditioning = Conditioning()
 
 
-def test_missing_models_say_what_to_fetch(tmp_path):
-    with pytest.raises(FileNotFoundError, match="hf download stabilityai/stable-video-diffusion"):
-        VideoDiffusionModel.load(tmp_path / "nothing")
+def test_missing_models_say_what_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("VFUSION3D_CHECKPOINTS", str(tmp_path / "weights"))
+    with pytest.raises(FileNotFoundError, match="hf download stabilityai/stable-video-diffusion") as err:
+        VideoDiffusionModel.from_pretrained(tmp_path / "nothing")
+    assert "\n" not in str(err.value) and f"save it as {tmp_path / 'weights'}" in str(err.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="model_index.json missing"):
-        VideoDiffusionModel.load(tmp_path / "empty")
+        VideoDiffusionModel.from_pretrained(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="not a folder, a cached hub id"):
-        VideoDiffusionModel.load("someone/not-cached-model")
+        VideoDiffusionModel.from_pretrained("someone/not-cached-model")
+    with pytest.raises(FileNotFoundError, match=r"^weights 'svd-xt-pretrained' .* not found: fetch https://"):
+        VideoDiffusionModel.from_pretrained("svd-xt-pretrained")
+    with pytest.raises(ValueError, match=r"'vfusion3d' .* is not a video model: it loads with LRM\.from_pretrained"):
+        (tmp_path / "weights" / "vfusion3d").mkdir(parents=True)
+        (tmp_path / "weights" / "vfusion3d" / "vfusion3dckpt").write_bytes(b"x")
+        VideoDiffusionModel.from_pretrained("vfusion3d")
     with pytest.raises(ValueError, match="unknown video architecture"):
         VideoDiffusionModel.build("huge")
-
-
-def test_pixel_space_model_diffuses_pixels():
-    torch.manual_seed(0)
-    model = VideoDiffusionModel.build("small-svd-pixels")
-    assert model.vae is None and model.spatial_factor == 4 and model.latent_scale == 1.0
-    frames = torch.rand(1, 4, 3, 64, 64)
-    latents = model.encode_frames(frames)
-    assert torch.allclose(latents, frames * 2 - 1)
-    assert torch.allclose(model.decode_latents(latents), frames, atol=1e-6)
-    loss = objective_for(model).loss(model, latents, model.conditions(frames[:, 0], None, 4))
-    assert torch.isfinite(loss)

@@ -14,7 +14,6 @@ Standard library only (http.server), and the page uses no external resources: la
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
@@ -32,8 +31,14 @@ import numpy as np
 from PIL import Image
 
 from vfusion3d_lightning.data.labels import read_labels
+from vfusion3d_lightning.data.schema import (
+    MultiViewSample,
+    SampleError,
+    complete_shards,
+    decode_sample,
+    unreadable_shard,
+)
 from vfusion3d_lightning.io import on_white, to_uint8_images
-from vfusion3d_lightning.data.schema import MultiViewSample, SampleError, complete_shards, decode_sample, unreadable_shard
 
 LABELS = {"good": 1, "bad": 0}
 
@@ -87,7 +92,8 @@ class LabelServer:
         self.videos = _index_shards(Path(shards_dir))
         self.keys = list(self.videos)
         self.labels_path = Path(labels_path)
-        self.labels = read_labels(self.labels_path, missing_ok=True)  # fails early on a corrupt file, before any label is added
+        # fails early on a corrupt file, before any label is added
+        self.labels = read_labels(self.labels_path, missing_ok=True)
         self._lock = threading.Lock()
         # decoding a video is the cost and the page asks for its frames one by one: keep the last few
         self.frames = functools.lru_cache(maxsize=16)(self._decode_frames)
@@ -321,19 +327,20 @@ fetch("/api/videos").then((r) => r.json()).then((data) => {
 """
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("shards", help="folder of shard-*.tar files holding the videos to label")
-    parser.add_argument("--labels", required=True,
-                        help="labels JSONL file; labels are appended, and the last line for a video wins")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    parser.add_argument("--port", type=int, default=8765, help="port (default %(default)s; 0 picks a free one)")
+def label_ui(shards: Path, labels: Path, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Serve a local page that plays each video of a shard folder and appends `{"key", "label"}` lines to the
+    labels file (g good, b bad, s skip, Left back); runs until Ctrl-C.
 
-
-def run(args: argparse.Namespace) -> int:
-    server = LabelServer(args.shards, args.labels, host=args.host, port=args.port).start()
+    Args:
+        shards: folder of shard-*.tar files holding the videos to label.
+        labels: labels JSONL file; labels are appended, and the last line for a video wins.
+        host: address to listen on.
+        port: port to listen on; 0 picks a free one.
+    """
+    server = LabelServer(shards, labels, host=host, port=port).start()
     listing = server.video_list()
     try:
-        print(f"labelling {listing['total']} videos ({listing['labelled']} labelled) -> {args.labels}\n"
+        print(f"labelling {listing['total']} videos ({listing['labelled']} labelled) -> {labels}\n"
               f"open {server.url} (g = good, b = bad, s = skip, Left = previous); Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
@@ -341,4 +348,3 @@ def run(args: argparse.Namespace) -> int:
         print("stopped")
     finally:
         server.stop()
-    return 0

@@ -1,6 +1,6 @@
 """The whole VFusion3D system as one resumable command: `vfusion3d-lightning pipeline --config CONFIG.yaml`.
 
-Stages, in the order of ARCHITECTURE.md's data flow, each in its own folder of the run folder:
+Stages, in the order of the system's data flow, each in the folder of the run folder named after it:
 
     assets         procedural 3D assets (or the user's folders), training and held-out
     render         orbit16 renders (video model, elevation MLP), random32 sets (LRM fine-tune), uniform32 held out
@@ -18,25 +18,30 @@ Stages, in the order of ARCHITECTURE.md's data flow, each in its own folder of t
 
 A stage that finishes writes `stage.json` (its config, the digests of its inputs, the digest of its outputs);
 a rerun skips a stage whose record matches, and redoes it (and so everything after it) otherwise, its old
-folder moved to `<folder>.previous`. A killed stage has no record, so the rerun starts there; rendering, generation, feature caching, filter and label skip
-the shards they finished, and training resumes from its last checkpoint.
+folder moved to `<folder>.previous`. Folders are named by stage, not by position, so adding a stage leaves the
+finished stages of an existing run valid. A killed stage has no record, so the rerun starts there; rendering,
+generation, feature caching, filter and label skip the shards they finished, and training resumes from its last
+checkpoint.
+
+Each stage calls the same typed function as its command (`commands/render.py`, `generate.py`, ...), and the
+LightningCLI stages take `overrides:` in LightningCLI's dotted keys, the syntax of every command line here.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from omegaconf import OmegaConf
+from jsonargparse.typing import Path_fr
 
 from vfusion3d_lightning.io import atomic_write
+from vfusion3d_lightning.training.lightning_cli import lightning_cli
 
 RECORD = "stage.json"
 
@@ -46,24 +51,47 @@ RECORD = "stage.json"
 
 @dataclass
 class LightningRun:
-    """A LightningCLI run: a config file and dotted overrides (`model.init_args.lr: 1.0e-4`). The pipeline sets
-    the data paths, `trainer.default_root_dir` and what links stages (checkpoints, feature tags)."""
+    """A LightningCLI run. The pipeline sets the data paths, `trainer.default_root_dir` and what links stages
+    (checkpoints, feature tags).
 
-    config: str = ""
+    Args:
+        config: LightningCLI config file; relative to the pipeline config that names it.
+        overrides: LightningCLI keys and values, e.g. `{model.init_args.lr: 1.0e-4, trainer.max_epochs: 2}`.
+    """
+
+    config: Path_fr | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class AssetsConfig:
-    folder: str | None = None  # the user's 3D assets (.glb/.gltf/.obj/.ply); None: procedural
-    held_out_folder: str | None = None  # the user's held-out assets (evaluation and samples)
-    count: int = 100  # procedural training assets
-    held_out: int = 8  # procedural held-out assets
-    style: str = "upright"  # procedural style: upright assets show their elevation (see data/procedural.py)
+    """The 3D assets.
+
+    Args:
+        folder: your 3D assets (.glb/.gltf/.obj/.ply); null: procedural ones.
+        held_out_folder: your held-out assets (evaluation and samples); needed with `folder`.
+        count: procedural training assets.
+        held_out: procedural held-out assets.
+        style: procedural style: `upright` assets show their elevation in views, `tumbled` ones do not.
+    """
+
+    folder: str | None = None
+    held_out_folder: str | None = None
+    count: int = 100
+    held_out: int = 8
+    style: Literal["upright", "tumbled"] = "upright"
 
 
 @dataclass
 class RenderConfig:
+    """The orbit16, random32 and uniform32 renders.
+
+    Args:
+        resolution: image size in pixels.
+        workers: rendering processes.
+        shard_size: samples per shard.
+    """
+
     resolution: int = 64
     workers: int = 2
     shard_size: int = 16
@@ -71,9 +99,23 @@ class RenderConfig:
 
 @dataclass
 class GenerateConfig:
-    inputs: str | None = None  # a folder of images (+ .txt prompts) or .jsonl/.csv; None: first views of renders
-    count: int = 48  # videos, when the inputs are the renders' first views
-    prompt: str = "a 3D object"  # their prompt
+    """Orbit videos from condition images and prompts.
+
+    Args:
+        inputs: a folder of images (+ same-stem .txt prompts) or a .jsonl/.csv; null: first views of the renders.
+        count: videos, when the inputs are the renders' first views.
+        prompt: their prompt.
+        frames: frames per video.
+        size: frame size in pixels.
+        steps: denoising steps.
+        guidance: classifier-free guidance of the first and last frames.
+        batch_size: videos per sampler call.
+        shard_size: videos per shard.
+    """
+
+    inputs: str | None = None
+    count: int = 48
+    prompt: str = "a 3D object"
     frames: int = 16
     size: int = 32
     steps: int = 4
@@ -84,20 +126,49 @@ class GenerateConfig:
 
 @dataclass
 class QualityConfig:
-    labels: str | None = None  # a labels file (label-ui) over the generated videos; None: automatic labels
+    """The quality SVM.
+
+    Args:
+        labels: a labels file (label-ui) over the generated videos; null: automatic labels (renders as good,
+            spoiled renders as bad).
+        threshold: keep videos with P(good) at or above this.
+        run: its LightningCLI run.
+    """
+
+    labels: str | None = None
     threshold: float = 0.5
     run: LightningRun = field(default_factory=LightningRun)
 
 
 @dataclass
 class LabelConfig:
-    masks: str = "threshold"
+    """Masks and orbit cameras of the kept videos.
+
+    Args:
+        masks: `threshold`: objects on white (offline); `rembg`: a saliency model (weights local).
+        mask_tolerance: threshold masks: how far from white a background pixel may be.
+        radius: camera distance of the orbit, as rendered.
+    """
+
+    masks: Literal["threshold", "rembg"] = "threshold"
     mask_tolerance: int = 12
     radius: float = 1.5
 
 
 @dataclass
 class EvaluateConfig:
+    """Held-out metrics of both LRMs (see the evaluate command).
+
+    Args:
+        max_objects: evaluate the first N objects only.
+        clip: CLIP folder or hub id in the local cache; `none` skips the CLIP metrics.
+        lpips_weights: torchvision VGG16 weights for LPIPS (default: the torch hub cache).
+        lpips_random_backbone: an untrained LPIPS trunk: for tests and demos only.
+        render_size: render and compare at this size (default: the shards' resolution).
+        input_size: encoder input size in pixels.
+        views_per_batch: views rendered per call.
+    """
+
     max_objects: int | None = None
     clip: str = "none"
     lpips_weights: str | None = None
@@ -109,16 +180,29 @@ class EvaluateConfig:
 
 @dataclass
 class ExportConfig:
+    """Turntables and meshes of sample held-out images.
+
+    Args:
+        images: how many held-out images.
+        frames: turntable frames.
+        render_size: turntable frame size in pixels.
+        input_size: encoder input size in pixels.
+        mesh_resolution: density grid size per axis.
+        mesh_threshold: density level of the surface (the released 1.0); null: the grid's median density, for a
+            briefly trained model whose density has not reached the released scale (a rough blob, but the path
+            runs).
+        video_format: turntable file format.
+        mesh_format: mesh file format.
+    """
+
     images: int = 2
     frames: int = 24
     render_size: int = 64
     input_size: int = 512
     mesh_resolution: int = 64
-    # the released density level; None: the median density of the grid, for a briefly trained model whose
-    # density has not reached the released scale (its mesh is then a rough blob, but the path is exercised)
     mesh_threshold: float | None = 1.0
-    video_format: str = "gif"
-    mesh_format: str = "glb"
+    video_format: Literal["gif", "mp4"] = "gif"
+    mesh_format: Literal["glb", "obj", "ply"] = "glb"
 
 
 @dataclass
@@ -138,28 +222,6 @@ class PipelineConfig:
     lrm_finetune: LightningRun = field(default_factory=LightningRun)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
-    """A pipeline YAML (unknown keys and wrong types are errors) with `key=value` overrides on top."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pipeline config {path} does not exist (see configs/pipeline/)")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:
-        raise ValueError(f"{path}: {err}") from None
-    config: PipelineConfig = OmegaConf.to_object(merged)
-    base = path.resolve().parent  # LightningCLI config paths are relative to the pipeline config
-    for run in (config.video, config.features, config.quality.run, config.elevation, config.lrm_pretrain,
-                config.lrm_finetune):
-        if not run.config:
-            raise ValueError(f"{path}: every LightningCLI stage needs `config:` (a file in configs/)")
-        run.config = str((base / run.config).resolve()) if not Path(run.config).is_absolute() else run.config
-    return config
 
 
 # ---------------------------------------------------------------- records
@@ -193,8 +255,7 @@ class Pipeline:
         self.records: dict[str, dict[str, Any]] = {}
 
     def folder(self, stage: str) -> Path:
-        index = [s.name for s in STAGES].index(stage)
-        return self.run_dir / f"{index + 1:02d}-{stage}"
+        return self.run_dir / stage
 
     def output(self, stage: str, name: str) -> Any:
         return self.records[stage]["outputs"][name]
@@ -297,9 +358,7 @@ def _override_args(overrides: dict[str, Any]) -> list[str]:
 def _lightning(command: str, run: LightningRun, root: Path, settings: dict[str, Any], resume: bool = False):
     """Run LightningCLI `command` on `run.config` with the user's overrides, then the pipeline's `settings`;
     returns the LightningCLI object (model, datamodule, trainer)."""
-    from vfusion3d_lightning.cli import lightning_cli
-
-    args = ["--config", run.config, *_override_args(run.overrides), *_override_args(settings),
+    args = ["--config", str(run.config), *_override_args(run.overrides), *_override_args(settings),
             "--trainer.default_root_dir", str(root)]
     last = _newest(root, "last.ckpt") if resume else None
     if last is not None:  # a killed run goes on from its last checkpoint
@@ -324,7 +383,7 @@ def _fitted_checkpoint(root: Path) -> str:
 
 
 def stage_assets(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    from vfusion3d_lightning.data.procedural import write_assets
+    from vfusion3d_lightning.commands.procedural import procedural
     from vfusion3d_lightning.data.render_shards import find_assets
 
     cfg = pipe.config.assets
@@ -335,30 +394,30 @@ def stage_assets(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     else:
         train, held_out = folder / "train", folder / "held_out"
         seed = pipe.config.seed
-        write_assets(train, cfg.count, seed=seed * 1_000_003, progress=pipe.progress, style=cfg.style)
-        write_assets(held_out, cfg.held_out, seed=seed * 1_000_003 + 500_000, progress=pipe.progress,
-                     style=cfg.style)
+        procedural(train, cfg.count, seed=seed * 1_000_003, style=cfg.style, progress=pipe.progress)
+        procedural(held_out, cfg.held_out, seed=seed * 1_000_003 + 500_000, style=cfg.style, progress=pipe.progress)
     counts = {"train_assets": len(find_assets(train)), "held_out_assets": len(find_assets(held_out))}
     if not counts["train_assets"] or not counts["held_out_assets"]:
         raise ValueError(f"no assets in {train} or {held_out}")
     return {"train": str(train), "held_out": str(held_out), **counts}
 
 
+
 def stage_render(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
+    from vfusion3d_lightning.commands.render import render
 
     cfg, seed = pipe.config.render, pipe.config.seed
     jobs = {"orbit16": ("train", "orbit16"), "set32": ("train", "random32"), "held_out32": ("held_out", "uniform32")}
     outputs: dict[str, Any] = {}
     for name, (assets, views) in jobs.items():
-        settings = RenderSettings(views=views, resolution=cfg.resolution, seed=seed)
-        report = render_folder(pipe.output("assets", assets), folder / name, settings, workers=cfg.workers,
-                               shard_size=cfg.shard_size, progress=pipe.progress)
+        report = render(Path(pipe.output("assets", assets)), folder / name, views=views, resolution=cfg.resolution,
+                        seed=seed, workers=cfg.workers, shard_size=cfg.shard_size, progress=pipe.progress)
         if report.failed:
             print(f"  {name}: {len(report.failed)} assets failed to render (see {folder / name}/render_report.json)")
         outputs[name] = str(folder / name)
-        outputs[f"{name}_objects"] = report.rendered + report.skipped_existing
+        outputs[f"{name}_objects"] = report.written + report.skipped_existing
     return outputs
+
 
 
 def _samples(folder: str, select=None) -> list:
@@ -399,25 +458,17 @@ def _condition_images(pipe: Pipeline, folder: Path) -> Path:
 
 
 def stage_generate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    import torch
-
-    from vfusion3d_lightning.data.generate_shards import generate_shards, read_inputs
-    from vfusion3d_lightning.models.video import SamplerSettings
-    from vfusion3d_lightning.training.video_diffusion import load_video_model
+    from vfusion3d_lightning.commands.generate import generate
 
     cfg = pipe.config.generate
     source = cfg.inputs or _condition_images(pipe, folder)
-    checkpoint = pipe.output("video", "video_checkpoint")
-    model = load_video_model(checkpoint).to(pipe.config.device).eval()
-    settings = SamplerSettings(num_frames=cfg.frames, num_inference_steps=cfg.steps, min_guidance=cfg.guidance[0],
-                               max_guidance=cfg.guidance[-1])
-    with torch.no_grad():
-        report = generate_shards(model, read_inputs(source), folder / "videos", settings, frame_size=cfg.size,
-                                 batch_size=cfg.batch_size, seed=pipe.config.seed, shard_size=cfg.shard_size,
-                                 border_ratio=None, background="white", model_name=checkpoint,
-                                 progress=pipe.progress)
-    return {"videos": str(folder / "videos"), "generated": report.generated + report.skipped_existing,
+    report = generate(pipe.output("video", "video_checkpoint"), Path(source), folder / "videos", frames=cfg.frames,
+                      size=cfg.size, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size,
+                      shard_size=cfg.shard_size, seed=pipe.config.seed, border_ratio=None, background="white",
+                      device=pipe.config.device, progress=pipe.progress)
+    return {"videos": str(folder / "videos"), "generated": report.written + report.skipped_existing,
             "failed": len(report.failed)}
+
 
 
 def _encode(pipe: Pipeline, shard_folder: str, root: Path) -> str:
@@ -471,7 +522,7 @@ def stage_quality(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     else:
         videos, labels = _automatic_labels(pipe, folder)
         _encode(pipe, videos, folder)
-    svm_path = folder / "quality_svm.skops"
+    svm_path = folder / "quality_svm"
     cli = _lightning("fit", cfg.run, folder, {"data.init_args.train_shards": videos,
                                               "data.init_args.feature_tag": tag, "data.init_args.labels": labels,
                                               "model.init_args.export_path": str(svm_path)})
@@ -480,17 +531,17 @@ def stage_quality(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 
 def stage_filter(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    from vfusion3d_lightning.data.curate_shards import file_digest, filter_shards
-    from vfusion3d_lightning.models.curation.quality import QualitySVM
+    from vfusion3d_lightning.commands.filter import filter_videos
 
-    svm_path = pipe.output("quality", "quality_svm")
-    report = filter_shards(pipe.output("generate", "videos"), folder / "kept", QualitySVM.load(svm_path),
-                           pipe.config.quality.threshold, svm_id=file_digest(svm_path), progress=pipe.progress)
+    threshold = pipe.config.quality.threshold
+    report = filter_videos(pipe.output("generate", "videos"), Path(pipe.output("quality", "quality_svm")),
+                           folder / "kept", threshold, progress=pipe.progress)
     totals = report.totals()
     if not totals.get("kept"):
         raise RuntimeError(f"the quality SVM kept none of {totals.get('videos', 0)} videos at threshold "
-                           f"{pipe.config.quality.threshold}; lower quality.threshold or train the video model longer")
+                           f"{threshold}; lower quality.threshold or train the video model longer")
     return {"kept_videos": str(folder / "kept"), "kept": totals["kept"], "dropped": totals["dropped"]}
+
 
 
 def stage_elevation(pipe: Pipeline, folder: Path) -> dict[str, Any]:
@@ -506,15 +557,14 @@ def stage_elevation(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 
 def stage_label(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    from vfusion3d_lightning.data.curate_shards import Labellers, file_digest, label_shards
-    from vfusion3d_lightning.models.curation.elevation import ElevationMLP
+    from vfusion3d_lightning.commands.label import label
 
-    cfg, mlp = pipe.config.label, pipe.output("elevation", "elevation_mlp")
-    labellers = Labellers(elevation=ElevationMLP.from_pretrained(mlp), masks=cfg.masks,
-                          mask_tolerance=cfg.mask_tolerance, radius=cfg.radius)
-    report = label_shards(pipe.output("filter", "kept_videos"), folder / "labelled", labellers,
-                          {"elevation": file_digest(mlp)}, progress=pipe.progress)
+    cfg = pipe.config.label
+    report = label(pipe.output("filter", "kept_videos"), folder / "labelled",
+                   elevation=Path(pipe.output("elevation", "elevation_mlp")), masks=cfg.masks,
+                   mask_tolerance=cfg.mask_tolerance, radius=cfg.radius, progress=pipe.progress)
     return {"labelled_videos": str(folder / "labelled"), "labelled": report.totals().get("videos", 0)}
+
 
 
 def stage_lrm_pretrain(pipe: Pipeline, folder: Path) -> dict[str, Any]:
@@ -535,29 +585,23 @@ def stage_lrm_finetune(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 
 def stage_evaluate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    from vfusion3d_lightning import evaluation as metrics
+    from vfusion3d_lightning.commands.evaluate import evaluate
 
     cfg = pipe.config.evaluate
-    parser = argparse.ArgumentParser()
-    metrics.add_arguments(parser)
-    words = ["--checkpoint", pipe.output("lrm_pretrain", "pretrained"), "--checkpoint",
-             pipe.output("lrm_finetune", "finetuned"), "--shards", _shards(pipe.output("render", "held_out32")),
-             "--out", str(folder), "--clip", cfg.clip, "--input-size", str(cfg.input_size),
-             "--views-per-batch", str(cfg.views_per_batch), "--device", pipe.config.device,
-             "--seed", str(pipe.config.seed)]
-    words += ["--lpips-weights", cfg.lpips_weights] if cfg.lpips_weights else []
-    words += ["--lpips-random-backbone"] if cfg.lpips_random_backbone else []
-    words += ["--max-objects", str(cfg.max_objects)] if cfg.max_objects else []
-    words += ["--render-size", str(cfg.render_size)] if cfg.render_size else []
-    metrics.run(parser.parse_args(words))
+    evaluate([pipe.output("lrm_pretrain", "pretrained"), pipe.output("lrm_finetune", "finetuned")],
+             _shards(pipe.output("render", "held_out32")), folder, clip=cfg.clip, lpips_weights=cfg.lpips_weights,
+             lpips_random_backbone=cfg.lpips_random_backbone, max_objects=cfg.max_objects,
+             input_size=cfg.input_size, render_size=cfg.render_size, views_per_batch=cfg.views_per_batch,
+             device=pipe.config.device, seed=pipe.config.seed)
     return {"summary": str(folder / "summary.md"), "plots": str(folder / "plots")}
+
 
 
 def stage_export(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     from PIL import Image
 
-    from vfusion3d_lightning.inference import ImageTo3D, save_outputs
     from vfusion3d_lightning.geometry.mesh import density_grid, extract_mesh
+    from vfusion3d_lightning.inference import ImageTo3D, save_outputs
     from vfusion3d_lightning.models.lrm import LRM
 
     cfg = pipe.config.export
@@ -596,15 +640,47 @@ STAGES = (
 )
 
 
-# ---------------------------------------------------------------- command line
+# ---------------------------------------------------------------- command
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/pipeline/quickstart.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set run_dir=outputs/run2 --set assets.count=200")
+def pipeline(run_dir: str = "outputs/pipeline", seed: int = 0, device: str = "cpu",
+             assets: AssetsConfig = AssetsConfig(), render: RenderConfig = RenderConfig(),
+             video: LightningRun = LightningRun(), generate: GenerateConfig = GenerateConfig(),
+             features: LightningRun = LightningRun(), quality: QualityConfig = QualityConfig(),
+             elevation: LightningRun = LightningRun(), label: LabelConfig = LabelConfig(),
+             lrm_pretrain: LightningRun = LightningRun(), lrm_finetune: LightningRun = LightningRun(),
+             evaluate: EvaluateConfig = EvaluateConfig(), export: ExportConfig = ExportConfig(),
+             progress: bool = True) -> dict[str, Any]:
+    """Run every stage of the system, skipping those a matching `stage.json` shows done; writes summary.md and
+    summary.json in `run_dir`. Give the settings as a YAML (`--config configs/pipeline/quickstart.yaml`) and
+    override any key (`--assets.count 200 --run_dir outputs/pipeline/big`).
 
-
-def run(args: argparse.Namespace) -> int:
-    Pipeline(load_config(args.config, args.set)).run()
-    return 0
+    Args:
+        run_dir: the run folder; each stage writes into the folder named after it.
+        seed: seeds assets, renders, generation and the automatic labels.
+        device: where generation, evaluation and export run (`cpu`, `cuda`); training runs where its
+            trainer config says.
+        assets: the training and held-out 3D assets.
+        render: orbit16, random32 and uniform32 renders.
+        video: the video model's LightningCLI run (temporal layers).
+        generate: orbit videos from condition images + prompts.
+        features: the DINO features' LightningCLI predict run.
+        quality: the quality SVM: labels, threshold, LightningCLI run.
+        elevation: the elevation MLP's LightningCLI run.
+        label: masks and orbit cameras of the kept videos.
+        lrm_pretrain: the LRM's LightningCLI run on the labelled videos.
+        lrm_finetune: the LRM's LightningCLI run on 3D renders with L2 added.
+        evaluate: held-out metrics of both LRMs.
+        export: turntables and meshes of sample held-out images.
+        progress: show progress bars.
+    """
+    config = PipelineConfig(run_dir=run_dir, seed=seed, device=device, assets=assets, render=render, video=video,
+                            generate=generate, features=features, quality=quality, elevation=elevation, label=label,
+                            lrm_pretrain=lrm_pretrain, lrm_finetune=lrm_finetune, evaluate=evaluate, export=export)
+    for name, run in (("video", video), ("features", features), ("quality.run", quality.run),
+                      ("elevation", elevation), ("lrm_pretrain", lrm_pretrain), ("lrm_finetune", lrm_finetune)):
+        if run.config is None:
+            raise ValueError(f"pipeline: {name}.config is not set; every LightningCLI stage needs a config file "
+                             "(see configs/pipeline/quickstart.yaml)")
+        run.config = str(Path(getattr(run.config, "absolute", run.config)).resolve())
+    return Pipeline(config, progress=progress).run()

@@ -1,117 +1,83 @@
-"""Hyperparameter sweeps over LightningCLI overrides: `vfusion3d-lightning sweep`.
+"""`vfusion3d-lightning sweep`: hyperparameter search over LightningCLI overrides, on Optuna.
 
-    vfusion3d-lightning sweep --config configs/lrm/tiny.yaml --out outputs/sweeps/lr \\
-        --grid 'model.init_args.lr=[1e-4,4e-4]' --grid 'model.init_args.lpips_weight=[0.5,1.0]' \\
-        --monitor val/lpips --mode min [--set trainer.max_epochs=2 ...] [--random N --seed S]
+    vfusion3d-lightning sweep --config sweeps/lr.yaml          # a YAML of this command's arguments:
 
-Trials are the Cartesian product of the `--grid` values (or `--random N` distinct combinations of it). Each trial
-is `vfusion3d-lightning fit --config CONFIG --KEY=VALUE ... --trainer.default_root_dir OUT/<trial>` in a fresh
-Python process (no shared global state or GPU memory), with the `SweepResult` callback appended to the config's
-callbacks (`--trainer.callbacks+=vfusion3d_lightning.training.callbacks.SweepResult`). `SweepResult` writes the logged
-metrics after every validation and at the end to `OUT/<trial>/sweep_result.json`; the sweep reads them back.
+    configs: [configs/lrm/tiny.yaml]
+    out: outputs/sweeps/lr
+    monitor: val/lpips
+    grid: {model.init_args.lr: [1.0e-4, 4.0e-4], model.init_args.lpips_weight: [0.5, 1.0]}
+    overrides: {trainer.max_epochs: 2}
 
-OUT holds `trials.json` (each trial's name, overrides and command), one folder per trial (the run's
-lightning_logs with checkpoints and config.yaml, stdout.log, stderr.log, error.txt when it failed), and
-`results.csv` / `results.md`: one row per trial sorted by the best `--monitor` value. A rerun skips the trials
-whose sweep_result.json exists and runs the failed or unfinished ones again.
+Keys are LightningCLI's dotted keys (`model.init_args.lr`, `trainer.max_epochs`, as `fit --print_config`
+shows them) with YAML/JSON values, the syntax of the pipeline's `overrides:`. Every key is checked against
+the composed config before any trial starts, so a misspelt key fails at once, naming close matches.
+
+Each trial is `vfusion3d-lightning fit --config CONFIG... --KEY=VALUE... --trainer.default_root_dir
+OUT/<trial>` in a fresh Python process (no shared global state or GPU memory) with two callbacks appended:
+`SweepResult` (writes OUT/<trial>/sweep_result.json: the metrics of every validation) and `OptunaPruning`
+(reports the monitored metric to the study after every validation and stops the run when the pruner says so).
+`n_jobs` trials run at once, one process each; when GPUs are visible each gets one (CUDA_VISIBLE_DEVICES,
+round-robin over the worker slots).
+
+The study lives in an Optuna RDB (default `sqlite:///OUT/study.db`; a PostgreSQL URL lets several machines
+work on one study): rerunning the same command goes on with it. COMPLETE and PRUNED trials are kept; trials
+left RUNNING by a killed sweep (its process gone on this host, or no heartbeat for 3 minutes from another
+host) are marked FAIL, and the points of failed trials are run again (grid: every combination without a
+finished trial; random/TPE: a failed trial's params are enqueued again before new ones are sampled). A
+different search space (configs, overrides, grid, space, sampler, monitor, mode) against an existing study is
+an error: give a new `out`.
+
+OUT holds one folder per trial (`trial-007_lr=0.0001_lpips_weight=0.5`: the run's lightning_logs with
+checkpoints and config.yaml, stdout.log, stderr.log, error.txt when it failed), `trials.json` (every trial's
+params, state and command), `results.csv` / `results.md` (the trials ranked by the best `monitor` value over
+their validations, with the other val/* metrics, status and run folder) and `ranking.png` (that ranking as a
+bar chart).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import difflib
 import io
 import itertools
 import json
 import math
 import os
-import random
 import re
 import shlex
+import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Literal
 
 from vfusion3d_lightning.io import atomic_write
-from vfusion3d_lightning.training.callbacks import SWEEP_RESULT_FILE as RESULT_FILE
+from vfusion3d_lightning.training.lightning_cli import fit_parser
 
+RESULT_FILE = "sweep_result.json"  # = training.callbacks.SWEEP_RESULT_FILE (that module imports Lightning)
+STORAGE_ENV = "VFUSION3D_SWEEP_STORAGE"  # = training.callbacks.SWEEP_STORAGE_ENV
+RESULT_CALLBACK = "vfusion3d_lightning.training.callbacks.SweepResult"
+PRUNING_CALLBACK = "vfusion3d_lightning.training.callbacks.OptunaPruning"
 TRIALS_FILE = "trials.json"
-CALLBACK = "vfusion3d_lightning.training.callbacks.SweepResult"
+STUDY_ATTR = "vfusion3d_sweep"  # the study's search space, checked on every rerun
 RESERVED = {"trainer.default_root_dir": "the sweep sets it per trial to OUT/<trial>",
-            "config": "give configs with --config"}
+            "config": "give config files with `configs`",
+            "ckpt_path": "not a config key of fit's parser"}
+HEARTBEAT_S = 30.0  # a running trial's `heartbeat` user attr is refreshed this often
+STALE_AFTER_S = 180.0  # a RUNNING trial of another host without a heartbeat this long is taken as dead
+HOST = socket.gethostname()
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 _MAX_NAME = 120
 _STDERR_TAIL = 60  # lines of a failed trial's stderr copied into error.txt
+_PLOT_MAX = 60  # trials shown in ranking.png
 
 
-# ---------------------------------------------------------------------------------------------- the callback
-
-
-# ---------------------------------------------------------------------------------------------- parsing
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 with YAML 1.2's floats: `1e-4` is a float (PyYAML alone reads it as a string)."""
-
-
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
-
-
-def _plain(value: Any) -> Any:
-    """YAML values the CLI and JSON understand; other YAML types (dates) become their text."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return str(value)
-
-
-def parse_grid(text: str) -> tuple[str, list[Any]]:
-    """`KEY=[v1,v2,...]` -> (KEY, values), values read as YAML scalars (1e-4 a float, true a bool, text a str).
-
-    Raises argparse.ArgumentTypeError (argparse reports it as `argument --grid: ...`)."""
-    key, sep, values = text.partition("=")
-    key, values = key.strip(), values.strip()
-    if not sep or not _KEY.fullmatch(key):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected KEY=[v1,v2,...] with KEY a dotted config key such as model.init_args.lr")
-    if not (values.startswith("[") and values.endswith("]")):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: the values must be a bracketed list, e.g. {key}=[1e-4,4e-4] (quote the argument in the "
-            "shell: '...')")
-    try:
-        parsed = yaml.load(values, Loader=_Loader)
-    except yaml.YAMLError as err:
-        problem = str(err).splitlines()[0]
-        raise argparse.ArgumentTypeError(f"{text!r}: the list is not valid YAML ({problem})") from None
-    if not isinstance(parsed, list) or not parsed:
-        raise argparse.ArgumentTypeError(f"{text!r}: give at least one value, e.g. {key}=[1e-4,4e-4]")
-    parsed = _plain(parsed)
-    seen = set()
-    for value in parsed:
-        if (type(value), format_value(value)) in seen:  # True and 1 are different values here
-            raise argparse.ArgumentTypeError(f"{text!r}: {format_value(value)} is given twice")
-        seen.add((type(value), format_value(value)))
-    return key, parsed
-
-
-def parse_set(text: str) -> tuple[str, str]:
-    """`KEY=VALUE` -> (KEY, VALUE), VALUE as given (LightningCLI parses it). `KEY+=VALUE` appends to a list
-    (e.g. trainer.callbacks+=...)."""
-    key, sep, value = text.partition("=")
-    if not sep or not _KEY.fullmatch(key.removesuffix("+")):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected KEY=VALUE with KEY a dotted config key, e.g. trainer.max_epochs=2")
-    return key, value
+# ---------------------------------------------------------------------------------------------- values, names
 
 
 def format_value(value: Any) -> str:
@@ -125,13 +91,15 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-# ---------------------------------------------------------------------------------------------- trials
+def cli_value(value: Any) -> str:
+    """A value on LightningCLI's command line, as the pipeline passes its overrides: text as it is, anything
+    else as JSON (1e-05, true, null, [1, 2])."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
-@dataclass(frozen=True)
-class Trial:
-    name: str
-    overrides: dict[str, Any]  # grid key -> value
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    """{key: value} -> ["--key=value", ...] (`--key=value` keeps a value such as -1 from reading as an option)."""
+    return [f"--{key}={cli_value(value)}" for key, value in overrides.items()]
 
 
 def short_names(keys: list[str]) -> dict[str, str]:
@@ -150,70 +118,330 @@ def short_names(keys: list[str]) -> dict[str, str]:
     return names
 
 
-def trial_name(index: int, overrides: dict[str, Any], names: dict[str, str], width: int = 3) -> str:
-    """`trial-000_lr=0.0001_lpips_weight=0.5`: safe as a folder name (other characters become `-`), at most
-    ~120 characters (the index keeps truncated names unique)."""
-    text = "_".join(f"{names[key]}={format_value(value)}" for key, value in overrides.items())
+def trial_name(number: int, params: dict[str, Any], names: dict[str, str]) -> str:
+    """`trial-007_lr=0.0001_lpips_weight=0.5`: the Optuna trial number and the params (floats to 4 significant
+    digits), safe as a folder name (other characters become `-`), at most ~130 characters (the number keeps
+    names unique)."""
+    text = "_".join(f"{names[key]}={_short(value)}" for key, value in params.items())
     text = _UNSAFE.sub("-", text).strip("-")[:_MAX_NAME]
-    return f"trial-{index:0{width}d}" + (f"_{text}" if text else "")
+    return f"trial-{number:03d}" + (f"_{text}" if text else "")
 
 
-def plan_trials(grid: list[tuple[str, list[Any]]], sets: list[tuple[str, str]] = (), random_trials: int | None = None,
-                seed: int = 0) -> list[Trial]:
-    """The trials of a sweep: the Cartesian product of the grid in order, or `random_trials` distinct
-    combinations of it drawn with `seed` (kept in grid order)."""
-    keys = [key for key, _ in grid]
-    set_keys = [key for key, _ in sets]
-    for key in keys + set_keys:
-        if key in RESERVED:
-            raise ValueError(f"{key} cannot be swept or set: {RESERVED[key]}")
-    for key in set(keys):
-        if keys.count(key) > 1:
-            raise ValueError(f"--grid {key} is given twice; put all its values in one list")
-        if key in set_keys:
-            raise ValueError(f"{key} is both swept (--grid) and fixed (--set); keep one")
-    for key in set(set_keys):
-        if set_keys.count(key) > 1 and not key.endswith("+"):
-            raise ValueError(f"--set {key} is given twice with different values; keep one")
-    if not grid:
-        raise ValueError("nothing to sweep: give at least one --grid KEY=[v1,v2,...]")
-    values = [vals for _, vals in grid]
-    total = math.prod(len(v) for v in values)
-    if random_trials is None:
-        combos = list(itertools.product(*values))
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else format_value(value)
+
+
+def _params_key(params: dict[str, Any]) -> str:
+    """A trial's point of the search space, comparable across trials (True and 1 differ)."""
+    return json.dumps(sorted((key, type(value).__name__, value) for key, value in params.items()))
+
+
+# ---------------------------------------------------------------------------------------------- search space
+
+
+@dataclass
+class SearchSpace:
+    """What a sweep varies: `grid` (key -> values, the values of categorical params; lists and dicts are kept
+    as their JSON text, which the CLI reads the same) and `space` (key -> {type, low, high, log, step} or
+    {type: categorical, choices}), in the order given."""
+
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> list[str]:
+        return [*self.grid, *self.space]
+
+    def points(self) -> list[dict[str, Any]]:
+        """The grid's combinations, in order (the last key varies fastest)."""
+        return [dict(zip(self.grid, combo)) for combo in itertools.product(*self.grid.values())]
+
+    def suggest(self, trial) -> dict[str, Any]:
+        """The trial's params (enqueued ones come back as fixed; others are drawn by the study's sampler)."""
+        params = {key: trial.suggest_categorical(key, values) for key, values in self.grid.items()}
+        for key, spec in self.space.items():
+            if spec["type"] == "categorical":
+                params[key] = trial.suggest_categorical(key, spec["choices"])
+            elif spec["type"] == "int":
+                params[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step") or 1,
+                                                log=spec["log"])
+            else:
+                params[key] = trial.suggest_float(key, spec["low"], spec["high"], step=spec.get("step"),
+                                                  log=spec["log"])
+        return params
+
+    def samples(self) -> list[dict[str, Any]]:
+        """A few params that together use every grid value and each range's ends (to check them)."""
+        count = max([len(values) for values in self.grid.values()] + [2 if self.space else 1])
+        samples = []
+        for i in range(count):
+            params = {key: values[i % len(values)] for key, values in self.grid.items()}
+            for key, spec in self.space.items():
+                params[key] = (spec["choices"][i % len(spec["choices"])] if spec["type"] == "categorical"
+                               else spec["low"] if i % 2 == 0 else spec["high"])
+            samples.append(params)
+        return samples
+
+    def to_json(self) -> dict[str, Any]:
+        return {"grid": self.grid, "space": self.space}
+
+
+def _encode(value: Any) -> Any:
+    """A grid value as an Optuna categorical choice: scalars as they are, lists and dicts as compact JSON."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _number(key: str, name: str, value: Any) -> int | float:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 as text
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"space {key}: {name} must be a number, got {value!r}")
+    return value
+
+
+def normalize_space(space: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Checks each range and fills it in: {type: float|int, low, high, log, step} or {type: categorical,
+    choices}. The type defaults to categorical with `choices`, int when low and high are ints, else float."""
+    out = {}
+    for key, spec in space.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"space {key}: expected a mapping such as {{low: 1.0e-5, high: 1.0e-3, log: true}}, "
+                             f"got {spec!r}")
+        unknown = set(spec) - {"type", "low", "high", "log", "step", "choices"}
+        if unknown:
+            raise ValueError(f"space {key}: unknown field(s) {', '.join(sorted(unknown))}; use type, low, high, "
+                             "log, step or choices")
+        kind = spec.get("type") or ("categorical" if "choices" in spec else None)
+        if kind == "categorical" or "choices" in spec:
+            choices = spec.get("choices")
+            if kind not in (None, "categorical") or set(spec) - {"type", "choices"}:
+                raise ValueError(f"space {key}: choices make a categorical param; give only type and choices")
+            if not isinstance(choices, list) or not choices:
+                raise ValueError(f"space {key}: choices must be a non-empty list")
+            out[key] = {"type": "categorical", "choices": _checked_values(f"space {key}", choices)}
+            continue
+        if "low" not in spec or "high" not in spec:
+            raise ValueError(f"space {key}: give low and high (or choices)")
+        low, high = _number(key, "low", spec["low"]), _number(key, "high", spec["high"])
+        if kind is None:
+            kind = "int" if isinstance(low, int) and isinstance(high, int) and not isinstance(spec.get("step"),
+                                                                                             float) else "float"
+        if kind not in ("int", "float"):
+            raise ValueError(f"space {key}: type must be float, int or categorical, got {kind!r}")
+        log, step = bool(spec.get("log", False)), spec.get("step")
+        if step is not None:
+            step = _number(key, "step", step)
+        if kind == "int":
+            if low != int(low) or high != int(high) or (step is not None and step != int(step)):
+                raise ValueError(f"space {key}: an int range needs whole low, high and step")
+            low, high, step = int(low), int(high), None if step is None else int(step)
+        else:
+            low, high = float(low), float(high)
+            step = None if step is None else float(step)
+        if not low <= high:
+            raise ValueError(f"space {key}: low {low} is above high {high}")
+        if log and (low <= 0 or step is not None):
+            raise ValueError(f"space {key}: a log range needs low > 0 and no step")
+        if step is not None and step <= 0:
+            raise ValueError(f"space {key}: step must be positive")
+        out[key] = {"type": kind, "low": low, "high": high, "log": log, "step": step}
+    return out
+
+
+def _checked_values(where: str, values: list[Any]) -> list[Any]:
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{where}: give a non-empty list of values, e.g. [1.0e-4, 4.0e-4]")
+    encoded, seen = [], set()
+    for value in map(_encode, values):
+        if (type(value), format_value(value)) in seen:  # True and 1 are different values here
+            raise ValueError(f"{where}: {format_value(value)} is given twice")
+        seen.add((type(value), format_value(value)))
+        encoded.append(value)
+    return encoded
+
+
+def search_space(sampler: str, grid: dict[str, list[Any]] | None, space: dict[str, dict[str, Any]] | None,
+                 overrides: dict[str, Any] | None, n_trials: int | None) -> SearchSpace:
+    """The checked search space of a sweep's arguments; conflicting or malformed arguments are errors."""
+    grid, space, overrides = dict(grid or {}), dict(space or {}), dict(overrides or {})
+    for where, keys in (("grid", grid), ("space", space), ("overrides", overrides)):
+        for key in keys:
+            base = key.removesuffix("+") if where == "overrides" else key
+            if not isinstance(key, str) or not _KEY.fullmatch(base):
+                raise ValueError(f"{where}: {key!r} is not a dotted config key such as model.init_args.lr")
+            if base in RESERVED:
+                raise ValueError(f"{where}: {base} cannot be swept or set: {RESERVED[base]}")
+    for key in set(grid) & set(space):
+        raise ValueError(f"{key} is both in grid and in space; keep one")
+    for key in set(overrides) & (set(grid) | set(space)):
+        raise ValueError(f"{key} is both swept and fixed (overrides); keep one")
+    if sampler == "grid":
+        if space:
+            raise ValueError("space needs sampler random or tpe (the grid sampler runs the grid's combinations)")
+        if not grid:
+            raise ValueError("nothing to sweep: give grid {key: [values, ...]}")
     else:
-        if not 1 <= random_trials <= total:
-            raise ValueError(f"--random {random_trials}: the grid has {total} combinations; ask for 1 to {total} "
-                             "(or leave --random out to run them all)")
-        indices = sorted(random.Random(seed).sample(range(total), random_trials))
-        combos = [_combination(values, i) for i in indices]
-    names = short_names(keys)
-    width = max(3, len(str(len(combos) - 1)))
-    trials = []
-    for index, combo in enumerate(combos):
-        overrides = dict(zip(keys, combo))
-        trials.append(Trial(trial_name(index, overrides, names, width), overrides))
-    return trials
+        if not grid and not space:
+            raise ValueError(f"nothing to sweep: give grid and/or space for the {sampler} sampler")
+        if n_trials is None:
+            raise ValueError(f"the {sampler} sampler needs n_trials")
+    if n_trials is not None and n_trials < 1:
+        raise ValueError(f"n_trials must be at least 1, got {n_trials}")
+    return SearchSpace({key: _checked_values(f"grid {key}", values) for key, values in grid.items()},
+                       normalize_space(space))
 
 
-def _combination(values: list[list[Any]], index: int) -> tuple:
-    """The `index`-th element of itertools.product(*values), without building the product."""
-    chosen = []
-    for vals in reversed(values):
-        index, i = divmod(index, len(vals))
-        chosen.append(vals[i])
-    return tuple(reversed(chosen))
+# ---------------------------------------------------------------------------------------------- checking keys
 
 
-def trial_command(configs: list[str], sets: list[tuple[str, str]], trial: Trial, out: Path) -> list[str]:
-    """The `fit` arguments of one trial (after `python -m vfusion3d_lightning.cli`)."""
-    args = ["fit"]
-    for config in configs:
-        args += ["--config", str(config)]
-    args += [f"--{key}={value}" for key, value in sets]
-    args += [f"--{key}={format_value(value)}" for key, value in trial.overrides.items()]
-    args += [f"--trainer.default_root_dir={out / trial.name}", f"--trainer.callbacks+={CALLBACK}"]
-    return args
+def _config_keys(namespace) -> list[str]:
+    keys = set()
+    for key in namespace.keys():
+        parts = key.split(".")
+        keys.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(keys - {"config"} - {k for k in keys if k.endswith("__path__")})
+
+
+def _close_keys(key: str, known: list[str]) -> list[str]:
+    """Up to 3 known keys like `key`: its siblings with a similar last part first (lrr -> lr), then keys as
+    deep as it, then any."""
+    parent, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+    close = [siblings[name] for name in difflib.get_close_matches(leaf, list(siblings), n=3, cutoff=0.6)]
+    depth = key.count(".")
+    return (close or difflib.get_close_matches(key, [k for k in known if k.count(".") == depth], n=3, cutoff=0.6)
+            or difflib.get_close_matches(key, known, n=3, cutoff=0.6))
+
+
+def check_overrides(configs: list[str], overrides: dict[str, Any], space: SearchSpace) -> None:
+    """Raises ValueError before any trial runs when a key of `overrides`, `grid` or `space` is not in the
+    config that `configs` compose (naming close matches), or when LightningCLI rejects a value."""
+    import argparse
+
+    parser = fit_parser()
+    base = [word for config in configs for word in ("--config", str(config))]
+
+    def parse(args: list[str], what: str):
+        try:
+            return parser.parse_args(base + args)
+        except argparse.ArgumentError as err:
+            raise ValueError(f"LightningCLI rejects {what} on {' + '.join(map(str, configs))}:\n{err}") from None
+
+    # a class_path override changes which init_args exist: apply those first
+    class_paths = {key: value for key, value in overrides.items() if key.endswith("class_path")}
+    namespace = parse(override_args(class_paths), f"the overrides {class_paths}" if class_paths else "the configs")
+    known = _config_keys(namespace)
+    for where, keys in (("overrides", list(overrides)), ("grid", list(space.grid)), ("space", list(space.space))):
+        for key in keys:
+            base_key = key.removesuffix("+")
+            if base_key in known:
+                continue
+            close = _close_keys(base_key, known)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"{where}: {base_key!r} is not a key of the config {' + '.join(map(str, configs))}"
+                             f"{hint} (`vfusion3d-lightning fit --config ... --print_config` shows every key)")
+    for params in space.samples():
+        parse(override_args(overrides) + override_args(params),
+              f"the values {json.dumps(params)} (with the overrides {json.dumps(overrides)})")
+
+
+# ---------------------------------------------------------------------------------------------- the study
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def _make_sampler(name: str, space: SearchSpace, seed: int):
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)  # grid: every trial is enqueued, the sampler draws nothing
+
+
+def open_study(storage: str, study_name: str, description: dict[str, Any], mode: str, out: Path):
+    """Create the study, or load it and check it holds the same sweep."""
+    import optuna
+
+    from vfusion3d_lightning.training.callbacks import rdb_storage
+
+    direction = "minimize" if mode == "min" else "maximize"
+    study = optuna.create_study(storage=rdb_storage(storage), study_name=study_name, direction=direction,
+                                load_if_exists=True)
+    stored = study.user_attrs.get(STUDY_ATTR)
+    if stored is None:
+        if study.trials:
+            raise ValueError(f"study {study_name!r} in {redact(storage)} holds trials of something else than a "
+                             "sweep; give another study_name or out")
+        study.set_user_attr(STUDY_ATTR, description)
+        return study
+    mine = json.loads(json.dumps(description, default=str))
+    changed = [name for name in mine if stored.get(name) != mine[name]]
+    if changed:
+        details = "; ".join(f"{name}: {json.dumps(stored.get(name))} there, {json.dumps(mine[name])} now"
+                            for name in changed)
+        raise ValueError(f"{out} holds a sweep with another search space ({details}); give a new out (or another "
+                         "study_name), or delete that folder to start over")
+    return study
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":
+        return True  # cannot tell: the heartbeat decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(trial, now: float | None = None) -> bool:
+    """A RUNNING trial nobody runs any more: started by a sweep on this host whose process is gone, with no
+    heartbeat for STALE_AFTER_S, or not started by a sweep at all."""
+    attrs = trial.user_attrs
+    host, pid, beat = attrs.get("host"), attrs.get("pid"), attrs.get("heartbeat")
+    if host is None or pid is None or beat is None:
+        return True
+    if host == HOST and (pid == os.getpid() or not _alive(pid)):
+        return True
+    return (now or time.time()) - beat > STALE_AFTER_S
+
+
+def fail_stale_trials(study, out: Path) -> list[int]:
+    """Mark RUNNING trials left by a killed sweep FAIL (their points run again); returns their numbers."""
+    from optuna.trial import TrialState
+
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(trial):
+            continue
+        reason = "the sweep that ran it stopped (killed?) before it finished; it is run again"
+        study._storage.set_trial_user_attr(trial._trial_id, "error", reason)
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        folder = trial.user_attrs.get("folder")
+        if folder and (out / folder).is_dir() and not (out / folder / "error.txt").exists():
+            _write_text(out / folder / "error.txt", f"{folder}: {reason}\n")
+        failed.append(trial.number)
+    return failed
+
+
+def _trial_params(trial) -> dict[str, Any]:
+    return dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -233,27 +461,66 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
 
 
-def run_trial(command: list[str], folder: Path, timeout: float | None = None) -> int:
+def trial_command(configs: list[str], overrides: dict[str, Any], params: dict[str, Any], folder: Path,
+                  study_name: str, number: int, monitor: str, pruner: str,
+                  pruner_args: dict[str, Any] | None) -> list[str]:
+    """The `fit` arguments of one trial (after `python -m vfusion3d_lightning.cli`)."""
+    pruning = {"class_path": PRUNING_CALLBACK,
+               "init_args": {"study_name": study_name, "trial_number": number, "monitor": monitor,
+                             "pruner": pruner, "pruner_args": pruner_args or {}}}
+    return ["fit", *[word for config in configs for word in ("--config", str(config))], *override_args(overrides),
+            *override_args(params), f"--trainer.default_root_dir={folder}",
+            f"--trainer.callbacks+={RESULT_CALLBACK}",
+            f"--trainer.callbacks+={json.dumps(pruning, separators=(',', ':'))}"]
+
+
+class _Processes:
+    """The trials' running processes, to kill on Ctrl-C."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running: dict[int, subprocess.Popen] = {}
+        self.closed = False  # after kill_all, a process that starts is killed at once
+
+    def kill_all(self) -> None:
+        with self.lock:
+            self.closed = True
+            for process in self.running.values():
+                if process.poll() is None:
+                    process.kill()
+
+
+def run_trial(command: list[str], folder: Path, timeout: float | None = None, env: dict[str, str] | None = None,
+              processes: _Processes | None = None) -> int:
     """Run `python -m vfusion3d_lightning.cli <command>` in a fresh process, stdout and stderr to
     folder/stdout.log and folder/stderr.log. Returns the exit code (-9 on timeout)."""
     folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    package_root = str(Path(__file__).resolve().parents[1])  # the child imports this very package
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    package_root = str(Path(__file__).resolve().parents[2])  # the child imports this very package
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     with open(folder / "stdout.log", "wb") as stdout, open(folder / "stderr.log", "wb") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "vfusion3d_lightning.cli", *command], stdout=stdout,
                                    stderr=stderr, env=env)
+        if processes is not None:
+            with processes.lock:
+                processes.running[id(process)] = process
+                if processes.closed:
+                    process.kill()
         try:
             return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            stderr.write(f"\n[sweep] killed after the --timeout of {timeout} s\n".encode())
+            stderr.write(f"\n[sweep] killed after the timeout of {timeout} s\n".encode())
             return -9
         except BaseException:  # Ctrl-C: do not leave a training behind
             process.kill()
             process.wait()
             raise
+        finally:
+            if processes is not None:
+                with processes.lock:
+                    processes.running.pop(id(process), None)
 
 
 def load_result(folder: Path) -> dict | None:
@@ -266,7 +533,7 @@ def load_result(folder: Path) -> dict | None:
 
 def best_entry(result: dict, monitor: str, mode: str) -> dict | None:
     """The validation (epoch, step, metrics) with the best `monitor` value; the end-of-fit metrics when no
-    validation logged it; None when it was never logged."""
+    validation logged it; None when it was never logged as a finite number."""
     entries = [e for e in result.get("history", []) if _finite(e["metrics"].get(monitor))]
     if not entries:
         final = result.get("metrics", {})
@@ -277,37 +544,42 @@ def best_entry(result: dict, monitor: str, mode: str) -> dict | None:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# ---------------------------------------------------------------------------------------------- the table
+@dataclass
+class Outcome:
+    state: str  # COMPLETE, PRUNED or FAIL
+    value: float | None = None  # the best monitored value
+    best: dict[str, Any] | None = None  # {value, epoch, step, metrics (the other val/* metrics)}
+    run_dir: str | None = None
+    error: str | None = None
+    monitor_missing: bool = False  # finished, but never logged the monitor at all
 
 
-def results_rows(trials: list[Trial], out: Path, monitor: str, mode: str) -> list[dict[str, Any]]:
-    """One row per trial, sorted: finished trials by their best `monitor` (mode min or max), then finished
-    trials that never logged it, then failed ones; ties keep the trials' order."""
-    rows = []
-    for trial in trials:
-        folder = out / trial.name
-        result = load_result(folder)
-        row = {"trial": trial.name, "overrides": trial.overrides, "status": "ok" if result else "failed",
-               "monitor": None, "metrics": {}, "epoch": None, "run_dir": trial.name}
-        if result:
-            entry = best_entry(result, monitor, mode)
-            metrics = (entry or {"metrics": result.get("metrics", {})})["metrics"]
-            row.update(monitor=metrics.get(monitor) if entry else None, epoch=entry["epoch"] if entry else None,
-                       metrics={k: v for k, v in metrics.items() if k.startswith("val") and k != monitor})
-            if result.get("log_dir"):
-                row["run_dir"] = _relative(result["log_dir"], out)
-        rows.append(row)
-    sign = 1 if mode == "min" else -1
-
-    def order(row):
-        if row["status"] != "ok":
-            return (2, 0.0)
-        return (0, sign * row["monitor"]) if _finite(row["monitor"]) else (1, 0.0)
-
-    return sorted(rows, key=order)
+def trial_outcome(code: int, result: dict | None, monitor: str, mode: str, out: Path) -> Outcome:
+    """What a trial's exit code and sweep_result.json make of it."""
+    if code != 0 or result is None:
+        if code == -9:
+            return Outcome("FAIL", error="killed after the timeout")
+        return Outcome("FAIL", error=f"exit code {code}" + ("" if code else f" but no {RESULT_FILE} was written"))
+    run_dir = _relative(result["log_dir"], out) if result.get("log_dir") else None
+    entry = best_entry(result, monitor, mode)
+    best = None
+    if entry is not None:
+        value = float(entry["metrics"][monitor])
+        best = {"value": value, "epoch": entry.get("epoch"), "step": entry.get("step"),
+                "metrics": {k: v for k, v in entry["metrics"].items() if k.startswith("val") and k != monitor}}
+    if result.get("pruned"):
+        return Outcome("PRUNED", best and best["value"], best, run_dir)
+    if best is not None:
+        return Outcome("COMPLETE", best["value"], best, run_dir)
+    logged = sorted(set(result.get("metrics", {})).union(*(e["metrics"] for e in result.get("history", []))))
+    if monitor in logged:
+        return Outcome("FAIL", run_dir=run_dir, error=f"{monitor} was never a finite number (the run diverged?)")
+    return Outcome("FAIL", run_dir=run_dir, monitor_missing=True,
+                   error=f"the run never logged {monitor} (logged: {', '.join(logged) or 'nothing'}); check monitor, "
+                         "and that validation runs (check_val_every_n_epoch <= max_epochs)")
 
 
 def _relative(path: str, out: Path) -> str:
@@ -317,12 +589,52 @@ def _relative(path: str, out: Path) -> str:
         return path
 
 
-def _number(value: Any, digits: int | None = None) -> str:
+def visible_gpus() -> list[str]:
+    """The GPUs a trial may be given: CUDA_VISIBLE_DEVICES's entries when set, else every CUDA device."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [d.strip() for d in given.split(",") if d.strip() and not d.strip().startswith("-")]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no CUDA build, no driver
+        return []
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+
+def results_rows(trials: list, monitor: str, mode: str) -> list[dict[str, Any]]:
+    """One row per trial the sweep started, ranked: COMPLETE trials by their best `monitor` value (mode min or
+    max), then PRUNED ones by theirs, then failed and running ones by number; ties keep the trials' order."""
+    rows = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        folder = trial.user_attrs.get("folder")
+        if folder is None:
+            continue  # WAITING, or not a sweep's trial
+        best = trial.user_attrs.get("best") or {}
+        rows.append({"trial": folder, "number": trial.number, "params": _trial_params(trial),
+                     "status": trial.state.name, "monitor": best.get("value"), "metrics": best.get("metrics", {}),
+                     "epoch": best.get("epoch"), "run_dir": trial.user_attrs.get("run_dir") or folder,
+                     "error": trial.user_attrs.get("error")})
+    sign = 1 if mode == "min" else -1
+
+    def order(row):
+        group = {"COMPLETE": 0, "PRUNED": 2}.get(row["status"], 4)
+        if group < 4 and not _finite(row["monitor"]):
+            group += 1
+        return (group, sign * row["monitor"] if group in (0, 2) else 0.0)
+
+    return sorted(rows, key=order)
+
+
+def _cell(value: Any, digits: int | None = None) -> str:
     if value is None:
         return ""
     if isinstance(value, float) and digits:
         return f"{value:.{digits}g}"
-    return repr(value) if isinstance(value, float) else str(value)
+    return repr(value) if isinstance(value, float) else format_value(value)
 
 
 def table(rows: list[dict[str, Any]], keys: list[str], monitor: str, markdown: bool) -> tuple[list[str], list[list]]:
@@ -331,14 +643,14 @@ def table(rows: list[dict[str, Any]], keys: list[str], monitor: str, markdown: b
     metrics = sorted(set().union(*(row["metrics"] for row in rows)))
     header = ["trial", *(names[key] for key in keys), monitor, *metrics, "epoch", "status", "run folder"]
     digits = 4 if markdown else None
-    cells = [[row["trial"], *(format_value(row["overrides"][key]) for key in keys), _number(row["monitor"], digits),
-              *(_number(row["metrics"].get(m), digits) for m in metrics), _number(row["epoch"]), row["status"],
+    cells = [[row["trial"], *(_cell(row["params"].get(key), digits) for key in keys), _cell(row["monitor"], digits),
+              *(_cell(row["metrics"].get(m), digits) for m in metrics), _cell(row["epoch"]), row["status"],
               row["run_dir"]] for row in rows]
     return header, cells
 
 
 def write_results(rows: list[dict[str, Any]], keys: list[str], monitor: str, mode: str, out: Path) -> str:
-    """OUT/results.csv and OUT/results.md (atomic); returns the Markdown table."""
+    """OUT/results.csv, OUT/results.md and OUT/ranking.png (atomic); returns the Markdown table."""
     header, cells = table(rows, keys, monitor, markdown=False)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -348,99 +660,354 @@ def write_results(rows: list[dict[str, Any]], keys: list[str], monitor: str, mod
     header, cells = table(rows, keys, monitor, markdown=True)
     lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
     lines += [f"| {' | '.join(str(c).replace('|', '/') for c in row)} |" for row in cells]
-    text = f"Sorted by {monitor} ({mode}; best value over the validations of each trial).\n\n" + "\n".join(lines)
+    text = (f"Ranked by {monitor} ({mode}; best value over the validations of each trial; pruned trials after "
+            "complete ones).\n\n" + "\n".join(lines))
     _write_text(out / "results.md", text + "\n")
+    plot_ranking(rows, keys, monitor, mode, out / "ranking.png")
     return text
+
+
+def plot_ranking(rows: list[dict[str, Any]], keys: list[str], monitor: str, mode: str, path: Path) -> Path:
+    """A horizontal bar chart of the monitored value per trial, best at the top (pruned trials hatched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    shown = [row for row in rows if row["status"] in ("COMPLETE", "PRUNED") and _finite(row["monitor"])]
+    hidden = len(rows) - len(shown)
+    shown = shown[:_PLOT_MAX]
+    names = short_names(keys)
+    labels = []
+    for row in shown:
+        text = ", ".join(f"{names[k]}={_short(row['params'].get(k))}" for k in keys)
+        labels.append(f"#{row['number']}  {text[:60] + '…' if len(text) > 61 else text}")
+    figure = Figure(figsize=(9, 1.4 + 0.32 * max(1, len(shown))), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    zoom = False
+    if shown:
+        values = [row["monitor"] for row in shown]
+        colours = ["tab:blue" if row["status"] == "COMPLETE" else "tab:gray" for row in shown]
+        if shown[0]["status"] == "COMPLETE":
+            colours[0] = "tab:green"  # the best trial
+        bars = axes.barh(range(len(shown)), values, color=colours, height=0.7)
+        for bar, row in zip(bars, shown):
+            if row["status"] == "PRUNED":
+                bar.set_hatch("//")
+        axes.set_yticks(range(len(shown)), labels, fontsize=8)
+        axes.invert_yaxis()  # best at the top
+        axes.bar_label(bars, [f"{v:.4g}" for v in values], padding=3, fontsize=7)
+        low, high = min(values), max(values)
+        zoom = (low > 0 or high < 0) and (high - low) < 0.25 * max(abs(low), abs(high))
+        if zoom:  # close values: from 0 every bar would look the same
+            spread = (high - low) or 0.1 * abs(high)
+            axes.set_xlim(low - 0.6 * spread, high + 0.35 * spread) if low > 0 else \
+                axes.set_xlim(low - 0.35 * spread, high + 0.6 * spread)
+        else:
+            low, high = min(0.0, low), max(0.0, high)
+            axes.set_xlim(low - 0.02 * (high - low), high + 0.15 * (high - low or 1.0))
+        if any(row["status"] == "PRUNED" for row in shown):
+            axes.legend(handles=[Patch(color="tab:green", label="best"), Patch(color="tab:blue", label="complete"),
+                                 Patch(facecolor="tab:gray", hatch="//", label="pruned")], fontsize=8,
+                        loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        axes.text(0.5, 0.5, "no trial has a value yet", ha="center", va="center", transform=axes.transAxes)
+        axes.set_yticks([])
+    axes.set_xlabel(f"{monitor} (best over each trial's validations; {'lower' if mode == 'min' else 'higher'} is "
+                    "better)" + ("; axis not from 0" if zoom else ""))
+    note = []
+    if len(rows) - hidden > _PLOT_MAX:
+        note.append(f"best {_PLOT_MAX} of {len(rows) - hidden} shown")
+    if hidden:
+        note.append(f"{hidden} failed or unfinished not shown")
+    axes.set_title(f"sweep ranking: {monitor}" + (f" ({'; '.join(note)})" if note else ""), fontsize=10)
+    axes.grid(axis="x", alpha=0.3)
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110))
+
+
+def write_trials_file(study, description: dict[str, Any], storage: str, out: Path) -> None:
+    trials = []
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if "folder" not in trial.user_attrs:
+            continue
+        command = trial.user_attrs.get("command", [])
+        trials.append({"number": trial.number, "name": trial.user_attrs["folder"], "state": trial.state.name,
+                       "params": _trial_params(trial), "value": trial.user_attrs.get("best", {}).get("value"),
+                       "folder": str(out / trial.user_attrs["folder"]), "error": trial.user_attrs.get("error"),
+                       "command": ["vfusion3d-lightning", *command]})
+    plan = {"study_name": study.study_name, "storage": redact(storage), **description, "trials": trials}
+    _write_text(out / TRIALS_FILE, json.dumps(plan, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- the command
 
 
-def _check_trials_file(path: Path, plan: dict) -> None:
-    """Refuse to mix two different sweeps in one folder (trial names would point at other overrides)."""
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    for field in ("config", "set", "trials"):
-        mine = [{k: t[k] for k in ("name", "overrides")} for t in plan[field]] if field == "trials" else plan[field]
-        theirs = old.get(field)
-        if field == "trials" and isinstance(theirs, list):
-            theirs = [{k: t.get(k) for k in ("name", "overrides")} for t in theirs]
-        if json.loads(json.dumps(mine)) != theirs:
-            raise ValueError(f"{path.parent} holds another sweep ({TRIALS_FILE}: its {field} differ from these "
-                             "arguments); give a new --out, or delete that folder to start over")
+class _Scheduler:
+    """Hands out the next trial (study.ask) to the worker threads: the grid's combinations that no COMPLETE,
+    PRUNED, RUNNING or WAITING trial covers, in order; for random/TPE, the params of earlier failed trials, then
+    the sampler's draws, until the study has n_trials trials done or running. A point is started at most once
+    by one sweep process (a trial that fails now is retried by the next rerun)."""
+
+    def __init__(self, study, space: SearchSpace, sampler: str, n_trials: int | None):
+        self.study, self.space, self.sampler, self.n_trials = study, space, sampler, n_trials
+        self.tried: set[str] = set()
+        self.stopped = False
+        self.cap = self._plan()[1]
+        self.launched = 0
+
+    def _plan(self) -> tuple[dict[str, Any] | None, int]:
+        """The point to enqueue next (None: let the sampler draw) and how many trials are left to start."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        busy = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        covered = {_params_key(_trial_params(t)) for t in trials if t.state in busy}
+        if self.sampler == "grid":
+            points = self.space.points()
+            keys = {_params_key(p) for p in points}
+            pending = [p for p in points if _params_key(p) not in covered | self.tried]
+            left = len(pending)
+            if self.n_trials is not None:
+                left = min(left, self.n_trials - len(covered & keys))
+            return (pending[0] if pending else None), max(0, left)
+        left = self.n_trials - sum(t.state in busy for t in trials)
+        retry = None
+        for trial in sorted(trials, key=lambda t: t.number):
+            params = _trial_params(trial)
+            key = _params_key(params)
+            if trial.state == TrialState.FAIL and set(params) == set(self.space.keys) and key not in covered \
+                    and key not in self.tried:
+                retry = params
+                break
+        return retry, max(0, left)
+
+    def next(self):
+        """(trial, params) to run next, or None when done."""
+        from optuna.trial import TrialState
+
+        if self.stopped or self.launched >= self.cap:
+            return None
+        point, left = self._plan()
+        if left <= 0 or (self.sampler == "grid" and point is None):
+            return None
+        if point is not None and not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            self.study.enqueue_trial(point)
+        trial = self.study.ask()
+        params = self.space.suggest(trial)
+        self.tried.add(_params_key(params))
+        self.launched += 1
+        return trial, params
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", required=True,
-                        help="LightningCLI config of every trial; repeat to compose several, as with fit")
-    parser.add_argument("--grid", action="append", type=parse_grid, default=[], metavar="KEY=[V1,V2,...]",
-                        help="a swept config key and its values (YAML scalars), e.g. "
-                             "'model.init_args.lr=[1e-4,4e-4]'; repeat for a grid over several keys")
-    parser.add_argument("--set", action="append", type=parse_set, default=[], metavar="KEY=VALUE",
-                        help="a fixed override for every trial, e.g. trainer.max_epochs=2; repeatable")
-    parser.add_argument("--monitor", required=True, help="logged metric the results are sorted by, e.g. val/lpips")
-    parser.add_argument("--mode", default="min", choices=["min", "max"], help="whether lower or higher is better")
-    parser.add_argument("--out", required=True,
-                        help="sweep folder: trials.json, results.csv/md and one run folder per trial")
-    parser.add_argument("--random", type=int, default=None, metavar="N",
-                        help="run N distinct combinations of the grid drawn at random instead of all of them")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds after which a trial is killed "
-                                                                    "and recorded as failed")
-    parser.add_argument("--dry-run", action="store_true", help="write trials.json and print the commands only")
+def sweep(configs: list[str], out: str, monitor: str, mode: Literal["min", "max"] = "min",
+          grid: dict[str, list[Any]] | None = None, space: dict[str, dict[str, Any]] | None = None,
+          overrides: dict[str, Any] | None = None, sampler: Literal["grid", "random", "tpe"] = "grid",
+          n_trials: int | None = None, n_jobs: int = 1, storage: str | None = None, study_name: str = "sweep",
+          pruner: Literal["none", "median", "hyperband"] = "none", pruner_args: dict[str, Any] | None = None,
+          seed: int = 0, timeout: float | None = None, dry_run: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Search hyperparameters of a LightningCLI config with Optuna: each trial is one `fit` in its own process
+    and folder, the trials are ranked by a logged validation metric, and a rerun resumes the study.
 
+    Args:
+        configs: LightningCLI config files of every trial, composed in order as with `fit --config A --config B`.
+        out: the sweep folder: one run folder per trial, study.db (the default storage), trials.json,
+            results.csv, results.md and ranking.png.
+        monitor: the logged metric that ranks the trials and that Optuna optimises (its best value over a
+            trial's validations), e.g. val/lpips.
+        mode: min when lower `monitor` is better, max when higher is.
+        grid: config key -> list of values (YAML/JSON), e.g. {model.init_args.lr: [1.0e-4, 4.0e-4]}: the
+            combinations the grid sampler runs, and categorical params of the random and TPE samplers.
+        space: config key -> range for the random and TPE samplers: {low, high, log, step, type} (type float
+            or int, by default int when low and high are ints), or {choices: [...]} for a categorical param,
+            e.g. {model.init_args.lr: {low: 1.0e-5, high: 1.0e-3, log: true}}.
+        overrides: config key -> value fixed for every trial, e.g. {trainer.max_epochs: 2}; a key ending in
+            `+` appends to a list (trainer.callbacks+).
+        sampler: grid (every combination of `grid`), random or tpe (Optuna's TPESampler); random and tpe need
+            n_trials.
+        n_trials: trials the study should have done (COMPLETE or PRUNED, counting earlier runs) or running;
+            None with the grid sampler runs the whole grid.
+        n_jobs: trials run at once, each in its own process; with GPUs visible each gets one
+            (CUDA_VISIBLE_DEVICES, round-robin).
+        storage: the study's Optuna RDB URL (default sqlite:///OUT/study.db); a PostgreSQL URL lets sweeps on
+            several machines share one study (give each the same arguments).
+        study_name: the study's name in the storage.
+        pruner: none, median (Optuna's MedianPruner) or hyperband (HyperbandPruner): stops a trial whose
+            monitored value after a validation is worse than the pruner allows.
+        pruner_args: keyword arguments of the pruner, e.g. {n_startup_trials: 2, n_warmup_steps: 1} for median
+            (its defaults wait for 5 finished trials).
+        seed: seed of the random and TPE samplers (a rerun adds the number of trials so far).
+        timeout: seconds after which a trial is killed and recorded as failed; None for no limit.
+        dry_run: check the configs and keys, print the grid's trial commands (or the sweep's fixed part), and
+            run nothing.
+        progress: show a progress bar.
 
-def run(args: argparse.Namespace) -> int:
+    Returns:
+        A summary: the study name, counts of trials by state, the best trial and the results file.
+    """
+    import optuna
+
+    configs = [str(config) for config in configs]
+    if not configs:
+        raise ValueError("give at least one LightningCLI config in configs")
+    for config in configs:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"configs: {config}: no such file")
+    if n_jobs < 1:
+        raise ValueError(f"n_jobs must be at least 1, got {n_jobs}")
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be min or max, got {mode!r}")
+    from vfusion3d_lightning.training.callbacks import make_pruner
+
+    make_pruner(pruner, pruner_args)  # checks name and arguments
+    overrides = dict(overrides or {})
+    space_ = search_space(sampler, grid, space, overrides, n_trials)
+    check_overrides(configs, overrides, space_)
+    out_dir = Path(out)
+    description = json.loads(json.dumps({"configs": configs, "overrides": overrides, "sampler": sampler,
+                                         **space_.to_json(), "monitor": monitor, "mode": mode}, default=str))
+    names = short_names(space_.keys)
+
+    if dry_run:
+        if sampler == "grid":
+            points = space_.points()[:n_trials]
+            for number, params in enumerate(points):
+                folder = out_dir / trial_name(number, params, names)
+                command = trial_command(configs, overrides, params, folder, study_name, number, monitor, pruner,
+                                        pruner_args)
+                print(shlex.join(["vfusion3d-lightning", *command]))
+            print(f"{len(points)} trials (numbers as in a new study); nothing was run")
+        else:
+            command = trial_command(configs, overrides, {}, out_dir / "trial-NNN_...", study_name, 0, monitor,
+                                    pruner, pruner_args)
+            print(shlex.join(["vfusion3d-lightning", *command]) + " --KEY=VALUE (drawn)")
+            print(f"{n_trials} trials drawn by the {sampler} sampler from {json.dumps(space_.to_json())}; "
+                  "nothing was run")
+        return {"study": study_name, "dry_run": True}
+
     from tqdm import tqdm
 
-    for config in args.config:
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"--config {config}: no such file")
-    out = Path(args.out)
-    trials = plan_trials(args.grid, args.set, args.random, args.seed)
-    keys = [key for key, _ in args.grid]
-    commands = {trial.name: trial_command(args.config, args.set, trial, out) for trial in trials}
-    plan = {"config": [str(c) for c in args.config], "set": [f"{k}={v}" for k, v in args.set],
-            "grid": dict(args.grid), "random": args.random, "seed": args.seed,
-            "trials": [{"name": t.name, "overrides": t.overrides, "folder": str(out / t.name),
-                        "command": ["vfusion3d-lightning", *commands[t.name]]} for t in trials]}
-    _check_trials_file(out / TRIALS_FILE, plan)
-    _write_text(out / TRIALS_FILE, json.dumps(plan, indent=2) + "\n")
-    if args.dry_run:
-        for trial in trials:
-            print(shlex.join(["vfusion3d-lightning", *commands[trial.name]]))
-        return 0
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = storage or default_storage(out_dir)
+    study = open_study(storage, study_name, description, mode, out_dir)
+    stale = fail_stale_trials(study, out_dir)
+    if stale:
+        print(f"trial(s) {', '.join(map(str, stale))} were left running by a stopped sweep: marked failed, their "
+              "points run again", file=sys.stderr)
+    study.sampler = _make_sampler(sampler, space_, seed + len(study.trials))
+    study.pruner = make_pruner(pruner, pruner_args)
 
-    progress = tqdm(trials, desc="sweep", unit="trial")
-    for trial in progress:
-        folder = out / trial.name
-        if load_result(folder) is not None:
-            continue  # finished in an earlier run
-        progress.set_postfix_str(trial.name)
+    lock = threading.Lock()  # one thread at a time talks to the study and writes the tables
+    scheduler = _Scheduler(study, space_, sampler, n_trials)
+    processes = _Processes()
+    running: set[int] = set()  # trial ids, for the heartbeat
+    stop = threading.Event()
+    gpus = visible_gpus()
+    failed: list[str] = []
+    bar = tqdm(total=scheduler.cap, desc="sweep", unit="trial", disable=not progress)
+
+    def refresh() -> tuple[list[dict[str, Any]], str]:
+        rows = results_rows(study.get_trials(deepcopy=False), monitor, mode)
+        text = write_results(rows, space_.keys, monitor, mode, out_dir)
+        write_trials_file(study, description, storage, out_dir)
+        return rows, text
+
+    def heartbeat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            with lock:
+                for trial_id in list(running):
+                    try:
+                        study._storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+                    except Exception:  # finished meanwhile, or the database is away for a moment
+                        pass
+
+    def run_one(slot: int) -> bool:
+        with lock:
+            if stop.is_set():
+                return False
+            picked = scheduler.next()
+            if picked is None:
+                return False
+            trial, params = picked
+            name = trial_name(trial.number, params, names)
+            folder = out_dir / name
+            command = trial_command(configs, overrides, params, folder, study_name, trial.number, monitor, pruner,
+                                    pruner_args)
+            gpu = gpus[slot % len(gpus)] if gpus else None
+            for key, value in {"folder": name, "host": HOST, "pid": os.getpid(), "heartbeat": time.time(),
+                               "command": command, "gpu": gpu}.items():
+                trial.set_user_attr(key, value)
+            running.add(trial._trial_id)
+        env = dict(os.environ, **{STORAGE_ENV: storage})
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         (folder / "error.txt").unlink(missing_ok=True)
-        code = run_trial(commands[trial.name], folder, args.timeout)
-        if code != 0 or load_result(folder) is None:
-            command = shlex.join([sys.executable, "-m", "vfusion3d_lightning.cli", *commands[trial.name]])
-            report = (f"{trial.name} failed: exit code {code}"
-                      + ("" if code else f" but no {RESULT_FILE} was written") + f"\ncommand: {command}\n"
-                      f"full logs: {folder / 'stdout.log'}, {folder / 'stderr.log'}\n\n"
-                      f"--- last {_STDERR_TAIL} lines of stderr ---\n{_tail(folder / 'stderr.log', _STDERR_TAIL)}\n")
-            _write_text(folder / "error.txt", report)
-            progress.write(f"{trial.name} failed (exit code {code}): see {folder / 'error.txt'}")
-        write_results(results_rows(trials, out, args.monitor, args.mode), keys, args.monitor, args.mode, out)
-    progress.close()
+        (folder / RESULT_FILE).unlink(missing_ok=True)
+        try:
+            code = run_trial(command, folder, timeout, env, processes)
+        except BaseException:
+            code = -2
+            raise
+        finally:
+            outcome = trial_outcome(code, load_result(folder), monitor, mode, out_dir)
+            if stop.is_set() and outcome.state == "FAIL":
+                outcome.error = "the sweep was interrupted"
+            with lock:
+                running.discard(trial._trial_id)
+                for key, value in (("best", outcome.best), ("run_dir", outcome.run_dir), ("error", outcome.error)):
+                    if value is not None:
+                        trial.set_user_attr(key, value)
+                state = optuna.trial.TrialState[outcome.state]
+                value = outcome.value if outcome.state == "COMPLETE" else None
+                study.tell(trial.number, value, state=state, skip_if_finished=True)
+                if outcome.state == "FAIL":
+                    shown = shlex.join([sys.executable, "-m", "vfusion3d_lightning.cli", *command])
+                    _write_text(folder / "error.txt",
+                                f"{name} failed: {outcome.error}\ncommand: {shown}\nfull logs: "
+                                f"{folder / 'stdout.log'}, {folder / 'stderr.log'}\n\n--- last {_STDERR_TAIL} "
+                                f"lines of stderr ---\n{_tail(folder / 'stderr.log', _STDERR_TAIL)}\n")
+                    failed.append(name)
+                    bar.write(f"{name} failed ({outcome.error}): see {folder / 'error.txt'}")
+                    if outcome.monitor_missing:
+                        scheduler.stopped = True
+                        bar.write(f"stopping the sweep: {outcome.error}")
+                refresh()
+                bar.set_postfix_str(f"{name}: {outcome.state.lower()}"
+                                    + (f" {monitor}={outcome.value:.4g}" if outcome.value is not None else ""))
+                bar.update(1)
+        return True
 
-    rows = results_rows(trials, out, args.monitor, args.mode)
-    text = write_results(rows, keys, args.monitor, args.mode, out)
+    def worker(slot: int) -> None:
+        while run_one(slot):
+            pass
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
+    pool = ThreadPoolExecutor(max_workers=n_jobs, thread_name_prefix="sweep")
+    try:
+        futures = [pool.submit(worker, slot) for slot in range(n_jobs)]
+        for future in futures:
+            future.result()
+    except BaseException:  # Ctrl-C or an error: stop the other trials, record them failed
+        stop.set()
+        processes.kill_all()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        stop.set()
+        beat.join()
+        bar.close()
+        with lock:
+            rows, text = refresh()
+
     print(text)
-    failed = sum(row["status"] != "ok" for row in rows)
-    missing = [row["trial"] for row in rows if row["status"] == "ok" and row["monitor"] is None]
-    if missing:
-        logged = sorted(load_result(out / missing[0]).get("metrics", {}))
-        print(f"warning: {len(missing)} finished trial(s) never logged {args.monitor} (logged: "
-              f"{', '.join(logged) or 'nothing'}); check --monitor, and that validation runs "
-              "(check_val_every_n_epoch <= max_epochs)", file=sys.stderr)
-    print(f"{len(rows) - failed} of {len(rows)} trials ok -> {out / 'results.csv'}, {out / 'results.md'}"
-          + (f"; {failed} failed (rerun the same command to retry them)" if failed else ""))
-    return 1 if failed else 0
+    counts = {state: sum(row["status"] == state for row in rows) for state in ("COMPLETE", "PRUNED", "FAIL")}
+    best = next((row for row in rows if row["status"] == "COMPLETE" and _finite(row["monitor"])), None)
+    print(f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed trial(s) in study "
+          f"{study_name!r} -> {out_dir / 'results.csv'}, {out_dir / 'results.md'}, {out_dir / 'ranking.png'}"
+          + (f"; {len(failed)} failed in this run (rerun the same command to retry them)" if failed else ""))
+    return {"study": study_name, "storage": redact(storage), "trials": len(rows), **{k.lower(): v for k, v in
+            counts.items()}, "failed_now": failed, "best": best and {"trial": best["trial"], "value": best["monitor"],
+                                                                     "params": best["params"]},
+            "results": str(out_dir / "results.csv")}

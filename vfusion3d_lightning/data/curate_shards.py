@@ -24,11 +24,17 @@ import webdataset as wds
 from safetensors import safe_open
 from tqdm import tqdm
 
-from vfusion3d_lightning.io import atomic_write
-from vfusion3d_lightning.hub import sha256_of
 from vfusion3d_lightning.data.feature_cache import cache_path, read_features, shard_paths, write_features
 from vfusion3d_lightning.data.render import default_intrinsics
-from vfusion3d_lightning.data.schema import SampleError, decode_sample, encode_sample, read_raw_samples, unreadable_shard
+from vfusion3d_lightning.data.schema import (
+    SampleError,
+    decode_sample,
+    encode_sample,
+    read_raw_samples,
+    unreadable_shard,
+)
+from vfusion3d_lightning.hub import sha256_of
+from vfusion3d_lightning.io import atomic_write
 
 FILTER_REPORT, LABEL_REPORT = "filter_report.json", "label_report.json"
 

@@ -9,9 +9,9 @@ shards starts its shards again, so no rank waits for another at the end of an ep
 from __future__ import annotations
 
 import glob
-from abc import ABC, abstractmethod
 import logging
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 

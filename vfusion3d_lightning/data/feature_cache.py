@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vfusion3d_lightning.io import atomic_write
 from vfusion3d_lightning.data.datamodules import expand_shards
+from vfusion3d_lightning.io import atomic_write
 
 
 def shard_paths(shards: str | Path | list[str]) -> list[Path]:

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vfusion3d_lightning.io import atomic_write, to_uint8_images
-from vfusion3d_lightning.models.video import OrbitVideoPipeline, SamplerSettings, VideoDiffusionModel
 from vfusion3d_lightning.data.preprocess import IMAGE_SUFFIXES, preprocess
 from vfusion3d_lightning.data.render_shards import sample_key
-from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter, resume_shard_folder
+from vfusion3d_lightning.data.schema import MultiViewSample, ShardJobReport, ShardWriter, resume_shard_folder
+from vfusion3d_lightning.io import read_jsonl, to_uint8_images
+from vfusion3d_lightning.models.video import OrbitVideoPipeline, SamplerSettings, VideoDiffusionModel
 
 REPORT_NAME = "generate_report.json"
 
@@ -36,14 +35,6 @@ class GenerationInput:
     key: str
     image: Path
     prompt: str
-
-
-@dataclass
-class GenerationReport:
-    generated: int = 0
-    skipped_existing: int = 0
-    failed: list[dict[str, str]] = field(default_factory=list)
-    shards: list[str] = field(default_factory=list)
 
 
 def _id_key(raw: str) -> str:
@@ -64,13 +55,7 @@ def read_inputs(source: str | Path) -> list[GenerationInput]:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
     elif source.suffix.lower() in (".jsonl", ".csv") and source.is_file():
         if source.suffix.lower() == ".jsonl":
-            rows = []
-            for number, line in enumerate(source.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append((number, json.loads(line)))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{source}:{number}: not JSON ({err})") from None
+            rows = list(read_jsonl(source))
         else:
             with source.open(newline="") as handle:
                 rows = list(enumerate(csv.DictReader(handle), 2))
@@ -115,14 +100,14 @@ def _sample(item: GenerationInput, frames: torch.Tensor, seed: int, settings: Sa
 def generate_shards(model: VideoDiffusionModel, inputs: list[GenerationInput], out_dir: str | Path,
                     settings: SamplerSettings | None = None, frame_size: int = 256, batch_size: int = 4,
                     seed: int = 0, shard_size: int = 64, border_ratio: float | None = 0.2, background: str = "auto",
-                    model_name: str = "", progress: bool = True) -> GenerationReport:
+                    model_name: str = "", progress: bool = True) -> ShardJobReport:
     """Generate a video per input into `out_dir/shard-NNNNNN.tar`. Keys already in complete shards are
     skipped; a killed run leaves only `.tar.partial` files, removed here, so its samples are made again."""
     settings = settings or SamplerSettings()
     out_dir = Path(out_dir)
     done = resume_shard_folder(out_dir)
     todo = [item for item in inputs if item.key not in done]
-    report = GenerationReport(skipped_existing=len(inputs) - len(todo))
+    report = ShardJobReport(skipped_existing=len(inputs) - len(todo))
     device = next(model.unet.parameters()).device
     pipe = OrbitVideoPipeline(model, settings)
     model.check_frames(settings.num_frames, frame_size, frame_size)
@@ -142,8 +127,8 @@ def generate_shards(model: VideoDiffusionModel, inputs: list[GenerationInput], o
                 videos = pipe(torch.stack(images).to(device), [item.prompt for item in batch], seeds, progress=False)
                 for item, video, item_seed in zip(batch, videos, seeds):
                     writer.write_sample(_sample(item, video, item_seed, settings, model_name))
-                    report.generated += 1
+                    report.written += 1
             bar.update(len(todo[start:start + batch_size]))
     report.shards = [str(p) for p in writer.written]
-    atomic_write(out_dir / REPORT_NAME, lambda tmp: tmp.write_text(json.dumps(asdict(report), indent=2, default=str)))
+    report.save(out_dir / REPORT_NAME)
     return report

@@ -3,8 +3,9 @@ as labels are given (`vfusion3d-lightning label-ui`); when a key appears more th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from vfusion3d_lightning.io import read_jsonl
 
 
 def read_labels(path: str | Path, missing_ok: bool = False) -> dict[str, int]:
@@ -15,20 +16,13 @@ def read_labels(path: str | Path, missing_ok: bool = False) -> dict[str, int]:
         if missing_ok:
             return {}
         raise FileNotFoundError(f"labels file {path} does not exist; label videos with vfusion3d-lightning "
-                                f"label-ui SHARDS --labels {path}")
+                                f"label-ui --shards SHARDS --labels {path}")
     labels: dict[str, int] = {}
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number}: not valid JSON ({err})") from err
-            if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not entry["key"]:
-                raise ValueError(f"{path} line {number}: expected an object with a non-empty string 'key'")
-            label = entry.get("label")
-            if isinstance(label, bool) or label not in (0, 1):  # bools are ints in Python; reject them too
-                raise ValueError(f"{path} line {number}: label must be 1 (good) or 0 (bad), got {label!r}")
-            labels[entry["key"]] = int(label)
+    for number, entry in read_jsonl(path):
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not entry["key"]:
+            raise ValueError(f"{path}:{number}: expected an object with a non-empty string 'key'")
+        label = entry.get("label")
+        if isinstance(label, bool) or label not in (0, 1):  # bools are ints in Python; reject them too
+            raise ValueError(f"{path}:{number}: label must be 1 (good) or 0 (bad), got {label!r}")
+        labels[entry["key"]] = int(label)
     return labels

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from vfusion3d_lightning.hub import missing_weights_error
+
 BACKGROUNDS = ("auto", "rembg", "alpha", "white")
 REMBG_MODEL = "isnet-general-use"
 
@@ -54,10 +56,9 @@ def _rembg_session():  # loading the ONNX model takes seconds; videos ask for a 
         ) from None
     model = rembg_model_path()
     if not model.is_file():
-        raise FileNotFoundError(
-            f"rembg's {REMBG_MODEL} model is not at {model}; download {REMBG_MODEL}.onnx from the rembg releases "
-            "and put it there (or set $U2NET_HOME), or use background 'alpha' / 'white'"
-        )
+        raise missing_weights_error(f"rembg's {REMBG_MODEL} model", f"{REMBG_MODEL}.onnx from the rembg releases "
+                                    "(https://github.com/danielgatis/rembg/releases)", model,
+                                    "or set $U2NET_HOME to its folder, or use background 'alpha' / 'white'")
     return rembg.new_session(REMBG_MODEL)
 
 

@@ -19,7 +19,6 @@ in-context examples. Here, stage by stage:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vfusion3d_lightning.io import atomic_write
+from vfusion3d_lightning.io import atomic_write, read_jsonl
 
 DEFAULT_MODEL = "meta-llama/Llama-2-13b-chat-hf"  # the paper's filter (Llama2-13B); gated on the hub
 DECISIONS_FILE, PROMPTS_FILE, REPORT_FILE = "decisions.jsonl", "prompts.txt", "prompts_report.json"
@@ -77,13 +76,7 @@ def read_captions(path: str | os.PathLike, field: str = "caption") -> list[str]:
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
     captions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+    for number, record in read_jsonl(path):
         if not isinstance(record, dict) or field not in record:
             fields = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"{path}:{number}: no {field!r} field (found {fields}); pass --field NAME for the "
@@ -172,11 +165,14 @@ def resolve_model(source: str | os.PathLike, local_files_only: bool = True) -> s
                                     f"save_pretrained wrote (config.json, tokenizer files, weights)")
         return str(path)
     if local_files_only and not _in_hub_cache(str(source)):
-        raise FileNotFoundError(
-            f"LLM {str(source)!r} is neither a folder nor a hub id in the local Hugging Face cache. The paper "
-            f"uses {DEFAULT_MODEL} (gated: accept its licence on huggingface.co, then `hf auth login`). "
-            f"Download it with `hf download {DEFAULT_MODEL} --local-dir checkpoints/Llama-2-13b-chat-hf` and pass "
-            f"--model checkpoints/Llama-2-13b-chat-hf, or pass --allow-download to fetch {str(source)!r} from the hub")
+        from vfusion3d_lightning.hub import missing_weights_error
+
+        target = "checkpoints/Llama-2-13b-chat-hf"
+        raise missing_weights_error(
+            f"LLM {str(source)!r} (neither a folder nor a hub id in the local Hugging Face cache)",
+            f"the paper's {DEFAULT_MODEL} (gated: accept its licence on huggingface.co, then `hf auth login`) with "
+            f"`hf download {DEFAULT_MODEL} --local-dir {target}`", target,
+            f"then pass --model {target}, or pass --allow_download true to fetch {str(source)!r} from the hub")
     return str(source)
 
 
@@ -239,13 +235,7 @@ def read_decisions(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
     decisions = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not JSON ({err}); remove the line or start a new --out") from None
+    for number, record in read_jsonl(path, "remove the line or start a new --out"):
         if not isinstance(record, dict) or "caption" not in record:
             raise ValueError(f"{path}:{number}: not a decision record (no 'caption'); was the file written by "
                              f"another tool? Start a new --out")
@@ -326,43 +316,3 @@ def curate_prompts(caption_files: Sequence[str | os.PathLike], out_dir: str | os
 
 
 # ---------------------------------------------------------------------------------------------- command line
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("captions", nargs="+", help="caption files: .txt (a line each), .jsonl or .csv")
-    parser.add_argument("--model", required=True,
-                        help=f"causal LM folder or hub id (the paper: {DEFAULT_MODEL}); local files only unless "
-                             "--allow-download")
-    parser.add_argument("--out", required=True,
-                        help=f"folder for {DECISIONS_FILE} (resumable), {PROMPTS_FILE} and {REPORT_FILE}")
-    parser.add_argument("--field", default="caption", help="JSONL field / CSV column of the caption (%(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="captions per generate call (%(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=4, help="tokens generated per answer (%(default)s)")
-    parser.add_argument("--min-words", type=int, default=2, help="drop shorter captions (%(default)s)")
-    parser.add_argument("--max-words", type=int, default=40, help="drop longer captions (%(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the LLM runs (%(default)s)")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                        choices=list(DTYPES), help="model weights dtype (%(default)s)")
-    parser.add_argument("--allow-download", action="store_true",
-                        help="let transformers download --model from the Hugging Face hub")
-
-
-def run(args: argparse.Namespace) -> int:
-    local_only = not args.allow_download
-    resolve_model(args.model, local_only)  # fail on a missing model before reading any caption
-
-    def load() -> SingleObjectClassifier:
-        return SingleObjectClassifier.from_pretrained(args.model, args.device, DTYPES[args.dtype], local_only,
-                                                      max_new_tokens=args.max_new_tokens)
-
-    report = curate_prompts(args.captions, args.out, load, field=args.field, batch_size=args.batch_size,
-                            min_words=args.min_words, max_words=args.max_words, model_name=str(args.model))
-    counts = report["captions"]
-    dropped = ", ".join(f"{counts[r]} {r.replace('_', ' ')}" for r in DROP_REASONS)
-    print(f"read {counts['read']} captions ({dropped}); {counts['unique']} unique: {report['single_object']} single "
-          f"object, {report['not_single_object']} not, {report['unparsed']} unparsed ({report['decided_this_run']} "
-          f"decided this run) -> {report['prompts']} prompts in {Path(args.out) / PROMPTS_FILE}")
-    return 0

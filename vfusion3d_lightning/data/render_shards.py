@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import re
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from vfusion3d_lightning.io import atomic_write
 from vfusion3d_lightning.data.render import (
     AssetLoadError,
     CameraSet,
@@ -26,7 +24,13 @@ from vfusion3d_lightning.data.render import (
     scale_intrinsics,
     uniform_cameras,
 )
-from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter, encode_sample, resume_shard_folder
+from vfusion3d_lightning.data.schema import (
+    MultiViewSample,
+    ShardJobReport,
+    ShardWriter,
+    encode_sample,
+    resume_shard_folder,
+)
 
 ASSET_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 VIEW_SETS = ("orbit16", "random32", "uniform32")
@@ -47,14 +51,6 @@ class RenderSettings:
             raise ValueError(f"views must be one of {VIEW_SETS}, got {self.views!r}")
         if self.resolution < 8:
             raise ValueError(f"resolution must be >= 8 pixels, got {self.resolution}")
-
-
-@dataclass
-class RenderReport:
-    rendered: int = 0
-    skipped_existing: int = 0
-    failed: list[dict[str, str]] = field(default_factory=list)
-    shards: list[str] = field(default_factory=list)
 
 
 def sample_key(path: Path) -> str:
@@ -104,12 +100,8 @@ def find_assets(asset_dir: Path) -> list[Path]:
     return sorted(p for p in asset_dir.rglob("*") if p.suffix.lower() in ASSET_SUFFIXES and p.is_file())
 
 
-def _write_report(out_dir: Path, report: RenderReport) -> None:
-    atomic_write(out_dir / REPORT_NAME, lambda tmp: tmp.write_text(json.dumps(asdict(report), indent=2)))
-
-
 def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSettings | None = None,
-                  workers: int = 2, shard_size: int = 256, progress: bool = True) -> RenderReport:
+                  workers: int = 2, shard_size: int = 256, progress: bool = True) -> ShardJobReport:
     """Render every asset under `asset_dir` into `out_dir/shard-NNNNNN.tar`; objects already in complete
     shards are skipped, assets that fail are listed in the report and `render_report.json`.
 
@@ -126,7 +118,7 @@ def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSe
     if clashes:
         raise ValueError(f"asset files map to the same sample key {sorted(clashes)[:5]}; rename them")
     jobs = [(str(p), k, str(p.relative_to(asset_dir)), settings) for p, k in zip(assets, keys) if k not in done]
-    report = RenderReport(skipped_existing=len(assets) - len(jobs))
+    report = ShardJobReport(skipped_existing=len(assets) - len(jobs))
     if jobs:
         context = multiprocessing.get_context("spawn")  # a fresh process per worker: GL contexts do not fork
         # an executor, not multiprocessing.Pool: Pool replaces a worker that dies and waits forever for its job
@@ -144,10 +136,10 @@ def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSe
                         tqdm.write(f"could not render {path}: {reason}")
                     else:
                         writer.write(encoded)
-                        report.rendered += 1
+                        report.written += 1
             except BrokenProcessPool as err:
                 raise RuntimeError(
-                    f"a rendering process died, with {report.rendered} of {len(jobs)} assets rendered into "
+                    f"a rendering process died, with {report.written} of {len(jobs)} assets rendered into "
                     f"{out_dir}: a crash in the GL driver, out of memory, or, in a script, render_folder called "
                     "without `if __name__ == \"__main__\":` (its processes start with spawn, which runs the "
                     "script again). Complete shards are kept: run again to resume after them") from err
@@ -155,6 +147,6 @@ def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSe
                 for job in pending:
                     job.cancel()
         report.shards = [str(p) for p in writer.written]
-    _write_report(out_dir, report)
+    report.save(out_dir / REPORT_NAME)
     return report
 

@@ -182,7 +182,8 @@ def _check_sample(sample: MultiViewSample, key: str, where: str | None = None) -
         error = np.abs(rotation @ rotation.transpose(0, 2, 1) - np.eye(3)).max()
         if error > 1e-3:
             raise SampleError(f"sample {where}: cam2world rotations are not orthonormal (error {error:.2g})")
-    if sample.intrinsics is not None and (sample.intrinsics[:, 0, 0] <= 0).any() | (sample.intrinsics[:, 1, 1] <= 0).any():
+    if sample.intrinsics is not None and (
+            (sample.intrinsics[:, 0, 0] <= 0).any() | (sample.intrinsics[:, 1, 1] <= 0).any()):
         raise SampleError(f"sample {where}: intrinsics need positive focal lengths")
     if sample.quality is not None and not math.isfinite(sample.quality):
         raise SampleError(f"sample {where}: quality is {sample.quality}")
@@ -288,6 +289,31 @@ def read_samples(paths: Sequence[str | Path], select: Callable[[int], Sequence[i
     for path in paths:
         for raw in read_raw_samples(path):
             yield decode_sample(raw, require_cameras, select)
+
+
+@dataclass
+class ShardJobReport:
+    """What a job that writes one sample per input into shards did (render, generate); saved beside the shards.
+
+    Args:
+        written: samples written in this run.
+        skipped_existing: inputs already in complete shards from an earlier run.
+        failed: one `{"asset" or "key": ..., "reason": ...}` per input that could not be made.
+        shards: the shard files written in this run.
+    """
+
+    written: int = 0
+    skipped_existing: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> None:
+        from dataclasses import asdict
+
+        from vfusion3d_lightning.io import atomic_write
+
+        text = json.dumps(asdict(self), indent=2, default=str)
+        atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 class ShardWriter(wds.ShardWriter):

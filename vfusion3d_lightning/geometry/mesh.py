@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vfusion3d_lightning.io import atomic_write
 from vfusion3d_lightning.geometry.isosurface import surface_nets
+from vfusion3d_lightning.io import atomic_write
 
 MESH_FORMATS = (".glb", ".obj", ".ply")
 METHODS = ("dense", "coarse_to_fine")

@@ -13,14 +13,15 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from vfusion3d_lightning.io import run_log_dir
-from vfusion3d_lightning.models.curation.elevation import ElevationMLP
+from vfusion3d_lightning.models.curation.elevation import FEATURE_TAG_KEY, ElevationMLP
 
 LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
 
 
 class ElevationModule(L.LightningModule):
-    """`export_path` (default `<log dir>/elevation_mlp`) receives the trained MLP as a save_pretrained folder,
-    which `vfusion3d-lightning label` reads."""
+    """At the end of fit the MLP is exported to `export_path` (default `<log dir>/elevation_mlp`), an
+    `ElevationMLP.save_pretrained` folder, which `vfusion3d-lightning label` reads; `ElevationMLP.from_pretrained`
+    also reads this module's `.ckpt`."""
 
     def __init__(self, feature_dim: int = 768, hidden_dim: int = 512, dropout: float = 0.0,
                  loss: Literal["l1", "mse", "smooth_l1"] = "l1", lr: float = 1e-3, weight_decay: float = 1e-4,
@@ -46,10 +47,24 @@ class ElevationModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        path = Path(self.hparams.export_path or run_log_dir(self.trainer)
-                    / "elevation_mlp")
-        self.model.save_pretrained(path)
+        path = Path(self.hparams.export_path or run_log_dir(self.trainer) / "elevation_mlp")
+        self.export(path)
         rank_zero_info(f"elevation MLP -> {path}")
+
+    def export(self, directory: str | Path) -> Path:
+        """`ElevationMLP.save_pretrained` of the trained MLP.
+
+        Args:
+            directory: the folder to write.
+        """
+        return self.model.save_pretrained(directory)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the features the MLP reads are the datamodule's, not a hyper-parameter: recorded for from_pretrained
+        checkpoint[FEATURE_TAG_KEY] = self.model.config["feature_tag"]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.model.config["feature_tag"] = checkpoint.get(FEATURE_TAG_KEY, "")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (B, D) -> elevation (B,) radians."""

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vfusion3d_lightning.hub import load_state_file, missing_weights_error
+
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, the LPIPS trunk
 VGG16_SOURCE = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
@@ -33,13 +35,12 @@ def build_lpips(backbone_weights: str | None = None, random_backbone: bool = Fal
     if not random_backbone:
         path = Path(backbone_weights) if backbone_weights else torch_hub_vgg16()
         if not path.is_file():
-            raise FileNotFoundError(
-                f"LPIPS needs torchvision's ImageNet VGG16 weights and none are at {path}. Download "
-                f"{VGG16_SOURCE} and save it as {torch_hub_vgg16()} (the torch hub cache, $TORCH_HOME) or pass its "
-                "path (LRMModule: lpips_backbone_weights; evaluate: --lpips-weights); lpips_random_backbone: true "
-                "(evaluate: --lpips-random-backbone) builds an untrained trunk for tests."
-            )
-        from vfusion3d_lightning.hub import load_state_file
+            raise missing_weights_error(
+                f"torchvision's ImageNet VGG16 weights for LPIPS (looked for at {path})", VGG16_SOURCE,
+                torch_hub_vgg16(),
+                "that folder is the torch hub cache ($TORCH_HOME); or pass the file's path (LRMModule: "
+                "lpips_backbone_weights; evaluate: --lpips_weights); lpips_random_backbone: true builds an untrained "
+                "trunk, for tests")
 
         vgg = torchvision.models.vgg16()
         state = load_state_file(path)  # refuses pickled code, names a cut file

@@ -15,10 +15,8 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from vfusion3d_lightning.cameras import turntable_cameras
 from vfusion3d_lightning.io import atomic_write, run_log_dir, to_uint8_images
-from vfusion3d_lightning.training.losses import build_lpips, lpips_loss, opacity_loss, pixel_l2
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
-from vfusion3d_lightning.models.lrm.pretrained import load_into
-from vfusion3d_lightning.hub import load_state_file
+from vfusion3d_lightning.training.losses import build_lpips, lpips_loss, opacity_loss, pixel_l2
 from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
 
 
@@ -112,17 +110,9 @@ class LRMModule(L.LightningModule):
         self.val_lpips = MeanMetric()
 
     def _load_pretrained(self, source: str) -> None:
-        """Start from LRM weights: a registry name, a save_pretrained folder, the released checkpoint, or a
-        Lightning checkpoint of this module."""
-        if str(source).endswith(".ckpt"):
-            state = load_state_file(source).get("state_dict", {})
-            weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-            if not weights:
-                raise ValueError(f"{source} has no `model.` weights: not a checkpoint of LRMModule")
-            load_into(self.model, weights, str(source))
-            return
-        loaded = LRM.from_pretrained(source, config=self.model.config)
-        self.model.load_state_dict(loaded.state_dict())
+        """Start from LRM weights: whatever `LRM.from_pretrained` reads (a registry name, a save_pretrained folder,
+        the released checkpoint, a Lightning checkpoint of this module), into this module's network sizes."""
+        self.model.load_state_dict(LRM.from_pretrained(source, config=self.model.config).state_dict())
 
     # ------------------------------------------------------------------ training
 
@@ -226,5 +216,9 @@ class LRMModule(L.LightningModule):
     # ------------------------------------------------------------------ export
 
     def export(self, directory: str | Path) -> Path:
-        """save_pretrained of the trained network, for `LRM.from_pretrained` and inference."""
+        """`LRM.save_pretrained` of the trained network, for `LRM.from_pretrained` and inference.
+
+        Args:
+            directory: the folder to write.
+        """
         return self.model.save_pretrained(directory)

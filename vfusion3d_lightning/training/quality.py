@@ -11,12 +11,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from vfusion3d_lightning.io import run_log_dir
-from vfusion3d_lightning.models.curation.quality import QualitySVM
+from vfusion3d_lightning.models.curation.quality import CHECKPOINT_KEY, QualitySVM
 
 
 class QualityModule(L.LightningModule):
     """An sklearn SVM in a LightningModule, so that configs, sweeps and loggers treat it like every other model.
-    `export_path` (default `<log dir>/quality_svm.skops`) is what `vfusion3d-lightning filter` reads."""
+    At the end of fit the SVM is exported to `export_path` (default `<log dir>/quality_svm`), a
+    `QualitySVM.save_pretrained` folder, which `vfusion3d-lightning filter` reads; `QualitySVM.from_pretrained`
+    also reads this module's `.ckpt`."""
 
     def __init__(self, c_values: list[float] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0), kernel: str = "rbf",
                  folds: int = 5, seed: int = 0, threshold: float = 0.5, export_path: str | None = None):
@@ -48,17 +50,24 @@ class QualityModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.svm.pipeline is None or not self.trainer.is_global_zero:
             return
-        path = Path(self.hparams.export_path or run_log_dir(self.trainer)
-                    / "quality_svm.skops")
+        path = Path(self.hparams.export_path or run_log_dir(self.trainer) / "quality_svm")
         self.svm.info["held_out"] = self.metrics
-        self.svm.save(path)
+        self.export(path)
         rank_zero_info(f"quality SVM (C={self.svm.info['C']:g}, trained on {sum(self.svm.info['train_counts'])} "
                        f"videos) held-out {self.metrics} -> {path}")
 
+    def export(self, directory: str | Path) -> Path:
+        """`QualitySVM.save_pretrained` of the fitted SVM.
+
+        Args:
+            directory: the folder to write.
+        """
+        return self.svm.save_pretrained(directory)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.svm.pipeline is not None:
-            checkpoint["quality_svm"] = self.svm.dumps()
+            checkpoint[CHECKPOINT_KEY] = self.svm._to_bytes()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "quality_svm" in checkpoint:
-            self.svm = QualitySVM.loads(checkpoint["quality_svm"])
+        if CHECKPOINT_KEY in checkpoint:
+            self.svm = QualitySVM._from_bytes(checkpoint[CHECKPOINT_KEY], "the checkpoint's quality SVM")

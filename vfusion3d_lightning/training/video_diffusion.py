@@ -3,21 +3,27 @@ training only its temporal layers (the paper's recipe), with the backbone's own 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from vfusion3d_lightning.io import atomic_write, run_log_dir, to_uint8_images
-from vfusion3d_lightning.hub import load_state_file
-from vfusion3d_lightning.models.video import (Conditioning, OrbitVideoPipeline, SamplerSettings, VideoDiffusionModel, objective_for,
-                            train_temporal_only)
-from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
+from vfusion3d_lightning.models.video import (
+    Conditioning,
+    OrbitVideoPipeline,
+    SamplerSettings,
+    VideoDiffusionModel,
+    objective_for,
+    train_temporal_only,
+)
 from vfusion3d_lightning.training.ema import ParameterEMA
+from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
 
 
 class VideoDiffusionModule(L.LightningModule):
@@ -25,9 +31,10 @@ class VideoDiffusionModule(L.LightningModule):
 
     The first frame is the image condition and the prompt the text condition (for backbones that take text);
     conditions are dropped together with probability `condition_dropout` so that classifier-free guidance
-    works at sampling time. `model` is an architecture name (random weights, see models/video/architectures.py)
-    or a local diffusers folder / cached hub id of a public video model. `export(dir)` writes a folder that
-    `VideoDiffusionModel.load` and `vfusion3d-lightning generate` read.
+    works at sampling time. `model` is what `VideoDiffusionModel.from_pretrained` reads: an architecture name
+    (random weights, see models/video/architectures.py), a registry name, a local diffusers folder or cached hub
+    id of a public video model. `export(dir)` writes a save_pretrained folder; `VideoDiffusionModel.from_pretrained`
+    also reads this module's `.ckpt` directly (with its EMA weights).
     """
 
     def __init__(
@@ -58,7 +65,7 @@ class VideoDiffusionModule(L.LightningModule):
             raise ValueError(f"condition_dropout must be in [0, 1), got {condition_dropout}")
         self.save_hyperparameters()
         conditioning = Conditioning(fps=fps, motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength)
-        self.model = VideoDiffusionModel.load(model, variant=variant, conditioning=conditioning)
+        self.model = VideoDiffusionModel.from_pretrained(model, variant=variant, conditioning=conditioning)
         if trainable == "temporal":
             self.trained, self.total = train_temporal_only(self.model.unet)
         else:
@@ -122,10 +129,14 @@ class VideoDiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
 
-    def _averaged(self):
-        from contextlib import nullcontext
-
-        return self.ema.applied(self.model.unet) if self.ema is not None else nullcontext()
+    def _averaged(self, include_loaded: bool = False):
+        """Run with the EMA weights in the UNet, if any. `include_loaded`: also the EMA of a checkpoint this module
+        was loaded from without fitting since (fitting builds `self.ema` from it in on_fit_start)."""
+        ema = self.ema
+        if ema is None and include_loaded and self._pending_ema is not None:
+            ema = ParameterEMA(self.model.unet, self.hparams.ema_decay or 0.999)
+            ema.load_state_dict(self._pending_ema)
+        return ema.applied(self.model.unet) if ema is not None else nullcontext()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # same noise and timesteps for the same batch every time: comparable across epochs
@@ -173,44 +184,17 @@ class VideoDiffusionModule(L.LightningModule):
         self._pending_ema = checkpoint.get("ema")
 
     def export(self, directory: str | Path, use_ema: bool = True) -> Path:
-        """save_pretrained of the model (with the averaged weights when EMA is on and `use_ema`)."""
-        if use_ema and self.ema is None and self._pending_ema is not None:
-            self.ema = ParameterEMA(self.model.unet, self.hparams.ema_decay or 0.999)
-            self.ema.load_state_dict(self._pending_ema)
-        if use_ema and self.ema is not None:
-            with self.ema.applied(self.model.unet):
-                return self.model.save_pretrained(directory)
-        return self.model.save_pretrained(directory)
+        """`VideoDiffusionModel.save_pretrained` of the model, with the averaged weights when EMA is on.
+
+        Args:
+            directory: the folder to write.
+            use_ema: write the EMA weights (those validation used) where the run keeps an average.
+        """
+        with self._averaged(include_loaded=True) if use_ema else nullcontext():
+            return self.model.save_pretrained(directory)
 
 
 def orbit_grid(videos: torch.Tensor) -> np.ndarray:
     """(R, F, 3, H, W) in [0, 1] -> one (R*H, F*W, 3) uint8 image: a row per video, frames left to right."""
     rows = [np.concatenate(list(to_uint8_images(video)), axis=1) for video in videos]
     return np.concatenate(rows, axis=0)
-
-
-def load_video_model(source: str | Path, use_ema: bool = True) -> VideoDiffusionModel:
-    """A video model from a VideoDiffusionModule checkpoint (.ckpt, with its averaged weights when it has
-    them and `use_ema`), or anything `VideoDiffusionModel.load` reads."""
-    if str(source).endswith(".ckpt"):
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"checkpoint {source} does not exist")
-        # a look first, tensors left on disk: our refusal of pickled code, and a clear error for another
-        # module's checkpoint (Lightning would build the default model and fail on its missing weights)
-        checkpoint = load_state_file(source, mmap=True)
-        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-        hparams = hparams if isinstance(hparams, dict) else {}
-        if not {"model", "trainable", "condition_dropout"} <= set(hparams):
-            raise ValueError(f"{source} is not a checkpoint of VideoDiffusionModule (its hyper-parameters are "
-                             f"{sorted(hparams)[:8]}); give one that `vfusion3d-lightning fit --config "
-                             "configs/video/...` wrote, an exported folder, a diffusers folder or an architecture name")
-        module = VideoDiffusionModule.load_from_checkpoint(source, map_location="cpu", weights_only=True)
-        if use_ema and module._pending_ema is not None:
-            ema = ParameterEMA(module.model.unet, module.hparams.ema_decay or 0.999)
-            ema.load_state_dict(module._pending_ema)
-            with torch.no_grad():
-                params = dict(module.model.unet.named_parameters())
-                for name in ema.names:
-                    params[name].copy_(ema.shadow[name])
-        return module.model
-    return VideoDiffusionModel.load(source)

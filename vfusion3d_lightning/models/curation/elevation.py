@@ -9,11 +9,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vfusion3d_lightning.io import atomic_write
-from vfusion3d_lightning.hub import load_state_file
+from vfusion3d_lightning import hub
+from vfusion3d_lightning.io import atomic_write_folder
 
 FORMAT = "vfusion3d-elevation-mlp/1"
-WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+WEIGHTS_NAME, CONFIG_NAME, README_NAME = "model.safetensors", "config.json", "README.md"
+FEATURE_TAG_KEY = "elevation_feature_tag"  # ElevationModule's checkpoints record the features the MLP reads
+FIT_CONFIG = "configs/curation/elevation.yaml"
+EXPECTED_SOURCES = (f"a folder ElevationMLP.save_pretrained wrote, a Lightning .ckpt of ElevationModule or a registry "
+                    f"name; train one with vfusion3d-lightning fit --config {FIT_CONFIG}, which writes "
+                    "<log dir>/elevation_mlp")
 
 
 class ElevationMLP(nn.Module):
@@ -45,36 +50,62 @@ class ElevationMLP(nn.Module):
         return self.layers((features.float() - self.feature_mean) / self.feature_std).squeeze(-1)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `model.safetensors` and `config.json` into `directory`."""
-        directory = Path(directory)
+        """Write `model.safetensors`, `config.json` and a `README.md` model card into `directory`, replacing an
+        earlier save only once every new file is written (`io.atomic_write_folder`).
+
+        Args:
+            directory: the folder; created if absent.
+        """
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         text = json.dumps({"format": FORMAT, **self.config}, indent=2)
+        card = hub.model_card(
+            "VFusion3D elevation MLP",
+            f"VFusion3D's curation elevation estimator: a 2-layer MLP (hidden {self.config['hidden_dim']}) from the "
+            f"averaged DINO features of 4 views of an orbit video to the camera elevation in radians. Features: "
+            f"{self.config['feature_tag'] or 'unrecorded'} ({self.config['feature_dim']} dimensions), standardised "
+            "with its training set's statistics (saved with the weights).",
+            "from vfusion3d_lightning.models.curation.elevation import ElevationMLP\n\n"
+            "mlp = ElevationMLP.from_pretrained(FOLDER)\nelevation = mlp(features)  # (B, D) -> (B,) radians",
+            {CONFIG_NAME: "the sizes and the features it reads", WEIGHTS_NAME: "the weights and feature statistics"})
 
         def write(tmp: Path) -> None:
-            save_file(tensors, str(tmp))
-            # the config goes in while the new weights wait beside it: a full disk leaves the old pair whole
-            atomic_write(directory / CONFIG_NAME, lambda config: config.write_text(text))
+            save_file(tensors, str(tmp / WEIGHTS_NAME))
+            (tmp / CONFIG_NAME).write_text(text)
+            (tmp / README_NAME).write_text(card)
 
-        atomic_write(directory / WEIGHTS_NAME, write)
-        return directory
+        return atomic_write_folder(directory, write, last=(WEIGHTS_NAME,))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "ElevationMLP":
-        """Load a `save_pretrained` folder (ElevationModule writes one at the end of training)."""
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{directory} is not an elevation MLP folder (needs {CONFIG_NAME} and "
-                                    f"{WEIGHTS_NAME}); train one with vfusion3d-lightning fit --config "
-                                    "configs/curation/elevation.yaml, which writes <log dir>/elevation_mlp")
+    def from_pretrained(cls, source: str | Path, checkpoint_dir: str | Path | None = None) -> "ElevationMLP":
+        """Load a trained MLP, in eval mode.
+
+        Args:
+            source: a `save_pretrained` folder (ElevationModule exports one at the end of training), a registry
+                name (converter `elevation_mlp`), or a Lightning `.ckpt` of `ElevationModule`.
+            checkpoint_dir: where registry names resolve (default: `hub.checkpoint_dir()`).
+        """
+        _, path = hub.locate_weights(source, checkpoint_dir, what="elevation MLP", expected=EXPECTED_SOURCES,
+                                     converters=("elevation_mlp",))
+        if hub.is_lightning_checkpoint(path):
+            checkpoint = hub.read_lightning_checkpoint(path, "ElevationModule",
+                                                       ("feature_dim", "hidden_dim", "dropout"), fit_config=FIT_CONFIG)
+            hp = checkpoint.hparams
+            model = cls(hp["feature_dim"], hp["hidden_dim"], hp["dropout"],
+                        feature_tag=checkpoint.raw.get(FEATURE_TAG_KEY, ""))
+            hub.load_state_into(model, checkpoint.state, path)
+            return model.eval()
+        config_path = path / CONFIG_NAME
+        if not config_path.is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{path} is not an elevation MLP folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+                                    f"give {EXPECTED_SOURCES}")
         config = json.loads(config_path.read_text())
         if config.pop("format", None) != FORMAT:
             raise ValueError(f"{config_path} is not an elevation MLP config ({FORMAT})")
         model = cls(**config)
-        state = load_state_file(directory / WEIGHTS_NAME)  # a clear error for a cut or foreign file
+        state = hub.load_state_file(path / WEIGHTS_NAME)  # a clear error for a cut or foreign file
         try:
             model.load_state_dict(state)
         except RuntimeError as err:  # torch's message names neither file
-            raise ValueError(f"{directory / WEIGHTS_NAME} does not fit the elevation MLP that {config_path} "
+            raise ValueError(f"{path / WEIGHTS_NAME} does not fit the elevation MLP that {config_path} "
                              f"describes; both must come from one save_pretrained ({err})") from err
         return model.eval()

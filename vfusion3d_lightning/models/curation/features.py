@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vfusion3d_lightning.hub import load_state_file, locate_weights
+from vfusion3d_lightning import hub
 from vfusion3d_lightning.models.lrm.encoder import IMAGENET_MEAN, IMAGENET_STD
 
 POOLINGS = ("cls", "mean", "cls+mean")
@@ -47,6 +47,25 @@ def _create_backbone(model_name: str, image_size: int, overrides: dict[str, Any]
         return timm.create_model(model_name, pretrained=False, num_classes=0, **overrides)
 
 
+def _timm_source(model_name: str) -> str:
+    return f"https://huggingface.co/timm/{model_name} (file model.safetensors)"
+
+
+def _no_weights_error(model_name: str) -> FileNotFoundError:
+    """The missing-weights error of a DinoFeatures built without weights: the registry's file when an entry holds
+    that model, else a file of its own under the checkpoint dir."""
+    entries = [e for e in hub.load_registry().values() if e.converter == "timm" and e.config == model_name]
+    if entries:
+        source, file, name = entries[0].source, entries[0].filename, entries[0].name
+        how = f"then pass weights={name!r} (its registry name) or the file's path"
+    else:
+        source, file, name = _timm_source(model_name), f"{model_name}/model.safetensors", None
+        how = "then pass weights=<that file>"
+    return hub.missing_weights_error(f"DINO weights of {model_name!r} (no weights given)", source,
+                                     hub.checkpoint_dir() / file, f"{how}; random_init=True builds random weights, "
+                                                                  "for tests only")
+
+
 class DinoFeatures(nn.Module):
     """A DINO ViT from timm: RGB in [0, 1] (B, 3, H, W) -> features (B, D).
 
@@ -65,11 +84,7 @@ class DinoFeatures(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if weights is None and not random_init:
-            raise ValueError(
-                f"DINO features need weights for {model_name!r}: download the timm weights (for the default, "
-                "https://huggingface.co/timm/vit_base_patch16_224.dino, file model.safetensors) to "
-                "checkpoints/dino-vitb16/model.safetensors and pass weights='dino-vitb16' or the file's path; "
-                "random_init=True builds random weights, for tests only")
+            raise _no_weights_error(model_name)
         try:
             self.backbone = _create_backbone(model_name, image_size, overrides or {})
         except RuntimeError as err:  # timm raises RuntimeError for unknown names
@@ -78,10 +93,9 @@ class DinoFeatures(nn.Module):
         if not self.is_vit and pooling != "mean":
             raise ValueError(f"{model_name} has a feature map, not tokens: use pooling 'mean' (got {pooling!r})")
         if weights is not None:
-            _, path = locate_weights(weights, missing=(
-                "DINO weights file {path} does not exist; download the timm weights of " + model_name
-                + " (https://huggingface.co/timm/" + model_name + ", file model.safetensors) to that path"))
-            self.load_timm_state(load_state_file(path), str(path))
+            _, path = hub.locate_weights(weights, what=f"DINO weights of {model_name!r}", converters=("timm",),
+                                         fetch=_timm_source(model_name))
+            self.load_timm_state(hub.load_state_file(path), str(path))
         self.model_name, self.image_size, self.pooling = model_name, image_size, pooling
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

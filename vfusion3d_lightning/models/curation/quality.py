@@ -1,11 +1,12 @@
 """The quality classifier: an SVM on averaged DINO features of a generated video, P(good) per video.
 
 Persisted with skops (a safe format: loading checks every type against the ones this model is made of and
-never runs code from the file), never with pickle.
+never runs code from the file), never with pickle: `save_pretrained` / `from_pretrained`, as every model here.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,15 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from vfusion3d_lightning.io import atomic_write
+from vfusion3d_lightning import hub
+from vfusion3d_lightning.io import atomic_write_folder
 
 FORMAT = "vfusion3d-quality-svm/1"
+WEIGHTS_NAME, CONFIG_NAME, README_NAME = "model.skops", "config.json", "README.md"
+CHECKPOINT_KEY = "quality_svm"  # QualityModule's checkpoints hold the fitted SVM's skops bytes under this key
+FIT_CONFIG = "configs/curation/quality.yaml"
+EXPECTED_SOURCES = (f"a folder QualitySVM.save_pretrained wrote, a Lightning .ckpt of QualityModule or a registry "
+                    f"name; train one with vfusion3d-lightning fit --config {FIT_CONFIG}")
 
 
 class QualitySVM:
@@ -58,7 +65,7 @@ class QualitySVM:
 
     def _fitted(self) -> Pipeline:
         if self.pipeline is None:
-            raise RuntimeError("the quality SVM is not trained: call fit() or QualitySVM.load(path)")
+            raise RuntimeError("the quality SVM is not trained: call fit() or QualitySVM.from_pretrained(path)")
         return self.pipeline
 
     def score(self, features: np.ndarray) -> np.ndarray:
@@ -80,59 +87,94 @@ class QualitySVM:
                 "precision": float(precision_score(labels, predicted, zero_division=0)),
                 "recall": float(recall_score(labels, predicted, zero_division=0)), "count": int(len(labels))}
 
-    def save(self, path: str | Path) -> Path:
-        import skops.io
+    # ------------------------------------------------------------------ persistence
 
-        return atomic_write(path, lambda tmp: skops.io.dump(self._state(), tmp))
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `model.skops` (the fitted pipeline, settings and training record, in skops' safe format),
+        `config.json` (the settings and record, to read) and a `README.md` model card into `directory`,
+        replacing an earlier save only once every new file is written (`io.atomic_write_folder`).
 
-    def dumps(self) -> bytes:
-        import skops.io
+        Args:
+            directory: the folder; created if absent.
+        """
+        data = self._to_bytes()
+        config = json.dumps({"format": FORMAT, "settings": self._settings(), "info": self.info}, indent=2)
+        held_out = self.info.get("held_out")
+        card = hub.model_card(
+            "VFusion3D video quality SVM",
+            f"VFusion3D's curation classifier: an SVM ({self.kernel} kernel, C={self.info.get('C')}) on averaged "
+            f"DINO features of 8 frames of a generated orbit video -> P(good). "
+            f"Features: {self.info.get('feature_tag') or 'unrecorded'} "
+            f"({self.info.get('feature_dim')} dimensions); trained on {self.info.get('train_counts')} (bad, good) "
+            f"videos{f'; held-out {held_out}' if held_out else ''}.",
+            "from vfusion3d_lightning.models.curation.quality import QualitySVM\n\n"
+            "svm = QualitySVM.from_pretrained(FOLDER)\np_good = svm.score(features)  # (N, D) -> (N,)",
+            {CONFIG_NAME: "the settings and training record (read only; model.skops holds them too)",
+             WEIGHTS_NAME: "the fitted scikit-learn pipeline (skops: loading checks every type, never unpickles)"})
 
-        return skops.io.dumps(self._state())
+        def write(tmp: Path) -> None:
+            (tmp / WEIGHTS_NAME).write_bytes(data)
+            (tmp / CONFIG_NAME).write_text(config)
+            (tmp / README_NAME).write_text(card)
 
-    def _state(self) -> dict[str, Any]:
-        return {"pipeline": self._fitted(), "info": self.info,
-                "settings": {"c_values": list(self.c_values), "kernel": self.kernel, "folds": self.folds,
-                             "seed": self.seed}}
+        return atomic_write_folder(directory, write, last=(WEIGHTS_NAME,))
 
     @classmethod
-    def load(cls, path: str | Path) -> "QualitySVM":
+    def from_pretrained(cls, source: str | Path, checkpoint_dir: str | Path | None = None) -> "QualitySVM":
+        """Load a trained SVM.
+
+        Args:
+            source: a `save_pretrained` folder (or the model.skops in it), a registry name (converter
+                `quality_svm`), or a Lightning `.ckpt` of `QualityModule`.
+            checkpoint_dir: where registry names resolve (default: `hub.checkpoint_dir()`).
+        """
+        _, path = hub.locate_weights(source, checkpoint_dir, what="quality SVM", expected=EXPECTED_SOURCES,
+                                     converters=("quality_svm",))
+        if hub.is_lightning_checkpoint(path):
+            checkpoint = hub.read_lightning_checkpoint(path, "QualityModule",
+                                                       ("c_values", "kernel", "folds", "threshold"), prefix=None,
+                                                       fit_config=FIT_CONFIG)
+            data = checkpoint.raw.get(CHECKPOINT_KEY)
+            if not isinstance(data, bytes):
+                raise ValueError(f"{path} holds no fitted quality SVM (saved before its training step); give a later "
+                                 f"checkpoint or the folder the run exported")
+            return cls._from_bytes(data, str(path))
+        if path.is_dir():
+            if not (path / WEIGHTS_NAME).is_file():
+                raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}: not a folder QualitySVM.save_pretrained wrote; "
+                                        f"give {EXPECTED_SOURCES}")
+            path = path / WEIGHTS_NAME
+        return cls._from_bytes(path.read_bytes(), str(path))
+
+    def _settings(self) -> dict[str, Any]:
+        return {"c_values": list(self.c_values), "kernel": self.kernel, "folds": self.folds, "seed": self.seed}
+
+    def _to_bytes(self) -> bytes:
+        """The skops bytes of the fitted SVM: what save_pretrained writes and QualityModule's checkpoints hold."""
         import skops.io
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"quality SVM file {path} does not exist; train one with "
-                                    "vfusion3d-lightning fit --config configs/curation/quality.yaml")
-        untrusted = cls._untrusted_types(lambda: skops.io.get_untrusted_types(file=path), str(path))
-        return cls._from_state(lambda: skops.io.load(path, trusted=untrusted), untrusted, str(path))
+        return skops.io.dumps({"pipeline": self._fitted(), "info": self.info, "settings": self._settings()})
 
     @classmethod
-    def loads(cls, data: bytes) -> "QualitySVM":
-        import skops.io
-
-        untrusted = cls._untrusted_types(lambda: skops.io.get_untrusted_types(data=data), "checkpoint data")
-        return cls._from_state(lambda: skops.io.loads(data, trusted=untrusted), untrusted, "checkpoint data")
-
-    @staticmethod
-    def _untrusted_types(read, source: str) -> list[str]:
+    def _from_bytes(cls, data: bytes, source: str) -> "QualitySVM":
+        """The SVM in skops bytes (`_to_bytes`), loading only the sklearn and numpy types it is made of."""
         import zipfile
 
-        try:
-            return read()
-        except (zipfile.BadZipFile, KeyError, ValueError) as err:  # not a skops zip: a pickle, weights, a cut file
-            raise ValueError(f"{source} is not a quality SVM written by QualitySVM.save (a skops file: "
-                             f"{type(err).__name__}: {err}); pickles are refused, as loading one runs code from it. "
-                             "Train one with vfusion3d-lightning fit --config configs/curation/quality.yaml") from err
+        import skops.io
 
-    @classmethod
-    def _from_state(cls, load, untrusted: list[str], source: str) -> "QualitySVM":
+        try:
+            untrusted = skops.io.get_untrusted_types(data=data)
+        except (zipfile.BadZipFile, KeyError, ValueError) as err:  # not a skops zip: a pickle, weights, a cut file
+            raise ValueError(f"{source} is not a quality SVM written by QualitySVM.save_pretrained (a skops file: "
+                             f"{type(err).__name__}: {err}); pickles are refused, as loading one runs code from it. "
+                             f"Give {EXPECTED_SOURCES}") from err
         # trust only what an sklearn pipeline is made of; anything else could run code when built
         unexpected = [name for name in untrusted if not name.startswith(("sklearn.", "numpy."))]
         if unexpected:
             raise ValueError(f"{source} holds types a quality SVM is not made of: {unexpected}; refusing to load it")
-        state = load()
+        state = skops.io.loads(data, trusted=untrusted)
         if not isinstance(state, dict) or state.get("info", {}).get("format") != FORMAT:
-            raise ValueError(f"{source} is not a quality SVM written by QualitySVM.save ({FORMAT})")
+            raise ValueError(f"{source} is not a quality SVM written by QualitySVM.save_pretrained ({FORMAT})")
         model = cls(**{k: tuple(v) if k == "c_values" else v for k, v in state["settings"].items()})
         model.pipeline, model.info = state["pipeline"], state["info"]
         return model

@@ -8,10 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 
 @dataclass
 class LRMConfig:
-    """Every size and rendering number of the LRM. `vfusion3d()` is the released network."""
+    """Every size and rendering number of the LRM. The named sizes live in `configs/lrm/network/*.yaml` and
+    load with `from_name` (`LRMConfig.from_name("vfusion3d")` is the released network); the field defaults only
+    fill what a YAML file leaves out."""
 
     # DINOv2 ViT image encoder, built by timm. The encoder_* sizes override the timm model's own
     # (None keeps it): img_size sets the grid of its position embeddings.
@@ -78,36 +82,24 @@ class LRMConfig:
         return 2 * self.triplane_low_res
 
     @classmethod
-    def vfusion3d(cls) -> "LRMConfig":
-        """The released VFusion3D LRM (452.1 M parameters)."""
-        return cls()
+    def from_name(cls, name: str) -> "LRMConfig":
+        """A shipped network size: `configs/lrm/network/<name>.yaml`, the one home of the named sizes.
 
-    @classmethod
-    def tiny(cls) -> "LRMConfig":
-        """A few-layer model with random weights for tests and CPU demos."""
-        return cls(
-            encoder_name="vit_small_patch14_dinov2",
-            encoder_img_size=56,
-            encoder_depth=2,
-            encoder_embed_dim=48,
-            encoder_heads=2,
-            camera_embed_dim=32,
-            transformer_dim=32,
-            transformer_layers=2,
-            transformer_heads=2,
-            triplane_low_res=8,
-            triplane_dim=8,
-            decoder_hidden_dim=16,
-            coarse_samples=16,
-            importance_samples=16,
-        )
+        Args:
+            name: `vfusion3d` (the released network, 452.1 M parameters), `tiny` (a few layers, for tests and
+                CPU demos), or any other file of that folder (`presets.network_names()`).
+        """
+        from vfusion3d_lightning import presets
 
-    @classmethod
-    def preset(cls, name: str) -> "LRMConfig":
-        presets = {"vfusion3d": cls.vfusion3d, "tiny": cls.tiny}
-        if name not in presets:
-            raise ValueError(f"unknown LRM preset {name!r}; choose one of {sorted(presets)}")
-        return presets[name]()
+        names = presets.network_names()
+        if name not in names:
+            raise ValueError(f"unknown LRM network {name!r}; shipped sizes (configs/lrm/network/): {names}")
+        path = presets.shipped_config(f"lrm/network/{name}")
+        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path} is not an LRM network config: {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

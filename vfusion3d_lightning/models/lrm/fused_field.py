@@ -215,7 +215,7 @@ if triton is not None:
         acc_first_bias = tl.zeros((D,), dtype=tl.float32)
         acc_weights = ()
         acc_biases = ()
-        for layer in tl.static_range(HIDDEN_LAYERS):
+        for _layer in tl.static_range(HIDDEN_LAYERS):
             acc_weights = acc_weights + (tl.zeros((D, D), dtype=tl.float32),)
             acc_biases = acc_biases + (tl.zeros((D,), dtype=tl.float32),)
         grad_copy = grad_planes + (program % copies) * copy_size

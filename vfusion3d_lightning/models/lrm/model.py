@@ -5,14 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from vfusion3d_lightning import hub
 from vfusion3d_lightning.cameras import SOURCE_CAMERA_DIM
+from vfusion3d_lightning.io import atomic_write_folder
 from vfusion3d_lightning.models.lrm.config import LRMConfig
+from vfusion3d_lightning.models.lrm.convert import convert_released_lrm, hf_dinov2_to_timm, is_released_state_dict
 from vfusion3d_lightning.models.lrm.encoder import DinoEncoder
-from vfusion3d_lightning.models.lrm.renderer import Occupancy, RenderOutput, TriplaneDecoder, VolumeRenderer, density_activation
+from vfusion3d_lightning.models.lrm.renderer import (
+    Occupancy,
+    RenderOutput,
+    TriplaneDecoder,
+    VolumeRenderer,
+    density_activation,
+)
 from vfusion3d_lightning.models.lrm.transformer import CameraEmbedder, TriplaneTransformer
 
+WEIGHTS_NAME, CONFIG_NAME, README_NAME = "model.safetensors", "config.json", "README.md"
+EXPECTED_SOURCES = ("a save_pretrained folder, the released checkpoint or another weights file, a Lightning .ckpt "
+                    "of LRMModule, or a registry name (`vfusion3d-lightning weights` lists them)")
+DINOV2_SOURCE = ("https://huggingface.co/facebook/dinov2-base (file model.safetensors; or timm's "
+                 "vit_base_patch14_dinov2.lvd142m)")
 
 # layers whose weights autocast casts to its dtype (with their inputs) on every call
 AUTOCAST_CAST_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
@@ -21,14 +36,14 @@ AUTOCAST_CAST_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 class LRM(nn.Module):
     """Image + source camera -> triplane; triplane + render cameras -> images; points -> density, colour.
 
-    >>> model = LRM(LRMConfig.tiny())
+    >>> model = LRM(LRMConfig.from_name("tiny"))
     >>> planes = model(image, canonical_source_camera(len(image)))       # (B, 3, C, H, W)
     >>> out = model.render(planes, turntable_cameras(8)[None], size=64)  # out.rgb: (B, 8, 3, 64, 64)
     """
 
     def __init__(self, config: LRMConfig | None = None):
         super().__init__()
-        self.config = config = config or LRMConfig.vfusion3d()
+        self.config = config = config or LRMConfig.from_name("vfusion3d")
         self.encoder = DinoEncoder(config.encoder_name, config.encoder_overrides)
         self.camera_embedder = CameraEmbedder(SOURCE_CAMERA_DIM, config.camera_embed_dim)
         self.transformer = TriplaneTransformer(
@@ -166,22 +181,98 @@ class LRM(nn.Module):
             renderer = enabled is True
         self.renderer.gradient_checkpointing = renderer
 
-    def load_encoder_weights(self, source: str | Path, checkpoint_dir: str | Path | None = None) -> None:
-        """Load pretrained DINOv2 weights into the encoder (a file, or a registry name such as "dinov2-base")."""
-        from vfusion3d_lightning.models.lrm.pretrained import load_encoder_weights
+    # ------------------------------------------------------------------ persistence
 
-        load_encoder_weights(self, source, checkpoint_dir)
+    def load_encoder_weights(self, source: str | Path, checkpoint_dir: str | Path | None = None) -> None:
+        """Load pretrained DINOv2 weights (transformers or timm names) into the encoder.
+
+        Args:
+            source: a weights file, or a registry name such as "dinov2-base".
+            checkpoint_dir: where registry names resolve (default: `hub.checkpoint_dir()`).
+        """
+        _, path = hub.locate_weights(source, checkpoint_dir, what="DINOv2 encoder weights", converters=("dinov2_hf",),
+                                     fetch=DINOV2_SOURCE)
+        state = hub.load_state_file(path)
+        if any(k.startswith("embeddings.") for k in state):
+            state = hf_dinov2_to_timm(state)
+        hub.load_state_into(self.encoder.vit, state, path)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `model.safetensors` and `config.json` into `directory`."""
-        from vfusion3d_lightning.models.lrm.pretrained import save_pretrained
+        """Write `model.safetensors`, `config.json` and a `README.md` model card into `directory`, replacing an
+        earlier save only once every new file is written (`io.atomic_write_folder`).
 
-        return save_pretrained(self, directory)
+        Args:
+            directory: the folder; created if absent.
+        """
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        card = hub.model_card(
+            "VFusion3D LRM",
+            f"An image-to-3D Large Reconstruction Model (VFusion3D, Meta 2024): one image -> a triplane -> volume "
+            f"renders and meshes. {sum(t.numel() for t in tensors.values()):,} parameters; encoder "
+            f"{self.config.encoder_name}, {self.config.transformer_layers} transformer layers of width "
+            f"{self.config.transformer_dim}, triplane {self.config.triplane_high_res}^2 x {self.config.triplane_dim}.",
+            "from vfusion3d_lightning import LRM\n\nmodel = LRM.from_pretrained(FOLDER).eval()",
+            {CONFIG_NAME: "the network's sizes (LRMConfig)", WEIGHTS_NAME: "the weights"})
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            self.config.save(tmp / CONFIG_NAME)
+            (tmp / README_NAME).write_text(card)
+
+        return atomic_write_folder(directory, write, last=(WEIGHTS_NAME,))
 
     @classmethod
     def from_pretrained(cls, source: str | Path, config: LRMConfig | None = None,
                         checkpoint_dir: str | Path | None = None) -> "LRM":
-        """Load a `save_pretrained` folder or file, the released VFusion3D checkpoint, or a registry name."""
-        from vfusion3d_lightning.models.lrm.pretrained import load_pretrained
+        """Load an LRM.
 
-        return load_pretrained(cls, source, config, checkpoint_dir)
+        Args:
+            source: a `save_pretrained` folder (or the model.safetensors in it), a registry name ("vfusion3d"), a
+                Lightning `.ckpt` of `LRMModule`, the released VFusion3D checkpoint (`vfusion3dckpt` or a `.pth`
+                whose `model_state_dict` has the released names), or a weights file with our names.
+            config: the network's sizes; default: the folder's config.json, the checkpoint's `network`, the
+                registry entry's preset, or the released network for released weights.
+            checkpoint_dir: where registry names resolve (default: `hub.checkpoint_dir()`).
+        """
+        entry, path = hub.locate_weights(source, checkpoint_dir, what="LRM weights", expected=EXPECTED_SOURCES,
+                                         converters=("vfusion3d_released", "lrm"))
+        if entry is not None and entry.config:
+            config = config or LRMConfig.from_name(entry.config)
+        if hub.is_lightning_checkpoint(path):
+            checkpoint = hub.read_lightning_checkpoint(path, "LRMModule", ["network"],
+                                                       fit_config="configs/lrm/tiny.yaml")
+            network = checkpoint.hparams["network"]
+            if config is None and not isinstance(network, dict):
+                raise ValueError(f"{path}: hyper-parameter `network` is a {type(network).__name__}, not the dict "
+                                 "LRMModule saves; pass config=LRMConfig(...)")
+            config, state = config or LRMConfig.from_dict(network), checkpoint.state
+        else:
+            if path.is_dir():
+                weights = path / WEIGHTS_NAME
+                if not weights.is_file():
+                    raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}; it is not a save_pretrained folder")
+                path = weights
+            if config is None and path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
+                config = LRMConfig.load(path.parent / CONFIG_NAME)
+            state = _unwrap_released(hub.load_state_file(path), path)
+            if is_released_state_dict(state):
+                state = convert_released_lrm(state)
+                config = config or LRMConfig.from_name("vfusion3d")
+            elif config is None:
+                raise ValueError(f"{path} has our parameter names but no {CONFIG_NAME} beside it; pass "
+                                 "config=LRMConfig(...) or LRMConfig.from_name(...)")
+        model = cls(config)
+        hub.load_state_into(model, state, path, hint="check that the config matches the weights (e.g. "
+                                                     "LRMConfig.from_name('vfusion3d') for the released model)")
+        return model
+
+
+def _unwrap_released(payload: dict, path: Path) -> dict[str, torch.Tensor]:
+    if "model_state_dict" in payload:
+        return payload["model_state_dict"]
+    if all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return payload
+    raise ValueError(
+        f"{path} holds {sorted(payload)[:8]}, neither a `model_state_dict` (released VFusion3D checkpoint) nor "
+        "a plain state dict"
+    )

@@ -1,7 +1,7 @@
 """Video model architectures that build with random weights: tiny ones for tests and the CPU config, a small
 pixel-space one for from-scratch GPU runs, and the real sizes of the public backbones for benchmarks.
 
-Pretrained models load from diffusers folders instead (`VideoDiffusionModel.load`).
+Pretrained models load from diffusers folders instead (`VideoDiffusionModel.from_pretrained`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """VideoDiffusionModel: a diffusers video denoiser with its VAE, condition encoders and scheduler, conditioned
 the way the public pipelines condition it, so that training and sampling share one code path.
 
-Supported backbones (shared/spec/video_backbones.md):
+Supported backbones:
 - `UNetSpatioTemporalConditionModel` (Stable Video Diffusion): CLIP image embedding as the cross-attention
   context, the (noise-augmented) first-frame latent concatenated on channels, and added time ids
   (fps - 1, motion bucket, noise augmentation), as in diffusers' StableVideoDiffusionPipeline.
@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vfusion3d_lightning import hub
+from vfusion3d_lightning.io import atomic_write_folder
 from vfusion3d_lightning.models.video.architectures import ARCHITECTURES, char_tokenizer
+from vfusion3d_lightning.models.video.temporal import temporal_parameter_names
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ HUB_IDS = {
 }
 COMPONENT_LIBRARY = {"unet": "diffusers", "vae": "diffusers", "scheduler": "diffusers",
                      "image_encoder": "transformers", "text_encoder": "transformers", "tokenizer": "transformers"}
-SETTINGS_FILE = "vfusion3d_video.json"
+SETTINGS_FILE, README_NAME = "vfusion3d_video.json", "README.md"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -74,9 +77,20 @@ def _build_component(library: str, class_name: str, config: dict):
     return cls(**config)
 
 
-def resolve_pretrained_folder(source: str | Path) -> Path:
-    """A local diffusers folder, or a hub id already in the local Hugging Face cache (never downloaded)."""
+def resolve_pretrained_folder(source: str | Path, checkpoint_dir: str | Path | None = None) -> Path:
+    """The local file or folder a video model loads from: a `.ckpt` or a diffusers folder as given, a registry
+    name's folder (`hub.checkpoint_dir()`), or a hub id already in the local Hugging Face cache (nothing is
+    downloaded).
+
+    Args:
+        source: a path, a registry name or a hub id.
+        checkpoint_dir: where registry names resolve (default: `hub.checkpoint_dir()`).
+    """
     path = Path(source).expanduser()
+    if path.is_file() and hub.is_lightning_checkpoint(path):
+        return path
+    if hub.is_registry_name(source) and str(source) in hub.load_registry():
+        _, path = hub.locate_weights(str(source), checkpoint_dir, what="a video model", converters=("diffusers",))
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (model_index.json missing)")
@@ -88,12 +102,14 @@ def resolve_pretrained_folder(source: str | Path) -> Path:
             return Path(snapshot_download(str(source), local_files_only=True))
         except Exception:
             pass
-    hub_ids = ", ".join(HUB_IDS.values())
-    raise FileNotFoundError(
-        f"video model {source!r} is not a folder, a cached hub id or one of the architectures "
-        f"{sorted(ARCHITECTURES)}. Fetch a public model ({hub_ids}) on a machine with network access, e.g. "
-        f"`hf download {HUB_IDS['UNetSpatioTemporalConditionModel']} --local-dir "
-        f"checkpoints/stable-video-diffusion-img2vid-xt`, copy it here and pass that folder")
+    registry = sorted(name for name, entry in hub.load_registry().items() if entry.converter == "diffusers")
+    target = hub.checkpoint_dir(checkpoint_dir) / Path(HUB_IDS["UNetSpatioTemporalConditionModel"]).name
+    raise hub.missing_weights_error(
+        f"video model {str(source)!r} (not a folder, a cached hub id, a registry name {registry} or an "
+        f"architecture {sorted(ARCHITECTURES)})",
+        f"a public model ({', '.join(HUB_IDS.values())}) on a machine with network access, e.g. "
+        f"`hf download {HUB_IDS['UNetSpatioTemporalConditionModel']} --local-dir {target.name}`", target,
+        f"then pass that folder, or its registry name {registry[0] if registry else ''}")
 
 
 class VideoDiffusionModel(nn.Module):
@@ -130,17 +146,33 @@ class VideoDiffusionModel(nn.Module):
         return cls(conditioning=conditioning, **parts)
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, variant: str | None = None,
-                        conditioning: Conditioning | None = None) -> "VideoDiffusionModel":
-        """Load a diffusers pipeline folder (a public video model, or one written by `save_pretrained`)."""
-        folder = resolve_pretrained_folder(source)
+    def from_pretrained(cls, source: str | Path, variant: str | None = None, conditioning: Conditioning | None = None,
+                        use_ema: bool = True, checkpoint_dir: str | Path | None = None) -> "VideoDiffusionModel":
+        """Load a video model.
+
+        Args:
+            source: a `save_pretrained` folder or another diffusers folder of a supported backbone, a registry
+                name (`svd-xt-pretrained`, `i2vgen-xl-pretrained`), a hub id already in the local Hugging Face
+                cache, a Lightning `.ckpt` of `VideoDiffusionModule`, or an architecture name of ARCHITECTURES
+                (random weights: tests, smoke runs).
+            variant: the weights variant of a diffusers folder ("fp16"), if not the default.
+            conditioning: micro-conditions; default: those saved with the model (folder or checkpoint).
+            use_ema: a `.ckpt` of a run with `ema_decay` loads its averaged weights (those it validated with).
+            checkpoint_dir: where registry names resolve (default: `hub.checkpoint_dir()`).
+        """
+        if str(source) in ARCHITECTURES:
+            return cls.build(str(source), conditioning)
+        folder = resolve_pretrained_folder(source, checkpoint_dir)
+        if folder.is_file():
+            return cls._from_lightning_checkpoint(folder, conditioning, use_ema, checkpoint_dir)
         index = json.loads((folder / "model_index.json").read_text())
         parts = {}
         for name in COMPONENT_LIBRARY:
             if name not in index or index[name] is None or index[name][1] is None:
                 continue
             library, class_name = index[name]
-            kwargs = {"variant": variant} if variant and name in ("unet", "vae", "image_encoder", "text_encoder") else {}
+            kwargs = ({"variant": variant}
+                      if variant and name in ("unet", "vae", "image_encoder", "text_encoder") else {})
             parts[name] = _component_class(library, class_name).from_pretrained(folder / name, **kwargs)
         settings = folder / SETTINGS_FILE
         if conditioning is None and settings.is_file():
@@ -151,27 +183,67 @@ class VideoDiffusionModel(nn.Module):
         return cls(conditioning=conditioning, **parts)
 
     @classmethod
-    def load(cls, source: str | Path, variant: str | None = None,
-             conditioning: Conditioning | None = None) -> "VideoDiffusionModel":
-        """An architecture name gives random weights; anything else loads pretrained weights."""
-        if str(source) in ARCHITECTURES:
-            return cls.build(str(source), conditioning)
-        return cls.from_pretrained(source, variant, conditioning)
+    def _from_lightning_checkpoint(cls, path: Path, conditioning: Conditioning | None, use_ema: bool,
+                                   checkpoint_dir: str | Path | None) -> "VideoDiffusionModel":
+        checkpoint = hub.read_lightning_checkpoint(path, "VideoDiffusionModule",
+                                                   ("model", "trainable", "condition_dropout"),
+                                                   fit_config="configs/video/tiny.yaml")
+        hp = checkpoint.hparams
+        defaults = Conditioning()
+        conditioning = conditioning or Conditioning(
+            fps=hp.get("fps", defaults.fps), motion_bucket_id=hp.get("motion_bucket_id", defaults.motion_bucket_id),
+            noise_aug_strength=hp.get("noise_aug_strength", defaults.noise_aug_strength))
+        model = cls.from_pretrained(hp["model"], variant=hp.get("variant"), conditioning=conditioning,
+                                    checkpoint_dir=checkpoint_dir)
+        state = dict(checkpoint.state)
+        ema = checkpoint.raw.get("ema")
+        if use_ema and isinstance(ema, dict):
+            state.update({f"unet.{name}": value for name, value in ema["shadow"].items()})
+        # over a pretrained base the checkpoint holds only the trained weights (VideoDiffusionModule keeps it small)
+        over_base = hp["model"] not in ARCHITECTURES
+        if over_base:
+            names = (temporal_parameter_names(model.unet) if hp["trainable"] == "temporal"
+                     else [name for name, _ in model.unet.named_parameters()])
+            lacking = sorted(f"unet.{name}" for name in names if f"unet.{name}" not in state)
+            if lacking:
+                raise ValueError(f"{path} lacks {len(lacking)} trained parameters of {hp['model']}, e.g. "
+                                 f"{lacking[:3]}: it was written by a different configuration")
+        hub.load_state_into(model, state, path, allow_missing=over_base,
+                            hint=f"the checkpoint's base model is {hp['model']!r}: check that it is the one it trained")
+        return model
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        """A diffusers-layout folder (model_index.json and one subfolder per component) plus our settings."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """A diffusers-layout folder (model_index.json, one subfolder per component with its config.json and
+        safetensors weights), our micro-conditions and a README.md model card. An earlier save there is
+        replaced only once every new file is written (`io.atomic_write_folder`).
+
+        Args:
+            folder: the folder; created if absent.
+        """
         index = {"_class_name": "VFusion3DOrbitVideoPipeline", "_diffusers_version": _diffusers_version()}
-        for name in COMPONENT_LIBRARY:
-            part = getattr(self, name)
-            if part is None:
-                continue
-            part.save_pretrained(folder / name)
+        components = {name: getattr(self, name) for name in COMPONENT_LIBRARY if getattr(self, name) is not None}
+        for name, part in components.items():
             index[name] = [COMPONENT_LIBRARY[name], type(part).__name__]
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-        (folder / SETTINGS_FILE).write_text(json.dumps({"conditioning": asdict(self.conditioning)}, indent=2))
-        return folder
+        card = hub.model_card(
+            "VFusion3D orbit video model",
+            f"An image-conditioned video diffusion model ({self.kind}, diffusers) as VFusion3D's multi-view data "
+            f"engine fine-tunes it: a condition image{' and a prompt' if self.text_encoder is not None else ''} "
+            f"-> an orbit "
+            f"video around the object. Micro-conditions: {asdict(self.conditioning)}.",
+            "from vfusion3d_lightning.models.video import VideoDiffusionModel\n\n"
+            "model = VideoDiffusionModel.from_pretrained(FOLDER).eval()",
+            {"model_index.json": "the components and their classes (diffusers layout)",
+             SETTINGS_FILE: "the micro-conditions training and sampling share (Conditioning)",
+             **{f"{name}/": f"the {name}'s config and weights" for name in components}})
+
+        def write(tmp: Path) -> None:
+            for name, part in components.items():
+                part.save_pretrained(tmp / name)
+            (tmp / SETTINGS_FILE).write_text(json.dumps({"conditioning": asdict(self.conditioning)}, indent=2))
+            (tmp / README_NAME).write_text(card)
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+
+        return atomic_write_folder(folder, write, last=("model_index.json",))
 
     # ------------------------------------------------------------------ properties
 

@@ -31,7 +31,8 @@ def train_temporal_only(unet: nn.Module) -> tuple[int, int]:
     """Freeze every spatial parameter and unfreeze the temporal ones. -> (trainable, total) parameter counts."""
     temporal = set(temporal_parameter_names(unet))
     if not temporal:
-        raise ValueError(f"{type(unet).__name__} has no temporal parameters under {TEMPORAL_MODULES[type(unet).__name__]}")
+        raise ValueError(f"{type(unet).__name__} has no temporal parameters under "
+                         f"{TEMPORAL_MODULES[type(unet).__name__]}")
     trainable = total = 0
     for name, param in unet.named_parameters():
         param.requires_grad_(name in temporal)

@@ -134,23 +134,25 @@ def test_schedule_factor_by_hand():
 
 
 def test_checkpointing_choices_and_compiled_network_keep_names_and_values():
-    network = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing="network").model
+    tiny = LRMConfig.from_name("tiny")
+    network = LRMModule(network=tiny, lpips_random_backbone=True, gradient_checkpointing="network").model
     assert network.transformer.gradient_checkpointing and network.encoder.gradient_checkpointing
     assert not network.renderer.gradient_checkpointing
-    every = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing=True).model
+    every = LRMModule(network=tiny, lpips_random_backbone=True, gradient_checkpointing=True).model
     assert every.renderer.gradient_checkpointing and every.transformer.gradient_checkpointing
-    partly = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing="network",
+    partly = LRMModule(network=tiny, lpips_random_backbone=True, gradient_checkpointing="network",
                        recompute_blocks=1).model
     assert partly.transformer.recompute_blocks == 1 and partly.encoder.gradient_checkpointing
     with pytest.raises(ValueError, match="recompute_blocks.*needs checkpointing on: set gradient_checkpointing"):
-        LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, recompute_blocks=1)
-    with pytest.raises(ValueError, match="gradient_checkpointing must be true, false, 'network' or 'selective', got 'renderer'"):
-        LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, gradient_checkpointing="renderer")
+        LRMModule(network=tiny, lpips_random_backbone=True, recompute_blocks=1)
+    with pytest.raises(ValueError,
+                       match="gradient_checkpointing must be true, false, 'network' or 'selective', got 'renderer'"):
+        LRMModule(network=tiny, lpips_random_backbone=True, gradient_checkpointing="renderer")
 
     torch.manual_seed(0)
-    eager = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True)
+    eager = LRMModule(network=tiny, lpips_random_backbone=True)
     torch.manual_seed(0)
-    compiled = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True, compile_network=True)
+    compiled = LRMModule(network=tiny, lpips_random_backbone=True, compile_network=True)
     blocks = [*compiled.model.encoder.vit.blocks, *compiled.model.transformer.blocks]
     assert all(block._compiled_call_impl is not None for block in blocks)  # each block compiled, checkpointed apart
     # checkpoints of a compiled run load into an eager module and back
@@ -169,7 +171,7 @@ def test_a_fused_optimizer_clips_gradients_under_bf16(shards, tmp_path):
     assert max(per_step(metrics(root), "train/loss")) == 1
 
     torch.manual_seed(0)
-    module = LRMModule(network=LRMConfig.preset("tiny"), lpips_random_backbone=True)
+    module = LRMModule(network=LRMConfig.from_name("tiny"), lpips_random_backbone=True)
     params = list(module.model.parameters())
     optimizer = torch.optim.AdamW(params, fused=True)
     for algorithm, check in (("norm", lambda: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))),

@@ -13,14 +13,13 @@ import torch
 
 from vfusion3d_lightning.data.curation import CurationDataModule
 from vfusion3d_lightning.data.feature_cache import read_features, shard_paths
-from vfusion3d_lightning.data.spoil import SPOIL_KINDS, spoil_video
 from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter, complete_shards
 from vfusion3d_lightning.data.schema import read_samples as read_shard_samples
+from vfusion3d_lightning.data.spoil import SPOIL_KINDS, spoil_video
 from vfusion3d_lightning.models.curation.features import curation_indices, uniform_indices
 from vfusion3d_lightning.models.curation.quality import QualitySVM
 from vfusion3d_lightning.training import ElevationModule, FeatureExtractor, QualityModule
 from vfusion3d_lightning.training.features import compute_features
-
 
 # a random ViT's class token alone carries little; with the patch mean its features separate the spoiled videos
 TINY_DINO = dict(model_name="vit_small_patch16_224", random_init=True, image_size=64, pooling="cls+mean",
@@ -71,9 +70,11 @@ def test_uniform_frames_of_an_orbit():
 def test_dino_needs_weights_unless_random_is_asked():
     from vfusion3d_lightning.models.curation.features import DinoFeatures
 
-    with pytest.raises(ValueError, match="checkpoints/dino-vitb16/model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"not found: fetch https://huggingface\.co/timm/vit_base_patch16_224"
+                                                r"\.dino \(file model\.safetensors\) and save it as .*dino-vitb16/"
+                                                r"model\.safetensors; then pass weights='dino-vitb16'"):
         DinoFeatures()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="/nonexistent/dino.safetensors not found: fetch https://huggingface"):
         DinoFeatures(weights="/nonexistent/dino.safetensors", image_size=64)
 
 
@@ -168,14 +169,14 @@ def test_quality_svm_separates_spoiled_videos(quality_data, tmp_path):
     root, tag = quality_data
     datamodule = CurationDataModule(str(root / "videos"), tag, target="quality", labels=str(root / "labels.jsonl"),
                                     val_fraction=0.25, seed=0)
-    module = QualityModule(folds=3, export_path=str(tmp_path / "svm.skops"))
+    module = QualityModule(folds=3, export_path=str(tmp_path / "quality_svm"))
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=datamodule)
     print(f"held-out quality metrics: {module.metrics}")
     assert module.metrics["count"] == 24
     assert module.metrics["accuracy"] >= 0.7  # chance is 0.5 on this balanced split
-    loaded = QualitySVM.load(tmp_path / "svm.skops")
+    loaded = QualitySVM.from_pretrained(tmp_path / "quality_svm")
     features, labels = datamodule.val_set.tensors
     np.testing.assert_allclose(loaded.score(features.numpy()), module.svm.score(features.numpy()))
     assert loaded.info["held_out"]["accuracy"] == module.metrics["accuracy"]
@@ -190,9 +191,12 @@ def test_quality_svm_refuses_foreign_files(tmp_path):
         svm.score(np.zeros((2, 5)))
     skops.io.dump({"info": {"format": "something else"}}, tmp_path / "other.skops")
     with pytest.raises(ValueError, match="is not a quality SVM"):
-        QualitySVM.load(tmp_path / "other.skops")
+        QualitySVM.from_pretrained(tmp_path / "other.skops")
     with pytest.raises(FileNotFoundError, match="configs/curation/quality.yaml"):
-        QualitySVM.load(tmp_path / "missing.skops")
+        QualitySVM.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty has no model.skops"):
+        QualitySVM.from_pretrained(tmp_path / "empty")
 
 
 def test_elevation_mlp_beats_the_mean_on_held_out_objects(tmp_path, procedural_shards):
@@ -248,9 +252,10 @@ def test_filter_then_label_keeps_the_schema_and_resumes(quality_data, tmp_path, 
     root, tag = quality_data
     table, labels = read_features(root / "videos", tag), read_labels(root / "labels.jsonl")
     svm = QualitySVM(folds=3).fit(table.quality.numpy(), np.array([labels[k] for k in table.keys]), tag)
-    svm.save(tmp_path / "svm.skops")
+    svm.save_pretrained(tmp_path / "quality_svm")
     kept_dir, labelled_dir = tmp_path / "kept", tmp_path / "labelled"
-    filter_args = ["filter", str(root / "videos"), "--svm", str(tmp_path / "svm.skops"), "--out", str(kept_dir)]
+    filter_args = ["filter", "--shards", str(root / "videos"), "--svm", str(tmp_path / "quality_svm"), "--out",
+                   str(kept_dir)]
     assert main(filter_args) == 0
     report = json.loads((kept_dir / FILTER_REPORT).read_text())
     expected = {k for k, s in zip(table.keys, svm.score(table.quality.numpy())) if s >= 0.5}
@@ -277,7 +282,7 @@ def test_filter_then_label_keeps_the_schema_and_resumes(quality_data, tmp_path, 
     mlp = ElevationMLP(DIM, hidden_dim=16, feature_tag=tag)
     mlp.set_normalization(table.elevation)
     mlp.save_pretrained(tmp_path / "elevation_mlp")
-    assert main(["label", str(kept_dir), "--out", str(labelled_dir), "--elevation",
+    assert main(["label", "--shards", str(kept_dir), "--out", str(labelled_dir), "--elevation",
                  str(tmp_path / "elevation_mlp")]) == 0
     assert "labelled" in capsys.readouterr().out
     originals = {s.key: s for s in read_samples(root / "videos")}
@@ -307,7 +312,7 @@ def test_filter_then_label_keeps_the_schema_and_resumes(quality_data, tmp_path, 
     assert batch["render_cameras"].shape == (2, 4, 25) and torch.isfinite(batch["render_cameras"]).all()
     assert 0 < batch["target_masks"].mean() < 1
     mtimes = {p: p.stat().st_mtime_ns for p in complete_shards(labelled_dir)}
-    assert main(["label", str(kept_dir), "--out", str(labelled_dir), "--elevation",
+    assert main(["label", "--shards", str(kept_dir), "--out", str(labelled_dir), "--elevation",
                  str(tmp_path / "elevation_mlp")]) == 0
     assert {p: p.stat().st_mtime_ns for p in complete_shards(labelled_dir)} == mtimes
     assert not list(labelled_dir.glob("*.partial")) and not os.listdir(tmp_path / "kept") == []

@@ -13,7 +13,6 @@ import torch
 from vfusion3d_lightning.cli import main
 from vfusion3d_lightning.models.video import VideoDiffusionModel
 from vfusion3d_lightning.training import VideoDiffusionModule
-from vfusion3d_lightning.training.video_diffusion import load_video_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "video" / "tiny.yaml")
@@ -85,7 +84,7 @@ def test_fit_tiny_config_writes_samples_resumes_and_exports(orbit_shards, tmp_pa
     assert resumed["global_step"] == 8 and resumed["ema"]["updates"] == 8
 
     # the checkpoint loads as a video model with the averaged weights
-    model = load_video_model(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt")
+    model = VideoDiffusionModel.from_pretrained(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt")
     name = next(n for n in resumed["ema"]["shadow"])
     assert torch.equal(dict(model.unet.named_parameters())[name].detach(), resumed["ema"]["shadow"][name])
     assert not torch.equal(resumed["state_dict"][f"model.unet.{name}"], resumed["ema"]["shadow"][name])

@@ -2,8 +2,8 @@ import lightning as L
 import pytest
 import torch
 
-from vfusion3d_lightning.training.callbacks import CameraNoise, LRRestartAtStage, ResolutionStages
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
+from vfusion3d_lightning.training.callbacks import CameraNoise, LRRestartAtStage, ResolutionStages
 
 
 def test_resolution_stages_follow_the_paper_schedule():

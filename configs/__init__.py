@@ -1,0 +1,3 @@
+"""Not code: this file makes `configs/` the package `vfusion3d_lightning.presets.configs`, so that
+pyproject.toml ships its YAML inside the wheel and `vfusion3d_lightning.presets` reads it through
+importlib.resources (editable installs included)."""

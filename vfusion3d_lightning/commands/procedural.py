@@ -1,0 +1,28 @@
+"""`vfusion3d-lightning procedural`: seeded procedural 3D assets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from vfusion3d_lightning.data.procedural import write_assets
+
+MeshFormat = Literal["glb", "obj", "ply"]
+
+
+def procedural(out: Path, count: int = 100, seed: int = 0,
+               formats: list[MeshFormat] = ["glb", "obj", "ply"],  # noqa: B006 (jsonargparse reads the default)
+               style: Literal["tumbled", "upright"] = "tumbled", progress: bool = True) -> list[Path]:
+    """Write seeded procedural 3D assets (GLB, OBJ, PLY), cycling through `formats`.
+
+    Args:
+        out: folder for the asset files.
+        count: how many assets.
+        seed: the same seed gives the same assets.
+        formats: file formats to write, in turn.
+        style: `upright`: parts stand on a base, so views show the camera's elevation; `tumbled`: random poses.
+        progress: show a progress bar.
+    """
+    paths = write_assets(out, count, seed=seed, formats=tuple(formats), style=style, progress=progress)
+    print(f"{len(paths)} procedural assets in {out}")
+    return paths

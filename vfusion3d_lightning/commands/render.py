@@ -1,0 +1,33 @@
+"""`vfusion3d-lightning render`: a folder of 3D assets into multi-view shards (resumable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
+from vfusion3d_lightning.data.schema import ShardJobReport
+
+
+def render(assets: Path, out: Path, views: Literal["orbit16", "random32", "uniform32"] = "orbit16",
+           resolution: int = 256, radius: float = 1.5, seed: int = 0, image_format: Literal["png", "jpg"] = "png",
+           workers: int = 2, shard_size: int = 256, progress: bool = True) -> ShardJobReport:
+    """Render each asset of a folder into multi-view shards; a rerun skips assets already in complete shards.
+
+    Args:
+        assets: folder of .glb/.gltf/.obj/.ply files (searched recursively).
+        out: folder for shard-NNNNNN.tar files and render_report.json.
+        views: `orbit16`: the paper's 16-view orbit; `random32`/`uniform32`: LRM supervision sets.
+        resolution: image size in pixels.
+        radius: camera distance; assets are scaled into [-0.5, 0.5]^3.
+        seed: seeds elevations, noise and random views.
+        image_format: `jpg` stores a mask PNG beside each view.
+        workers: rendering processes.
+        shard_size: samples per shard.
+        progress: show a progress bar.
+    """
+    settings = RenderSettings(views=views, resolution=resolution, radius=radius, seed=seed, image_format=image_format)
+    report = render_folder(assets, out, settings, workers=workers, shard_size=shard_size, progress=progress)
+    print(f"rendered {report.written}, already present {report.skipped_existing}, failed {len(report.failed)} "
+          f"-> {out} (report: render_report.json)")
+    return report

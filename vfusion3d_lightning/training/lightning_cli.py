@@ -1,0 +1,41 @@
+"""LightningCLI over every LightningModule and LightningDataModule of the package, chosen by `class_path`."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# every LightningModule and DataModule of the package, chosen by `class_path` in the config
+CLI_SETTINGS = {"subclass_mode_model": True, "subclass_mode_data": True}
+
+
+def lightning_cli(argv: list[str] | None, run: bool = True, overwrite_config: bool = False) -> LightningCLI:
+    """Build (and with `run`, run) LightningCLI on `argv`, e.g. `["fit", "--config", "configs/lrm/tiny.yaml"]`.
+
+    Args:
+        argv: command-line words; None reads sys.argv.
+        run: run the subcommand; False only parses and instantiates.
+        overwrite_config: let a rerun write the run's config.yaml again where there is no versioned log folder
+            (predict).
+    """
+    return LightningCLI(L.LightningModule, L.LightningDataModule, **CLI_SETTINGS, args=argv, run=run,
+                        save_config_kwargs={"overwrite": overwrite_config})
+
+
+def fit_parser():
+    """The parser of `fit`'s config, as `lightning_cli` builds it, without instantiating anything (a model, a
+    trainer); parse errors raise argparse.ArgumentError instead of exiting."""
+    from jsonargparse import Namespace
+
+    class ParserOnly(LightningCLI):
+        def parse_arguments(self, parser, args) -> None:
+            self.config = Namespace(seed_everything=False)
+
+        def instantiate_classes(self) -> None:
+            pass
+
+    cli = ParserOnly(L.LightningModule, L.LightningDataModule, **CLI_SETTINGS, args=[], run=False,
+                     load_from_checkpoint_support=False, seed_everything_default=False)
+    cli.parser.exit_on_error = False
+    return cli.parser
