@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
+import yaml
 from PIL import Image
 
-from vfusion3d_lightning.cli import main
+from vfusion3d_lightning.cli import COMMANDS, main
 
 
 def test_demo_writes_a_rendered_turntable_frame(tmp_path, capsys):
@@ -63,3 +65,48 @@ def test_a_data_error_in_a_loader_worker_prints_its_own_message(monkeypatch, cap
     monkeypatch.setattr(cli, "main", lambda: list(DataLoader(Broken(), num_workers=1)))
     assert cli.console_main() == 1
     assert capsys.readouterr().err == "vfusion3d-lightning: error: shard x.tar holds no samples; write it again\n"
+
+
+def _required_arguments(function) -> list[str]:
+    """Placeholder values for a command's required parameters (parsing only: nothing runs)."""
+    import inspect
+
+    words = []
+    for name, parameter in inspect.signature(function).parameters.items():
+        if parameter.default is inspect.Parameter.empty:
+            value = "[placeholder]" if str(parameter.annotation).startswith("list") else "placeholder"
+            words += [f"--{name}", value]
+    return words
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_prints_a_config_that_it_reads_back(name, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([name, *_required_arguments(COMMANDS[name][0]), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert printed.strip()
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(printed)
+    with pytest.raises(SystemExit):
+        main([name, "--config", str(config), "--print_config"])
+    assert capsys.readouterr().out == printed
+
+
+def test_help_lists_every_subcommand_and_fit_help_points_to_print_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    for name in [*COMMANDS, "fit", "validate", "test", "predict"]:
+        assert f"    {name} " in listed or f"    {name}\n" in listed, name
+    assert main(["fit", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--print_config" in text and "lrm/tiny" in text and len(text.splitlines()) < 60
+
+
+def test_fit_reads_a_shipped_config_by_name(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "lrm/tiny", "--trainer.max_epochs", "3", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_epochs"] == 3
+    assert printed["model"]["class_path"] == "vfusion3d_lightning.training.LRMModule"
