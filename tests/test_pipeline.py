@@ -63,7 +63,7 @@ def test_pipeline_runs_end_to_end_and_resumes_a_killed_stage(tmp_path, capsys, m
     first.wait()
     before = records(run_dir)
     assert list(before) == sorted(s.name for s in STAGES[:9])
-    assert not (run_dir / "10-lrm_pretrain" / "stage.json").exists()
+    assert not (run_dir / "lrm_pretrain" / "stage.json").exists()
 
     assert main(["pipeline", "--config", str(config_path)]) == 0
     out = capsys.readouterr().out
@@ -71,7 +71,7 @@ def test_pipeline_runs_end_to_end_and_resumes_a_killed_stage(tmp_path, capsys, m
         assert f"[{number}/13] {stage.name}: done before, skipped" in out
     assert {name: text for name, text in records(run_dir).items() if name in before} == before
     # the killed training went on from its checkpoint instead of starting again
-    versions = sorted((run_dir / "10-lrm_pretrain" / "lightning_logs").glob("version_*"))
+    versions = sorted((run_dir / "lrm_pretrain" / "lightning_logs").glob("version_*"))
     assert len(versions) == 2
     resumed_steps = [int(line.split(",")[1]) for line in (versions[1] / "metrics.csv").read_text().splitlines()[1:]]
     assert min(resumed_steps) > 0 and max(resumed_steps) == 23

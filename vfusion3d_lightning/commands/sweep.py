@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vfusion3d_lightning.io import atomic_write
-from vfusion3d_lightning.training.lightning_cli import fit_parser
 
 RESULT_FILE = "sweep_result.json"  # = training.callbacks.SWEEP_RESULT_FILE (that module imports Lightning)
 STORAGE_ENV = "VFUSION3D_SWEEP_STORAGE"  # = training.callbacks.SWEEP_STORAGE_ENV
@@ -324,6 +323,8 @@ def check_overrides(configs: list[str], overrides: dict[str, Any], space: Search
     """Raises ValueError before any trial runs when a key of `overrides`, `grid` or `space` is not in the
     config that `configs` compose (naming close matches), or when LightningCLI rejects a value."""
     import argparse
+
+    from vfusion3d_lightning.training.lightning_cli import fit_parser  # Lightning only when a sweep runs
 
     parser = fit_parser()
     base = [word for config in configs for word in ("--config", str(config))]
