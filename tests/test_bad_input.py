@@ -49,7 +49,12 @@ Inventory: case -> entry point: code that handles it -> test(s). "here" is this 
      test_quality_svm_refuses_foreign_files, test_elevation_mlp_beats_the_mean_on_held_out_objects
    - rendered and ground-truth views of different shapes (evaluation.image_scores) -> tests/test_metrics.py::
      test_image_scores_of_identical_and_shifted_images
-   - input images of any size are recentred onto a square (preprocess.py): nothing to refuse
+   - input images (preprocess.load_image): every PNG mode read as its values (16-bit, float, palette, LA, CMYK);
+     images under 16 px a side refused, and images over the pixel cap refused from the header before decoding
+     (decompression bombs) -> tests/test_images.py; shard views larger than their metadata or the cap: the same,
+     from the header -> tests/test_images.py
+   - metadata fields of the wrong type (a list as the JSON, `"quality": "high"`, a dict prompt): SampleError
+     naming the field, so training's skip sees it -> tests/data/test_schema.py
 4. NaN or inf cameras
    - shard cameras (schema._check_sample): SampleError -> tests/data/test_schema.py (as above); in training a
      counted skip -> here test_bad_samples_are_skipped_counted_and_named_in_training; `evaluate` stops naming
@@ -600,16 +605,22 @@ def test_an_empty_mesh_names_the_image_and_the_threshold_to_pick(images, lrm_dir
 # ---------------------------------------------------------------- 6. unreadable images
 
 
-def test_an_unreadable_image_stops_infer_naming_it(images, lrm_dir, tmp_path):
+def test_an_unreadable_image_in_a_folder_is_named_and_the_others_are_made(images, lrm_dir, tmp_path, capsys):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut short")
     (inputs / "cutout.png").write_bytes((images / "cutout.png").read_bytes())
-    out = earlier_outputs(tmp_path / "out")
-    before = digest(out)
-    with pytest.raises(ValueError, match=r"cannot read .*broken\.png as an image .*replace it by a PNG, JPEG"):
+    out = earlier_outputs(tmp_path / "out", name="broken")
+    before = digest(out / "broken")
+    with pytest.raises(ValueError, match=r"1 of 2 images in .*inputs failed \(broken\.png"):
         main(infer_args(inputs, lrm_dir, out, "--mesh_format", "none"))
-    assert digest(out) == before
+    assert re.search(r"skipped cannot read .*broken\.png as an image .*replace it by a PNG, JPEG",
+                     capsys.readouterr().err)
+    assert sorted(p.name for p in (out / "cutout").iterdir()) == ["input.png", "turntable.gif"]
+    assert digest(out / "broken") == before  # the failed image's earlier outputs stay as they were
+    # one image alone: its error, naming it
+    with pytest.raises(ValueError, match=r"cannot read .*broken\.png as an image .*replace it by a PNG, JPEG"):
+        main(infer_args(inputs / "broken.png", lrm_dir, out, "--mesh_format", "none"))
 
 
 def test_an_unreadable_condition_image_is_counted_in_the_generate_report(tmp_path, capsys):
@@ -766,7 +777,7 @@ TAMPERED_CASES = {
                            "--data.init_args.val_shards", str(a["shards"] / "shard-*.tar"),
                            "--trainer.default_root_dir", str(a["out"]), "--trainer.enable_progress_bar", "false",
                            "--ckpt_path", str(f)]),
-        pickle.UnpicklingError, "Weights only load failed"),
+        ValueError, r"--ckpt_path .*x\.ckpt: " + REFUSED),
     "fit --model.init_args.pretrained x.ckpt (LRMModule)": (
         "x.ckpt", tampered_checkpoint, lambda f, a: load_lrm_module(f), ValueError, REFUSED),
     "LRM.load_encoder_weights(x.pth)": (

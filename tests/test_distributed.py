@@ -17,12 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class RankRecord(L.Callback):
-    """Writes what each rank saw: the object ids of its batches per epoch, its validation metrics, and a digest
-    of its parameters at the end (spawned processes cannot hand objects back)."""
+    """Writes what each rank saw: the object ids of its batches per epoch, the patches its training steps
+    supervised, its validation metrics, and a digest of its parameters at the end (spawned processes cannot hand
+    objects back)."""
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.record = {"batches": {}, "val": {}}
+        self.record = {"batches": {}, "patches": [], "val": {}}
+
+    def on_train_start(self, trainer, pl_module):  # in the spawned process: the module's patch draws, as drawn
+        draw = pl_module._patch
+
+        def recorded(*args, **kwargs):
+            patch = draw(*args, **kwargs)
+            self.record["patches"].append([trainer.global_step, *patch])
+            return patch
+
+        pl_module._patch = recorded
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.record["batches"].setdefault(str(trainer.current_epoch), []).append(list(batch["object_id"]))
@@ -69,6 +80,10 @@ def test_ddp_on_two_processes_splits_the_data_and_keeps_the_ranks_in_step(tmp_pa
     # gradients are averaged over ranks, so both end with the same weights; metrics are reduced over ranks
     assert ranks[0]["parameters"] == ranks[1]["parameters"]
     assert ranks[0]["val"] == ranks[1]["val"] and "val/psnr" in ranks[0]["val"]["1"]
+    # each rank supervises its own patches: a patch of 16 at 24 px has 81 places, drawn per rank and step
+    patches = [r["patches"] for r in ranks]
+    assert [[p[0] for p in r] for r in patches] == [list(range(4))] * 2
+    assert sum(a != b for a, b in zip(*patches)) >= 3, patches
 
 
 def test_fsdp_config_builds_the_sharded_strategy():

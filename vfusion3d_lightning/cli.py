@@ -8,7 +8,10 @@ A `--config` that names no file but a shipped config (`lrm/tiny`, `pipeline/quic
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
+import re
 import sys
 from collections.abc import Callable
 
@@ -59,14 +62,14 @@ TRAINING_HELP = {
 def command_parser(function: Callable) -> ArgumentParser:
     """The parser of one command: `--config`, `--print_config` and one argument per parameter of `function`."""
     doc = (function.__doc__ or "").strip().split("\n\n")[0]
-    parser = ArgumentParser(description=" ".join(doc.split()))
+    parser = ArgumentParser(description=" ".join(doc.split()), exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of this command's arguments")
     parser.add_function_arguments(function, fail_untyped=True)
     return parser
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="vfusion3d-lightning",
+    parser = ArgumentParser(prog="vfusion3d-lightning", exit_on_error=False,
                             description="VFusion3D in PyTorch Lightning: the video data engine, curation and the LRM. "
                                         "Every subcommand takes --config FILE and --print_config.")
     subcommands = parser.add_subcommands(dest="command")
@@ -104,12 +107,28 @@ def training_help(command: str) -> str:
             f"LightningCLI's full list of flags:  vfusion3d-lightning {command} --config CONFIG --help\n")
 
 
+def check_resume_checkpoint(words: list[str]) -> None:
+    """`--ckpt_path FILE` must be a checkpoint that loads without running code from it, checked before
+    Lightning reads it (Lightning's torch.load error advises weights_only=False, which would run that code)."""
+    from vfusion3d_lightning.hub import load_state_file
+
+    for i, word in enumerate(words):
+        value = words[i + 1] if word == "--ckpt_path" and i + 1 < len(words) else None
+        value = word.partition("=")[2] if word.startswith("--ckpt_path=") else value
+        if value and value not in ("last", "best", "hpc", "registry") and os.path.isfile(value):
+            try:
+                load_state_file(value, mmap=True)
+            except ValueError as err:
+                raise ValueError(f"--ckpt_path {value}: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     words = shipped_config_args(sys.argv[1:] if argv is None else list(argv))
     if words and words[0] in LIGHTNING_COMMANDS and {"-h", "--help"} & set(words) and "--config" not in words:
         print(training_help(words[0]))
         return 0
     if words and words[0] in LIGHTNING_COMMANDS:
+        check_resume_checkpoint(words)
         # predict writes no versioned log folder, so its rerun (skipping cached shards) meets its own config.yaml
         lightning_cli(words, overwrite_config=words[0] == "predict")
         return 0
@@ -127,18 +146,41 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_error(err: BaseException) -> BaseException | None:
     """The error in `err`'s chain that is the user's to mend, with a message that says how: a missing file
-    (weights to fetch, an input path) or data that breaks the shard schema or cannot be rendered. Lightning's
-    config parser wraps errors from building a module, so the chain is searched."""
+    (weights to fetch, an input path), an argument or config key the parser refuses, a value the code refuses
+    (ValueError: a wrong size, an empty mask, a file of another kind), or data that breaks the shard schema or
+    cannot be rendered. Lightning's config parser wraps errors from building a module, so the chain is searched.
+    Other errors are bugs: their traceback is shown."""
+    from PIL import UnidentifiedImageError
+
     from vfusion3d_lightning.data.render import AssetLoadError
     from vfusion3d_lightning.data.schema import SampleError
+    from vfusion3d_lightning.io import FolderInUseError
 
-    seen = set()
+    # a missing file or bad data says the most wherever it sits in the chain (the config parser wraps it in a
+    # ValueError or ArgumentError of its own); else the outermost refusal, which names the input
+    chain, seen = [], set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, (FileNotFoundError, SampleError, AssetLoadError)):
-            return err
+        chain.append(err)
         seen.add(id(err))
         err = err.__cause__ or err.__context__
-    return None
+    for kinds in ((FileNotFoundError, SampleError, AssetLoadError, FolderInUseError),
+                  (ValueError, UnidentifiedImageError, pickle.UnpicklingError), (argparse.ArgumentError,)):
+        found = next((e for e in chain if isinstance(e, kinds)), None)
+        if found is not None:
+            return found
+    # an optional package a chosen path needs, whose message says how to install it
+    return next((e for e in chain if isinstance(e, ImportError) and "pip install" in str(e)), None)
+
+
+def _plain_message(text: str) -> str:
+    """An error's text on one line; of jsonargparse's list of every subtype it tried, the one that names the
+    problem (`Option 'lrr' is not accepted`)."""
+    message = " ".join(text.split())
+    if message.startswith("Does not validate against any of the Union subtypes"):
+        found = re.search(r"Problem with given class_path '([^']+)': (.*?)(?= - Expected|$)", message)
+        if found:
+            message = f"{found.group(2)} by {found.group(1)}"
+    return message
 
 
 def console_main() -> int:
@@ -150,12 +192,20 @@ def console_main() -> int:
         found = _user_error(err)
         if found is None or os.environ.get("VFUSION3D_TRACEBACK") == "1":
             raise
+        if isinstance(found, pickle.UnpicklingError):  # torch's text advises weights_only=False: never repeat it
+            from vfusion3d_lightning.hub import unsafe_pickle_error
+
+            found = unsafe_pickle_error("the checkpoint", found)
         message = str(found)
         if "Original Traceback" in message:  # raised in a DataLoader worker: its message ends the worker's traceback
             name, _, text = message.strip().splitlines()[-1].partition(": ")
             message = text if text and " " not in name else message
-        print(f"vfusion3d-lightning: error: {message}", file=sys.stderr)
-        return 1
+        message = _plain_message(message)
+        if isinstance(found, argparse.ArgumentError) or "is not accepted" in message:
+            command = " ".join(["vfusion3d-lightning", *sys.argv[1:2]])
+            message += f" ({command} --help lists the arguments)"
+        print(f"vfusion3d-lightning: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2 if isinstance(found, argparse.ArgumentError) else 1
 
 
 if __name__ == "__main__":

@@ -268,7 +268,8 @@ class Evaluator:
 
 
 def held_out_samples(pattern: str) -> Iterator:
-    """Validated `MultiViewSample`s with cameras from shards (brace pattern, glob or list), in shard order."""
+    """Validated `MultiViewSample`s with cameras from shards (folder, brace pattern, glob or list, as
+    `expand_shards`: `pipe:` URLs are refused unless VFUSION3D_ALLOW_PIPE=1), in shard order."""
     from vfusion3d_lightning.data.datamodules import expand_shards
     from vfusion3d_lightning.data.schema import SampleError, ShardError
     from vfusion3d_lightning.data.schema import read_samples as read_shard_samples

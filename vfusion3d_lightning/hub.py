@@ -17,6 +17,7 @@ import hashlib
 import importlib.metadata
 import os
 import pickle
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -222,13 +223,30 @@ def load_state_file(path: str | os.PathLike, mmap: bool = False) -> dict:
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as err:
+        if not (mmap and "_use_new_zipfile_serialization" in str(err)):
+            raise ValueError(f"{path} is not a readable torch checkpoint (truncated or another format): "
+                             f"{err}") from err
+        return load_state_file(path)  # a legacy (non-zip) torch file cannot be memory-mapped: read it whole
     except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path}: it holds objects other than tensors and plain containers, and unpickling "
-            f"those would run code from the file. Re-save its tensors with safetensors. ({err})"
-        ) from err
-    except (RuntimeError, EOFError) as err:
+        raise unsafe_pickle_error(path, err) from None
+    except EOFError as err:
         raise ValueError(f"{path} is not a readable torch checkpoint (truncated or another format): {err}") from err
+
+
+def unsafe_pickle_error(path: str | os.PathLike, err: BaseException) -> ValueError:
+    """The refusal of a torch file that only unpickling could read. Torch's own message ends by advising
+    `weights_only=False`, which would run code from the file: only the object it stopped at is kept.
+
+    Args:
+        path: the file.
+        err: torch's UnpicklingError.
+    """
+    found = re.search(r"Unsupported (?:global|operand)[^\n.]*", str(err))
+    reason = f" ({found.group(0).strip()})" if found else ""
+    return ValueError(f"refusing to load {path}: it holds objects other than tensors and plain containers{reason}, "
+                      "and unpickling those would run code from the file. Use a checkpoint written by this package, "
+                      "or re-save its tensors with safetensors")
 
 
 def is_lightning_checkpoint(path: str | os.PathLike) -> bool:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -17,6 +21,27 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+PARTIAL = ".partial"  # in the name of every file and folder still being written (atomic_write, ShardWriter)
+
+
+def remove_partials(folder: str | os.PathLike) -> int:
+    """Delete what killed runs left half-written under `folder` (names holding `PARTIAL`: `.x.partial-*` temporaries,
+    `.partial-*` folders, `*.tar.partial` shards); call it only while holding the folder (`folder_lock`), when no
+    live run can be writing them. Returns how many were removed."""
+    stale = [p for p in Path(folder).rglob(f"*{PARTIAL}*")
+             if p.name.endswith(PARTIAL) or p.name.startswith(".") and f"{PARTIAL}-" in p.name]
+    removed = 0
+    for path in sorted(stale, key=lambda p: len(p.parts)):
+        if not path.exists() and not path.is_symlink():  # inside a folder removed before it
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed += 1
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path`.
 
@@ -25,7 +50,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{PARTIAL}-", suffix=path.suffix)
     os.close(handle)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; outputs get the permissions open() would give
     try:
@@ -55,7 +80,7 @@ def atomic_write_folder(directory: str | os.PathLike, write: Callable[[Path], No
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # inside `directory`: the same file system, so each move is a rename
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".partial-"))
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f"{PARTIAL}-"))
     try:
         write(tmp)
         files = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
@@ -107,3 +132,64 @@ def read_jsonl(path: str | os.PathLike, advice: str = "") -> Iterator[tuple[int,
                 yield number, json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not JSON ({err})" + (f"; {advice}" if advice else "")) from None
+
+
+LOCK_NAME = ".vfusion3d.lock"
+
+
+class FolderInUseError(RuntimeError):
+    """Another live run is writing the output folder."""
+
+
+_HELD_HERE: set[Path] = set()  # POSIX locks never conflict within one process: this set does
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, job: str) -> Iterator[Path]:
+    """Hold `folder` for one writing run: a second run into it (a `.partial` of the first would be deleted,
+    shard numbers would restart) stops with an error naming the process that holds it. The lock is the
+    operating system's (a POSIX record lock on `folder/.vfusion3d.lock`, removed at the end): a killed run
+    leaves no lock behind, and unlike flock it is not inherited by forked workers, which can outlive a killed
+    parent by seconds.
+
+    Args:
+        folder: the output folder (created if missing).
+        job: what holds it, for the other run's error (e.g. "render").
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    key = folder.resolve()
+    if key in _HELD_HERE:
+        raise FolderInUseError(f"{folder} is being written by another run (this process, {os.getpid()}); "
+                               "write to another folder")
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                handle.close()
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise FolderInUseError(f"{folder} is being written by another run ({holder}); wait for it to finish, "
+                                   "or write to another folder") from None
+        try:  # the holder before us removes the file as it lets go: lock the file that is there now
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    _HELD_HERE.add(key)
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{job}, process {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield folder
+    finally:
+        path.unlink(missing_ok=True)  # while still held, so no run can lock the file being removed
+        _HELD_HERE.discard(key)
+        handle.close()  # closing drops the POSIX lock

@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,8 +90,60 @@ def test_a_folder_names_its_complete_shards(tmp_path, shard_factory):
                              supervision_size=16)
     assert len(list(dm.train_dataloader())) == 3
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no shard-NNNNNN.tar files in the folder .*empty"):
+    with pytest.raises(FileNotFoundError, match=r"no \.tar shards in the folder .*empty"):
         expand_shards(str(tmp_path / "empty"))
+
+
+def test_a_folder_gives_every_tar_in_it_sorted_but_not_partial_or_hidden_files(tmp_path, shard_factory):
+    import shutil
+
+    shard_factory(tmp_path / "made", n_shards=2, per_shard=2)
+    folder = tmp_path / "given"
+    folder.mkdir()
+    for source, name in (("shard-000000.tar", "objaverse_b.tar"), ("shard-000001.tar", "objaverse_a.tar"),
+                         ("shard-000001.tar", ".hidden.tar"), ("shard-000001.tar", "late.tar.partial")):
+        shutil.copy(tmp_path / "made" / source, folder / name)
+    (folder / "notes.txt").write_text("not a shard")
+    (folder / "sub.tar").mkdir()  # a folder, not a shard
+    assert expand_shards(str(folder)) == [str(folder / "objaverse_a.tar"), str(folder / "objaverse_b.tar")]
+    dm = MultiViewDataModule(str(folder), batch_size=1, num_workers=0, num_supervision_views=4, input_size=28,
+                             supervision_size=16, shuffle_buffer=1)
+    assert sorted(b["object_id"][0] for b in dm.train_dataloader()) == [f"object-obj{i:04d}" for i in range(4)]
+
+
+def test_every_sample_skipped_is_one_line_naming_the_shards_count_and_reason(tmp_path, shard_factory):
+    shard_factory(tmp_path, n_shards=2, per_shard=2, n_views=4, with_cameras=False)  # generated videos: no cameras
+    dm = MultiViewDataModule(str(tmp_path), batch_size=1, num_workers=0, num_supervision_views=2, input_size=8,
+                             supervision_size=8, samples_per_epoch=2)
+    with pytest.raises(SampleError) as caught:
+        list(dm.train_dataloader())
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("no usable sample: all 4 sample(s) of 2 shard(s) ")
+    assert str(tmp_path / "shard-000000.tar") in message and str(tmp_path / "shard-000001.tar") in message
+    assert "4 of them because has no cameras (cam2world/intrinsics null)" in message
+    assert "the LRM needs cam2world and intrinsics in every sample" in message
+    # the video model needs no cameras: the same shards train it
+    assert len(list(VideoDataModule(str(tmp_path), batch_size=1, num_workers=0, num_frames=4, frame_size=8,
+                                    samples_per_epoch=2).train_dataloader())) == 2
+
+
+def test_every_sample_skipped_in_a_loader_worker_is_one_line_on_the_command_line(tmp_path, shard_factory,
+                                                                                 monkeypatch, capsys):
+    from vfusion3d_lightning.cli import console_main
+
+    shard_factory(tmp_path / "videos", n_shards=2, per_shard=2, n_views=4, with_cameras=False)
+    monkeypatch.setattr("sys.argv", [
+        "vfusion3d-lightning", "fit", "--config", str(Path(__file__).parents[2] / "configs" / "lrm" / "tiny.yaml"),
+        "--data.init_args.train_shards",
+        str(tmp_path / "videos"), "--data.init_args.val_shards", "null", "--data.init_args.num_workers", "2",
+        "--data.init_args.samples_per_epoch", "4", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
+    monkeypatch.delenv("VFUSION3D_TRACEBACK", raising=False)
+    assert console_main() == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("vfusion3d-lightning: error: no usable sample: all ")
+    assert "because has no cameras" in error and "the LRM needs cam2world and intrinsics" in error
 
 
 def test_two_ranks_by_two_workers_read_disjoint_samples_covering_the_split(tmp_path, shard_factory):

@@ -144,3 +144,55 @@ def test_a_full_disk_mid_shard_publishes_no_cut_shard(tmp_path, sample_factory):
     assert keys_in_shards(shards) == {shards[0]: ["old0"], shards[1]: ["new0", "new1"]}
     assert not list(tmp_path.glob("*.partial"))
     assert [decode_sample(raw).key for raw in read_raw(shards[1])] == ["new0", "new1"]
+
+
+def with_meta(raw, **changes):
+    meta = json.loads(raw["json"])
+    meta.update(changes)
+    return {**raw, "json": json.dumps(meta).encode()}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda raw: {**raw, "json": b"[1, 2]"}, r"\.json holds a list, expected an object"),
+    (lambda raw: {**raw, "json": b"null"}, r"\.json holds a NoneType"),
+    (lambda raw: {**raw, "json": b'"obj"'}, r"\.json holds a str"),
+    (lambda raw: {**raw, "json": b"[" * 100_000 + b"]" * 100_000}, r"\.json is not valid JSON \(RecursionError"),
+    (lambda raw: with_meta(raw, quality="high"), r"field 'quality' must be a finite number or null, got str 'high'"),
+    (lambda raw: with_meta(raw, quality=True), "field 'quality'"),
+    (lambda raw: with_meta(raw, prompt={"text": "a cube"}), r"field 'prompt' must be a string or null, got dict"),
+    (lambda raw: with_meta(raw, prompt=["a", "cube"]), "field 'prompt'"),
+    (lambda raw: with_meta(raw, object_id={"id": 3}), "field 'object_id' must be a string"),
+    (lambda raw: with_meta(raw, source=["3d"]), "field 'source' must be one of"),
+    (lambda raw: with_meta(raw, num_views="4"), "field 'num_views' must be a positive integer, got str '4'"),
+    (lambda raw: with_meta(raw, num_views=4.0), "field 'num_views'"),
+    (lambda raw: with_meta(raw, num_views=True), "field 'num_views'"),
+    (lambda raw: with_meta(raw, width="24"), "field 'width' must be a positive integer"),
+    (lambda raw: with_meta(raw, height=None), "field 'height'"),
+    (lambda raw: with_meta(raw, image_format=["png"]), "field 'image_format' must be one of"),
+    (lambda raw: with_meta(raw, cam2world="identity"), "field 'cam2world' is not numeric"),
+    (lambda raw: with_meta(raw, intrinsics=[[1.0, 0.0, 0.0]] * 3), "field 'intrinsics' has shape"),
+    (lambda raw: with_meta(raw, cam2world=[[[10**400] * 4] * 4] * 4), "field 'cam2world' is not numeric"),
+    (lambda raw: with_meta(raw, elevations={"0": 0.1}), "field 'elevations' is not numeric"),
+    (lambda raw: with_meta(raw, azimuths=[0.0, "half", 1.0, 2.0]), "field 'azimuths' is not numeric"),
+])
+def test_mistyped_metadata_is_a_sample_error_naming_the_field(sample_factory, change, message):
+    # training skips SampleErrors only: a TypeError or AttributeError here stopped it despite on_error "skip"
+    raw = {**encode_sample(sample_factory("typo", n_views=4)), "__url__": "/data/shard-000003.tar"}
+    decode_sample(raw)
+    with pytest.raises(SampleError, match=r"sample 'typo' in /data/shard-000003\.tar: .*" + message):
+        decode_sample(change(raw))
+
+
+def test_bad_cameras_give_view_numbers_in_the_sample_not_in_the_drawn_views(sample_factory):
+    raw = encode_sample(sample_factory("cams", n_views=8))
+    meta = json.loads(raw["json"])
+    meta["cam2world"][5][0][3] = float("nan")
+    broken = {**raw, "json": json.dumps(meta).encode()}
+    with pytest.raises(SampleError, match=r"cam2world holds NaN or inf \(views \[5\]\)"):
+        decode_sample(broken, select=lambda n: [3, 5])  # was "views [1]", the position among the drawn
+    with pytest.raises(SampleError, match=r"cam2world holds NaN or inf \(views \[5\]\)"):
+        decode_sample(broken, select=lambda n: [0, 1])  # a sample is broken or not, whichever views are drawn
+    meta = json.loads(raw["json"])
+    meta["intrinsics"][6][1][1] = -1.0
+    with pytest.raises(SampleError, match=r"intrinsics need positive focal lengths \(views \[6\]\)"):
+        decode_sample({**raw, "json": json.dumps(meta).encode()}, select=lambda n: [6, 2])

@@ -45,3 +45,30 @@ def test_camera_noise_is_seeded_and_bounded():
     only_source = {k: v.clone() for k, v in batch.items()}
     CameraNoise(0.02, render=False).on_train_batch_start(_Trainer(), None, only_source, 0)
     assert torch.equal(only_source["render_cameras"], batch["render_cameras"])
+
+
+class _StepTrainer:
+    def __init__(self, rank, step, accumulate=1):
+        self.global_rank, self.global_step, self.accumulate_grad_batches = rank, step, accumulate
+
+
+def test_camera_noise_differs_by_rank_and_micro_batch_and_repeats_on_resume():
+    batch = {"source_camera": canonical_source_camera(2), "render_cameras": turntable_cameras(4)[None].repeat(2, 1, 1)}
+
+    def noise(rank, step, batch_idx, accumulate=2, **kwargs):
+        noisy = {k: v.clone() for k, v in batch.items()}
+        CameraNoise(0.02, seed=1, **kwargs).on_train_batch_start(_StepTrainer(rank, step, accumulate), None, noisy,
+                                                                 batch_idx)
+        return {k: noisy[k] - batch[k] for k in batch}
+
+    first = noise(0, 5, 10)
+    torch.manual_seed(123)  # a resumed run: another global RNG state, the same (rank, step, micro-batch)
+    again = noise(0, 5, 10)
+    assert all(torch.equal(first[k], again[k]) for k in batch)
+    assert all(torch.equal(first[k], noise(0, 5, 12)[k]) for k in batch)  # batch 12: micro-batch 0 of step 5 too
+    for other in (noise(1, 5, 10), noise(0, 5, 11), noise(0, 6, 10)):  # another rank, micro-batch, step
+        assert not any(torch.allclose(first[k], other[k]) for k in batch)
+    # source and render cameras draw apart, whichever of them is on
+    only_render = noise(0, 5, 10, source=False)
+    assert torch.equal(only_render["render_cameras"], first["render_cameras"])
+    assert not torch.allclose(first["source_camera"][0, :12], first["render_cameras"][0, 0, :12])  # the 3x4 poses

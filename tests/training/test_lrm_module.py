@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from vfusion3d_lightning.cameras import canonical_source_camera
+from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
 from vfusion3d_lightning.cli import lightning_cli, main
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.training import LRMModule
@@ -180,3 +180,60 @@ def test_a_fused_optimizer_clips_gradients_under_bf16(shards, tmp_path):
             p.grad = torch.randn_like(p) * 10
         module.configure_gradient_clipping(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)
         assert check() == pytest.approx(0.5, rel=1e-4), algorithm
+
+
+class _Trainer:
+    """What the module's draws read of a trainer: global rank, global step, accumulated batches."""
+
+    def __init__(self, rank=0, step=0, accumulate=1):
+        self.global_rank, self.global_step, self.accumulate_grad_batches = rank, step, accumulate
+
+
+def _module_at(trainer, **kwargs):
+    torch.manual_seed(0)
+    module = LRMModule(network=LRMConfig.from_name("tiny"), lpips_random_backbone=True, **kwargs)
+    module._trainer = trainer
+    return module
+
+
+def test_patches_and_sample_jitter_differ_by_rank_and_micro_batch_and_repeat_on_resume(monkeypatch):
+    # rank 1 or the second of two accumulated micro-batches of step 5 draws its own patch; the same (rank, step,
+    # micro-batch) draws the same whatever the global RNG holds (a resumed run, another process)
+    patches = {}
+    for rank, step, batch_idx in [(0, 5, 10), (1, 5, 10), (0, 5, 11), (0, 6, 12)]:
+        module = _module_at(_Trainer(rank, step, accumulate=2), patch_size=16)  # global RNG seeded alike
+        patches[rank, step, batch_idx] = [module._patch(128, batch_idx) for _ in range(2)]
+    draws = [p[0] for p in patches.values()]
+    assert len(set(draws)) == len(draws), patches  # ranks, micro-batches and steps apart
+    assert all(p[0] == p[1] for p in patches.values())  # the same draw again
+    fresh = _module_at(_Trainer(1, 5, accumulate=2), patch_size=16)
+    torch.rand(100)  # a resumed run's global RNG is elsewhere
+    assert fresh._patch(128, 10) == patches[1, 5, 10][0]
+    assert fresh._patch(128, 12) == patches[1, 5, 10][0]  # batch 12 is the first micro-batch of its step too
+    assert fresh._patch(16, 10) == (0, 0, 16)  # a patch the size of the render has one place
+
+    # the renderer's sample jitter follows the same rule (patch = render here, so only the jitter varies), and the
+    # training step leaves the global RNG alone
+    size = LRMConfig.from_name("tiny").encoder_img_size
+    generator = torch.Generator().manual_seed(3)
+    batch = {"input_image": torch.rand(1, 3, size, size, generator=generator),
+             "source_camera": canonical_source_camera(1), "render_cameras": turntable_cameras(2)[None],
+             "target_images": torch.rand(1, 2, 3, 8, 8, generator=generator),
+             "target_masks": (torch.rand(1, 2, 1, 8, 8, generator=generator) > 0.5).float()}
+
+    def loss(rank, step, batch_idx):
+        module = _module_at(_Trainer(rank, step, accumulate=2), render_size=8, patch_size=8, lpips_weight=0.0,
+                            l2_weight=1.0)
+        monkeypatch.setattr(module, "log", lambda *a, **k: None)
+        monkeypatch.setattr(module, "log_dict", lambda *a, **k: None)
+        monkeypatch.setattr(module, "optimizers", lambda: torch.optim.SGD(module.parameters(), lr=1.0))
+        module.render_size = 8
+        state = torch.get_rng_state()
+        with torch.no_grad():
+            value = module.training_step(batch, batch_idx).item()
+        assert torch.equal(torch.get_rng_state(), state)
+        return value
+
+    first = loss(0, 5, 10)
+    assert loss(0, 5, 10) == first
+    assert loss(1, 5, 10) != first and loss(0, 5, 11) != first and loss(0, 6, 10) != first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -62,15 +63,22 @@ def infer(input: Path, out: Path, checkpoint: str = "vfusion3d", frames: int = 1
     video = None if video_format == "none" else video_format
     mesh = None if mesh_format == "none" else mesh_format
     written: list[Path] = []
+    failed: list[str] = []
     for path in tqdm(images, desc="infer", unit="image", disable=len(images) == 1):
         try:
             result = engine.run(path, frames, render_size, frames_per_batch, mesh_resolution, mesh_threshold,
                                 mesh_method, video=video is not None, mesh=mesh is not None)
-        except ValueError as err:  # an empty mask or mesh: say which image of a folder it was
-            if str(path) in str(err):
-                raise
-            raise ValueError(f"{path}: {err}") from err
+        except (ValueError, OSError) as err:  # this image (unreadable, empty mask, no surface), not the run
+            message = str(err) if str(path) in str(err) else f"{path}: {err}"
+            if len(images) == 1:
+                raise ValueError(message) from err
+            tqdm.write(f"vfusion3d-lightning: skipped {' '.join(message.split())}", file=sys.stderr)
+            failed.append(path.name)
+            continue
         files = save_outputs(result, Path(out) / path.stem, video, mesh, fps)
         print(f"{path} -> " + ", ".join(str(p) for p in files))
         written += files
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(images)} images in {input} failed ({', '.join(failed)}; each "
+                         f"reason above); the others are in {out}")
     return written

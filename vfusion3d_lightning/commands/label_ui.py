@@ -10,14 +10,30 @@ label 1 = good, 0 = bad. Relabelling a video appends another line: the LAST line
 (`read_labels`), so the file is an append-only history.
 
 Standard library only (http.server), and the page uses no external resources: labelling machines may be offline.
+
+The server is for the labeller's own browser, and guards against the other pages that browser opens:
+
+- a write (POST /api/label) needs `Content-Type: application/json`, an `Origin` (when sent) equal to the page's
+  own, and the `X-Label-Token` header holding the per-run token embedded in the served page, so no other site can
+  label through the labeller's browser (a cross-site form or fetch can send none of these);
+- every request's `Host` must name the address served (127.0.0.1:PORT, localhost:PORT or the bound host:PORT),
+  so a DNS-rebinding page cannot read the page (and its token) or the API under its own name;
+- a write's body must give a `Content-Length` of at most `MAX_BODY` bytes; bad fields are a 400 with a JSON error;
+- the page may not be framed by another site (no click-jacking of the label buttons).
+
+Listening on an address other than loopback prints a warning: anyone who reaches the port can then label.
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
 import io
+import ipaddress
 import json
 import os
+import secrets
+import sys
 import tarfile
 import threading
 import time
@@ -30,7 +46,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from PIL import Image
 
-from vfusion3d_lightning.data.labels import read_labels
+from vfusion3d_lightning.data.labels import read_labels, repair_jsonl_tail
 from vfusion3d_lightning.data.schema import (
     MultiViewSample,
     SampleError,
@@ -41,6 +57,9 @@ from vfusion3d_lightning.data.schema import (
 from vfusion3d_lightning.io import on_white, to_uint8_images
 
 LABELS = {"good": 1, "bad": 0}
+MAX_BODY = 64 * 1024  # bytes; a label is well under 1 KiB
+TOKEN_HEADER = "X-Label-Token"
+LABEL_FIELDS = ("key", "label")
 
 
 def _index_shards(folder: Path) -> dict[str, dict]:
@@ -75,6 +94,24 @@ def _index_shards(folder: Path) -> dict[str, dict]:
     return videos
 
 
+def _is_loopback(address: str) -> bool:
+    """Whether a bound address (an IP as the socket reports it) is reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # not an IP (the socket reports one, so this is a caller's name): only "localhost" is safe
+        return address.lower() == "localhost"
+
+
+def exposure_warning(address: str, port: int) -> str | None:
+    """The warning line for listening on `address`:`port`, or None for a loopback address."""
+    if _is_loopback(address):
+        return None
+    shown = "all addresses" if address in ("0.0.0.0", "::", "") else address
+    return (f"WARNING: label-ui is listening on {shown} (port {port}), not on loopback: anyone who can reach this "
+            f"machine on port {port} can watch the videos and write labels. Use --host 127.0.0.1 unless you mean "
+            "to share the page on a trusted network.")
+
+
 def _frame_png(view: np.ndarray) -> bytes:
     """RGBA view -> PNG bytes composited on white (what a viewer judges; transparency would show the page)."""
     buffer = io.BytesIO()
@@ -92,15 +129,30 @@ class LabelServer:
         self.videos = _index_shards(Path(shards_dir))
         self.keys = list(self.videos)
         self.labels_path = Path(labels_path)
+        # a server killed mid-append leaves a cut last line: drop it (that label was never confirmed to the page)
+        repaired = repair_jsonl_tail(self.labels_path)
+        if repaired:
+            print(f"label-ui: {repaired}", file=sys.stderr, flush=True)
         # fails early on a corrupt file, before any label is added
         self.labels = read_labels(self.labels_path, missing_ok=True)
         self._lock = threading.Lock()
         # decoding a video is the cost and the page asks for its frames one by one: keep the last few
         self.frames = functools.lru_cache(maxsize=16)(self._decode_frames)
+        # written into the served page and required on every write: other sites' pages cannot read it
+        self.token = secrets.token_urlsafe(32)
         self._httpd = ThreadingHTTPServer((host, port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.app = self
         self._thread: threading.Thread | None = None
+        bound, bound_port = self._httpd.server_address[:2]
+        names = {"127.0.0.1", "localhost", host.lower(), bound.lower()}
+        # the Host header a request must carry (a browser leaves out the default port 80)
+        self.allowed_hosts = {f"{name}:{bound_port}" for name in names if name}
+        if bound_port == 80:
+            self.allowed_hosts |= {name for name in names if name}
+        warning = exposure_warning(bound, bound_port)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
 
     @property
     def url(self) -> str:
@@ -144,10 +196,12 @@ class LabelServer:
 
     def add_label(self, key: str, label: str) -> dict:
         """Append one label (ValueError on a bad key or label); returns the new progress."""
-        if label not in LABELS:
-            raise ValueError(f"label must be one of {sorted(LABELS)}, got {label!r}")
+        if not isinstance(label, str) or label not in LABELS:
+            raise ValueError(f'"label" must be one of {sorted(LABELS)} (a string), got {label!r}')
+        if not isinstance(key, str) or not key:
+            raise ValueError(f'"key" must be a video key (a non-empty string, as listed by /api/videos), got {key!r}')
         if key not in self.videos:
-            raise ValueError(f"unknown video key {key!r}")
+            raise ValueError(f"unknown video key {key!r}; the keys are listed by /api/videos")
         line = json.dumps({"key": key, "label": LABELS[label], "object_id": self.videos[key].get("object_id"),
                            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         with self._lock:
@@ -161,28 +215,103 @@ class LabelServer:
         return {"key": key, "label": LABELS[label], "labelled": labelled, "total": len(self.keys)}
 
 
+class _Refused(Exception):
+    """A request answered with `status` and a JSON {"error": message}; its connection is then closed."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "vfusion3d-label-ui"
+    timeout = 60  # seconds a connection may sit idle or send its body slowly before it is dropped
 
     def log_message(self, format, *args):  # a page plays dozens of frames a second; keep the terminal quiet
         pass
 
-    def _send(self, status: int, body: bytes, content_type: str, cache: bool = False) -> None:
+    def _send(self, status: int, body: bytes, content_type: str, cache: bool = False, close: bool = False) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")  # no other site may frame the page and steer its clicks
+        self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
+        self.send_header("Referrer-Policy", "no-referrer")
+        if close:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
-    def _json(self, status: int, payload: dict) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json")
+    def _json(self, status: int, payload: dict, close: bool = False) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json", close=close)
+
+    def _refuse(self, refused: _Refused) -> None:
+        self.close_connection = True  # an unread body must not be taken for the next request
+        self._json(refused.status, {"error": str(refused)}, close=True)
+
+    def _check_host(self) -> None:
+        """Refuse a Host other than the address served: a DNS-rebinding page reaches us under its own name."""
+        app: LabelServer = self.server.app
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host not in app.allowed_hosts:
+            raise _Refused(HTTPStatus.FORBIDDEN,
+                           f"Host {host or '(none)'!r} is not this server's address; open the page at "
+                           f"{app.url} (or {' / '.join(sorted(app.allowed_hosts))})")
+
+    def _check_write(self) -> None:
+        """Refuse a write that a page of another site could have sent (see the module docstring)."""
+        app: LabelServer = self.server.app
+        origin = self.headers.get("Origin")
+        host = self.headers.get("Host", "").strip().lower()
+        if origin is not None and origin.strip().lower() != f"http://{host}":
+            raise _Refused(HTTPStatus.FORBIDDEN,
+                           f"Origin {origin!r} is not this server's origin http://{host}; labels are written only "
+                           f"from the page at {app.url}")
+        token = self.headers.get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(token.encode("utf-8", "replace"), app.token.encode()):
+            raise _Refused(HTTPStatus.FORBIDDEN,
+                           f"missing or wrong {TOKEN_HEADER} header; label from the page at {app.url} (reload it if "
+                           "the server was restarted: each run has a new token)")
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                           f"Content-Type must be application/json, got {content_type or '(none)'!r}")
+
+    def _read_body(self) -> bytes:
+        """The request body, refusing a missing, malformed or oversized Content-Length (and chunked bodies)."""
+        if self.headers.get("Transfer-Encoding"):
+            raise _Refused(HTTPStatus.LENGTH_REQUIRED,
+                           "chunked bodies are not accepted; send the JSON with a Content-Length header")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
+        digits = length.strip()
+        if not (digits.isascii() and digits.isdigit()):  # no sign, no spaces inside, no "1e3", no "²"
+            raise _Refused(HTTPStatus.BAD_REQUEST,
+                           f"Content-Length must be a whole number of bytes, got {length!r}")
+        size = int(digits) if len(digits) <= 18 else MAX_BODY + 1  # int() refuses over 4300 digits
+        if size > MAX_BODY:
+            raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"body of {size if len(digits) <= 18 else 'over 10^18'} bytes is over the {MAX_BODY}-byte "
+                           'limit; a label is {"key": ..., "label": "good" or "bad"}')
+        body = self.rfile.read(size)
+        if len(body) != size:
+            raise _Refused(HTTPStatus.BAD_REQUEST,
+                           f"body ended after {len(body)} of the {size} bytes its Content-Length promised")
+        return body
 
     def do_GET(self):
         app: LabelServer = self.server.app
+        try:
+            self._check_host()
+        except _Refused as refused:
+            return self._refuse(refused)
         path = urlsplit(self.path).path
         if path in ("/", "/index.html"):
-            return self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
+            page = PAGE.replace("__LABEL_TOKEN__", app.token)
+            return self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
         if path == "/api/videos":
             return self._json(HTTPStatus.OK, app.video_list())
         parts = path.split("/")  # /frame/<key>/<index>.png
@@ -199,20 +328,40 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         app: LabelServer = self.server.app
-        if urlsplit(self.path).path != "/api/label":
-            return self._json(HTTPStatus.NOT_FOUND, {"error": f"not found: {self.path}"})
         try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
+            self._check_host()
+            if urlsplit(self.path).path != "/api/label":
+                raise _Refused(HTTPStatus.NOT_FOUND, f"not found: {self.path}; labels are POSTed to /api/label")
+            self._check_write()
+            raw = self._read_body()
+            try:
+                body = json.loads(raw)
+            except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise _Refused(HTTPStatus.BAD_REQUEST, f"body is not JSON ({err}); send "
+                               '{"key": ..., "label": "good" or "bad"}') from None
             if not isinstance(body, dict):
-                raise ValueError('expected a JSON object {"key": ..., "label": "good" or "bad"}')
-            result = app.add_label(body.get("key"), body.get("label"))
-        except ValueError as err:  # JSONDecodeError is a ValueError too
-            return self._json(HTTPStatus.BAD_REQUEST, {"error": str(err)})
+                raise _Refused(HTTPStatus.BAD_REQUEST, 'expected a JSON object {"key": ..., "label": "good" or '
+                               f'"bad"}}, got a JSON {type(body).__name__}')
+            extra = sorted(set(body) - set(LABEL_FIELDS))
+            if extra:
+                raise _Refused(HTTPStatus.BAD_REQUEST, f"unexpected fields {extra}; a label has only "
+                               f"{list(LABEL_FIELDS)}")
+            try:
+                result = app.add_label(body.get("key"), body.get("label"))
+            except ValueError as err:
+                raise _Refused(HTTPStatus.BAD_REQUEST, str(err)) from None
+            except OSError as err:  # e.g. a full disk: say so on the page rather than drop the connection
+                raise _Refused(HTTPStatus.INTERNAL_SERVER_ERROR,
+                               f"could not append to {app.labels_path} ({err}); free the space or fix the "
+                               "permissions, then label again") from None
+        except _Refused as refused:
+            return self._refuse(refused)
         self._json(HTTPStatus.OK, result)
 
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Label orbit videos</title>
+<meta name="label-token" content="__LABEL_TOKEN__">
 <style>
   body { font-family: system-ui, sans-serif; margin: 0; background: #f2f2f2; color: #222; }
   main { max-width: 560px; margin: 24px auto; padding: 16px; background: #fff; border-radius: 8px;
@@ -248,6 +397,8 @@ PAGE = """<!doctype html>
 <script>
 const $ = (id) => document.getElementById(id);
 let videos = [], current = 0, timer = null, busy = false;
+// this run's write token (the server refuses labels without it, so other sites cannot label through the browser)
+const TOKEN = document.querySelector('meta[name="label-token"]').content;
 
 function frameUrl(key, i) { return "/frame/" + encodeURIComponent(key) + "/" + i + ".png"; }
 
@@ -289,9 +440,10 @@ async function label(name) {
   busy = true;
   try {
     const v = videos[current];
-    const r = await fetch("/api/label", { method: "POST", headers: { "Content-Type": "application/json" },
-                                           body: JSON.stringify({ key: v.key, label: name }) });
-    const body = await r.json();
+    const r = await fetch("/api/label", {
+      method: "POST", headers: { "Content-Type": "application/json", "X-Label-Token": TOKEN },
+      body: JSON.stringify({ key: v.key, label: name }) });
+    const body = await r.json().catch(() => ({}));
     if (!r.ok) throw new Error(body.error || r.statusText);
     v.label = body.label;
     $("error").textContent = "";
@@ -334,7 +486,8 @@ def label_ui(shards: Path, labels: Path, host: str = "127.0.0.1", port: int = 87
     Args:
         shards: folder of shard-*.tar files holding the videos to label.
         labels: labels JSONL file; labels are appended, and the last line for a video wins.
-        host: address to listen on.
+        host: address to listen on; anything but loopback prints a warning, since whoever reaches the port can
+            then label (the page is then opened at that address: requests naming another Host are refused).
         port: port to listen on; 0 picks a free one.
     """
     server = LabelServer(shards, labels, host=host, port=port).start()

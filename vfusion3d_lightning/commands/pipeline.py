@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 from jsonargparse.typing import Path_fr
 
-from vfusion3d_lightning.io import atomic_write
+from vfusion3d_lightning.io import atomic_write, folder_lock, remove_partials
 from vfusion3d_lightning.training.lightning_cli import lightning_cli
 
 RECORD = "stage.json"
@@ -262,6 +262,9 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_partials(self.run_dir)  # the pipeline holds run_dir: nothing else is writing these
+        if removed:
+            print(f"removed {removed} half-written file(s) that a killed run left in {self.run_dir}", flush=True)
         started = time.time()
         for number, stage in enumerate(STAGES, 1):
             folder = self.folder(stage.name)
@@ -683,4 +686,5 @@ def pipeline(run_dir: str = "outputs/pipeline", seed: int = 0, device: str = "cp
             raise ValueError(f"pipeline: {name}.config is not set; every LightningCLI stage needs a config file "
                              "(see configs/pipeline/quickstart.yaml)")
         run.config = str(Path(getattr(run.config, "absolute", run.config)).resolve())
-    return Pipeline(config, progress=progress).run()
+    with folder_lock(config.run_dir, "pipeline"):
+        return Pipeline(config, progress=progress).run()

@@ -34,7 +34,7 @@ from vfusion3d_lightning.data.schema import (
     unreadable_shard,
 )
 from vfusion3d_lightning.hub import sha256_of
-from vfusion3d_lightning.io import atomic_write
+from vfusion3d_lightning.io import atomic_write, folder_lock
 
 FILTER_REPORT, LABEL_REPORT = "filter_report.json", "label_report.json"
 
@@ -83,7 +83,7 @@ def _write_shard(path: Path, samples: list[dict[str, Any]]) -> None:
     """webdataset sample dicts -> one tar at `path`, published only when complete."""
     partial = path.with_name(path.name + ".partial")
     try:
-        with wds.TarWriter(str(partial)) as writer:
+        with wds.TarWriter(str(partial), mtime=0) as writer:  # no clock in the bytes, as ShardWriter
             for sample in samples:
                 writer.write(sample)
         partial.replace(path)
@@ -115,7 +115,12 @@ def _raw_samples(shard: Path) -> list[dict[str, Any]]:
 def _run(shards: str | Path | list[str], out_dir: str | Path, report_name: str, settings: dict[str, Any],
          process: Callable[[Path, Path], dict[str, int]], description: str, progress: bool) -> CurationReport:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir, report_name.removesuffix("_report.json")):
+        return _run_locked(shards, out_dir, report_name, settings, process, description, progress)
+
+
+def _run_locked(shards: str | Path | list[str], out_dir: Path, report_name: str, settings: dict[str, Any],
+                process: Callable[[Path, Path], dict[str, int]], description: str, progress: bool) -> CurationReport:
     report = CurationReport.resume(out_dir / report_name, settings)
     inputs = shard_paths(shards)
     if any(p.parent.resolve() == out_dir.resolve() for p in inputs):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from vfusion3d_lightning.data.datamodules import EpochDataLoader, EpochShuffle, trainer_progress
 from vfusion3d_lightning.data.feature_cache import read_features, read_metadata, shard_paths
 from vfusion3d_lightning.data.labels import read_labels
 
@@ -100,8 +101,9 @@ class CurationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.hparams.target == "quality":
             return DataLoader([self.train_set.tensors], batch_size=None)
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
+        # the order is a function of (seed, epoch) and the loader resumes mid-epoch: a killed fit goes on exactly
+        return EpochDataLoader(self.train_set, trainer_progress(self), batch_size=self.hparams.batch_size,
+                               sampler=EpochShuffle(len(self.train_set), self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader:
         if self.hparams.target == "quality":

@@ -12,15 +12,18 @@ import glob
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
 from vfusion3d_lightning.cameras import (
     canonical_source_pose,
@@ -28,33 +31,91 @@ from vfusion3d_lightning.cameras import (
     render_camera_vector,
     source_camera_vector,
 )
-from vfusion3d_lightning.data.schema import MultiViewSample, SampleError, complete_shards, decode_sample, keys_in_shards
+from vfusion3d_lightning.data.schema import MultiViewSample, SampleError, ShardError, decode_sample, keys_in_shards
 
 log = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
 
+# webdataset reads a `pipe:CMD` shard by running CMD in a shell; shard specs come from configs, command lines and
+# other people's data lists, so such URLs are refused unless the user sets this to 1 for specs of their own
+ALLOW_PIPE_ENV = "VFUSION3D_ALLOW_PIPE"
+
+
+class UnsafeShardURLError(ShardError):
+    """A shard URL that webdataset would open by running a shell command (`pipe:`), not allowed by the user."""
+
+
+def command_scheme(url: str) -> str | None:
+    """The scheme of `url` when webdataset opens it by running a shell command of the URL's (`pipe:`, also after
+    webdataset's GOPEN_REWRITE rules), else None. http(s), gs, ... run fixed downloaders (curl, gsutil) on the URL
+    as one argument, not a command of the URL's, and are allowed."""
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the module: `webdataset.gopen` is also its function
+    for candidate in (url, gopen.rewrite_url(url)):
+        scheme = urlparse(candidate).scheme
+        if scheme == "pipe" or (scheme and gopen.gopen_schemes.get(scheme) is gopen.gopen_pipe):
+            return scheme
+    return None
+
+
+def check_shard_urls(urls: list[str], spec: Any = None) -> None:
+    """Refuse shard URLs that run shell commands (see `command_scheme`) unless VFUSION3D_ALLOW_PIPE=1.
+
+    Args:
+        urls: the expanded shard URLs.
+        spec: what the user gave (for the message); default the URLs.
+    """
+    if os.environ.get(ALLOW_PIPE_ENV) == "1":
+        return
+    unsafe = [u for u in urls if command_scheme(os.fspath(u))]
+    if unsafe:
+        raise UnsafeShardURLError(
+            f"shard spec {spec if spec is not None else urls!r} names {unsafe[0]!r}, a `pipe:` URL: reading it runs "
+            f"a shell command, so it is refused. Give shard files, folders, globs or http(s) URLs; if you wrote "
+            f"this command yourself and trust it, set the environment variable {ALLOW_PIPE_ENV}=1")
+
+
+def _local(path: str | os.PathLike) -> str:
+    """A local file's path that webdataset cannot mistake for a URL: a file named `pipe:cmd.tar` found in a
+    folder or by a glob is read as that file, never run (its absolute path has no URL scheme)."""
+    path = os.fspath(path)
+    return os.path.abspath(path) if urlparse(path).scheme else path
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not command_scheme(url)
+
+
+def folder_shards(directory: str | os.PathLike) -> list[Path]:
+    """The complete shards of a folder: every `*.tar` file in it (not `.tar.partial`, not hidden), by name."""
+    return sorted(p for p in Path(directory).glob("*.tar") if not p.name.startswith(".") and p.is_file())
+
 
 def expand_shards(pattern: str | list[str]) -> list[str]:
-    """Shard URLs from a folder of shard-NNNNNN.tar files (its complete shards), a brace pattern
-    (`shard-{000000..000009}.tar`), a glob, a list, or comma-separated."""
+    """Shard URLs from a folder (its `*.tar` files, sorted; `.tar.partial` files and hidden files are left out),
+    a brace pattern (`shard-{000000..000009}.tar`), a glob, a list, or comma-separated. `pipe:` URLs, which run
+    a shell command, are refused unless VFUSION3D_ALLOW_PIPE=1 (`check_shard_urls`), before anything is read."""
     patterns = pattern if isinstance(pattern, list) else [p for p in pattern.split(",") if p]
     urls: list[str] = []
     for item in patterns:
         item = os.fspath(item)
         if os.path.isdir(item):
-            shards = complete_shards(item)
+            shards = folder_shards(item)
             if not shards:
-                raise FileNotFoundError(f"no shard-NNNNNN.tar files in the folder {item}")
-            urls.extend(os.fspath(shard) for shard in shards)
+                raise FileNotFoundError(f"no .tar shards in the folder {item} (.tar.partial files are shards still "
+                                        "being written); give a folder of shard .tar files, a glob or a list")
+            urls.extend(_local(shard) for shard in shards)
         elif any(c in item for c in "*?["):
             matched = sorted(glob.glob(item))
             if not matched:
                 raise FileNotFoundError(f"no shards match {item!r}")
-            urls.extend(matched)
+            urls.extend(_local(match) for match in matched)
         else:
-            urls.extend(wds.shardlists.expand_urls(item))
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+            urls.extend(_local(u) if os.path.isfile(u) else u for u in wds.shardlists.expand_urls(item))
+    check_shard_urls(urls, pattern)
+    missing = [u for u in urls if _is_local(u) and not os.path.exists(u)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) do not exist, e.g. {missing[:3]}")
     if not urls:
@@ -64,7 +125,7 @@ def expand_shards(pattern: str | list[str]) -> list[str]:
 
 def count_samples(urls: list[str]) -> int:
     """Samples in local shards, read from tar headers only."""
-    remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
+    remote = [u for u in urls if not _is_local(u)]
     if remote:
         raise ValueError(f"cannot count samples in remote shards ({remote[0]}); set samples_per_epoch")
     return sum(len(keys) for keys in keys_in_shards([os.fspath(u) for u in urls]).values())
@@ -91,6 +152,7 @@ class ShardStream(IterableDataset):
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.require_cameras, self.on_error = require_cameras, on_error
         self.epoch = 0
+        check_shard_urls(self.urls)
 
     def _slot(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -104,17 +166,18 @@ class ShardStream(IterableDataset):
         return self.rank * workers + worker, slots, self.samples_per_rank // workers + (
             worker < self.samples_per_rank % workers)
 
-    def _raw_samples(self, urls: list[str], skipped: list[int]) -> Iterator[dict]:
+    def _raw_samples(self, urls: list[str], skipped: Skipped) -> Iterator[dict]:
         def handler(err: Exception) -> bool:
             if self.on_error == "raise":
                 raise err
-            skipped[0] += 1
+            skipped.add(f"unreadable shard data ({type(err).__name__}: {err.args[0] if err.args else err})")
             log.warning("skipping unreadable shard data: %s", err)
             return True
 
+        check_shard_urls(urls)  # again here, in the worker that opens them: a stream built by hand is checked too
         yield from wds.tarfile_samples(iter([{"url": url} for url in urls]), handler=handler)
 
-    def _decoded(self, urls: list[str], rng: np.random.Generator, skipped: list[int]) -> Iterator[dict]:
+    def _decoded(self, urls: list[str], rng: np.random.Generator, skipped: Skipped) -> Iterator[dict]:
         for raw in self._raw_samples(urls, skipped):
             try:
                 sample = decode_sample(raw, self.require_cameras, lambda n: self.transform.select(n, rng))
@@ -122,14 +185,14 @@ class ShardStream(IterableDataset):
             except SampleError as err:
                 if self.on_error == "raise":
                     raise
-                skipped[0] += 1
+                skipped.add(skip_reason(err, raw))
                 log.warning("skipping sample: %s", err)
 
     def __len__(self) -> int:
         """Samples this rank yields per epoch (DataLoader divides by the batch size)."""
         return self.samples_per_rank
 
-    def _endless(self, urls: list[str], rng: np.random.Generator, skipped: list[int]) -> Iterator[dict]:
+    def _endless(self, urls: list[str], rng: np.random.Generator, skipped: Skipped) -> Iterator[dict]:
         while True:  # a slot with fewer samples than its quota reads its shards again
             produced = False
             items = self._decoded(urls, rng, skipped)
@@ -139,7 +202,23 @@ class ShardStream(IterableDataset):
                 produced = True
                 yield item
             if not produced:
-                raise RuntimeError(f"shards {urls[:3]} yielded no usable sample ({skipped[0]} skipped)")
+                raise self._nothing_usable(urls, skipped)
+
+    def _nothing_usable(self, urls: list[str], skipped: Skipped) -> SampleError:
+        """One line: which shards, how many samples were skipped and the most common reason, what to do."""
+        shards = f"{len(urls)} shard(s) {', '.join(os.fspath(u) for u in urls[:3])}{' ...' if len(urls) > 3 else ''}"
+        if not skipped.count:
+            return SampleError(f"no usable sample: {shards} hold no samples; give shards with samples in them")
+        reason, times = skipped.reasons.most_common(1)[0]
+        message = (f"no usable sample: all {skipped.count} sample(s) of {shards} were skipped, {times} of them "
+                   f"because {reason}")
+        if self.require_cameras and "no cameras" in reason:
+            message += (" (the LRM needs cam2world and intrinsics in every sample, and `cam2world: null` means "
+                        "none: render 3D assets with cameras, or give generated videos cameras with "
+                        "`vfusion3d-lightning label`; the video model trains without them)")
+        else:
+            message += " (the log lists every skipped sample)"
+        return SampleError(" ".join(message.split()))
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots, quota = self._slot()
@@ -147,11 +226,30 @@ class ShardStream(IterableDataset):
         order = list(self.urls)
         if self.shuffle:  # the same permutation on every rank: seeded by epoch, not by slot
             np.random.default_rng([self.seed, self.epoch]).shuffle(order)
-        skipped = [0]
+        skipped = Skipped()
         for _, item in zip(range(quota), self._endless(order[slot::slots], rng, skipped)):
             yield item
-        if skipped[0]:
-            log.warning("rank %d slot %d skipped %d bad sample(s) this epoch", self.rank, slot, skipped[0])
+        if skipped.count:
+            log.warning("rank %d slot %d skipped %d bad sample(s) this epoch", self.rank, slot, skipped.count)
+
+
+class Skipped:
+    """The samples a stream skipped: how many, and how often each reason came up."""
+
+    def __init__(self):
+        self.count, self.reasons = 0, Counter()
+
+    def add(self, reason: str) -> None:
+        self.count += 1
+        self.reasons[reason] += 1
+
+
+def skip_reason(err: Exception, raw: dict) -> str:
+    """A SampleError's message without the sample's name (`sample 'key' in url: `), so that the same problem of
+    many samples counts as one reason."""
+    message = str(err)
+    where = f"sample {raw.get('__key__', '<unknown>')!r}" + (f" in {raw['__url__']}" if "__url__" in raw else "")
+    return message[len(where) + 2:] if message.startswith(where + ": ") else message
 
 
 def shuffled(items: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -165,16 +263,74 @@ def shuffled(items: Iterator[dict], buffer_size: int, rng: np.random.Generator) 
         yield buffer.pop(int(rng.integers(len(buffer))))
 
 
-class EpochDataLoader(DataLoader):
-    """Tells its ShardStream the epoch before each pass, so shuffling differs per epoch and resumes alike."""
+class EpochShuffle(Sampler[int]):
+    """A random order of `size` indices seeded by (seed, epoch): the same epoch gives the same order in a resumed
+    run, which a sampler drawing from one generator across epochs cannot."""
 
-    def __init__(self, dataset: ShardStream, epoch_source: Callable[[], int], **kwargs: Any):
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def trainer_progress(module: L.LightningDataModule) -> Callable[[], tuple[int, int]]:
+    """(epoch, training batches processed in it) of the module's trainer, for `EpochDataLoader`."""
+    def progress() -> tuple[int, int]:
+        trainer = module.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return progress
+
+
+class EpochDataLoader(DataLoader):
+    """A loader whose order is a function of the epoch (its ShardStream's or EpochShuffle's), and which resumes
+    mid-epoch: its state in a checkpoint is (epoch, batches trained), and the first pass after loading it skips
+    those batches (read and dropped, not trained on), so a killed and resumed run trains on exactly the batches of
+    an uninterrupted one.
+
+    Args:
+        dataset: a ShardStream, or a map-style dataset with `sampler=EpochShuffle(...)`.
+        progress: (epoch, training batches processed in it) now, usually `trainer_progress(datamodule)`.
+    """
+
+    def __init__(self, dataset: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any):
         super().__init__(dataset, **kwargs)
-        self.epoch_source = epoch_source
+        self.progress = progress
+        self._resume_at: tuple[int, int] | None = None
 
     def __iter__(self):
-        self.dataset.epoch = self.epoch_source()
-        return super().__iter__()
+        epoch, skip = self.progress()[0], 0
+        if self._resume_at is not None:
+            # Lightning starts the first pass before it updates its epoch counter: the checkpoint says which pass
+            epoch, skip = self._resume_at
+            if skip >= len(self):  # saved after the epoch's last batch: the next pass is the next epoch
+                epoch, skip = epoch + 1, 0
+            self._resume_at = None
+        if isinstance(self.dataset, ShardStream):
+            self.dataset.epoch = epoch
+        if isinstance(self.sampler, EpochShuffle):
+            self.sampler.set_epoch(epoch)
+        batches = super().__iter__()
+        if skip:
+            log.info("resuming epoch %d: skipping the %d batch(es) trained before the checkpoint", epoch, skip)
+            for _ in range(skip):
+                next(batches)
+        return batches
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.progress()
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = (int(state["epoch"]), int(state["batches"]))
 
 
 def rgba_to_tensors(view: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,9 +436,6 @@ class _ShardDataModule(L.LightningDataModule):
             return self.trainer.global_rank, self.trainer.world_size
         return distributed_rank_and_size()
 
-    def _epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else 0
-
     def loader(self, pattern: str, samples: int | None, train: bool) -> EpochDataLoader:
         """A loader of this rank's share of `pattern`, with whole batches on every worker."""
         urls = expand_shards(pattern)
@@ -303,7 +456,7 @@ class _ShardDataModule(L.LightningDataModule):
                               shuffle=train, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
                               require_cameras=self.require_cameras, on_error=self.on_error)
         # persistent workers would keep a stale epoch; drop_last keeps batch counts equal on every rank
-        return EpochDataLoader(dataset, self._epoch, batch_size=self.batch_size, num_workers=workers,
+        return EpochDataLoader(dataset, trainer_progress(self), batch_size=self.batch_size, num_workers=workers,
                                drop_last=True, pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
     def train_dataloader(self) -> EpochDataLoader:

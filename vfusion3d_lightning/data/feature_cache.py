@@ -24,7 +24,7 @@ from vfusion3d_lightning.io import atomic_write
 
 
 def shard_paths(shards: str | Path | list[str]) -> list[Path]:
-    """A folder of shard-NNNNNN.tar files, a glob/brace pattern, or a list of them -> shard paths."""
+    """A folder of shard .tar files, a glob/brace pattern, or a list of them -> shard paths (`expand_shards`)."""
     return [Path(p) for p in expand_shards(shards if isinstance(shards, list) else os.fspath(shards))]
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from vfusion3d_lightning.data.preprocess import IMAGE_SUFFIXES, preprocess
 from vfusion3d_lightning.data.render_shards import sample_key
 from vfusion3d_lightning.data.schema import MultiViewSample, ShardJobReport, ShardWriter, resume_shard_folder
-from vfusion3d_lightning.io import read_jsonl, to_uint8_images
+from vfusion3d_lightning.io import folder_lock, read_jsonl, to_uint8_images
 from vfusion3d_lightning.models.video import OrbitVideoPipeline, SamplerSettings, VideoDiffusionModel
 
 REPORT_NAME = "generate_report.json"
@@ -105,6 +105,15 @@ def generate_shards(model: VideoDiffusionModel, inputs: list[GenerationInput], o
     skipped; a killed run leaves only `.tar.partial` files, removed here, so its samples are made again."""
     settings = settings or SamplerSettings()
     out_dir = Path(out_dir)
+    with folder_lock(out_dir, "generate"):
+        return _generate_shards(model, inputs, out_dir, settings, frame_size, batch_size, seed, shard_size,
+                                border_ratio, background, model_name, progress)
+
+
+def _generate_shards(model: VideoDiffusionModel, inputs: list[GenerationInput], out_dir: Path,
+                     settings: SamplerSettings, frame_size: int, batch_size: int, seed: int, shard_size: int,
+                     border_ratio: float | None, background: str, model_name: str,
+                     progress: bool) -> ShardJobReport:
     done = resume_shard_folder(out_dir)
     todo = [item for item in inputs if item.key not in done]
     report = ShardJobReport(skipped_existing=len(inputs) - len(todo))

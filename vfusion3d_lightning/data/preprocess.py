@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from vfusion3d_lightning.data.schema import has_alpha, image_to_array
 from vfusion3d_lightning.hub import missing_weights_error
 
 BACKGROUNDS = ("auto", "rembg", "alpha", "white")
@@ -19,18 +21,47 @@ REMBG_MODEL = "isnet-general-use"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+MAX_INPUT_PIXELS = 64 * 2**20  # width x height of an input image; larger ones are refused before decoding
+MIN_INPUT_SIDE = 16  # pixels; a smaller image cannot show an object to reconstruct
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as uint8 (H, W, 4) when it has an alpha channel, else (H, W, 3)."""
+    """An image file as uint8 (H, W, 4) when it has transparency, else (H, W, 3).
+
+    Every mode is read at its range (16-bit grey scaled to 8 bits, palette or grey transparency kept as
+    alpha, CMYK converted: schema.image_to_array); the size in the header is checked against
+    MAX_INPUT_PIXELS before decoding, so a small file declaring a huge image is refused, not decoded.
+    """
     try:
-        with Image.open(path) as image:
-            image.load()
-            has_alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
-            return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+        with warnings.catch_warnings():  # PIL warns above 89 Mpx; MAX_INPUT_PIXELS, lower, is checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
     except (FileNotFoundError, IsADirectoryError):
         raise FileNotFoundError(f"input image {path} does not exist") from None
+    except Image.DecompressionBombError as err:  # PIL refuses above 179 Mpx while reading the header
+        raise ValueError(_too_large(path, f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels")) from err
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read {path} as an image ({err}); replace it by a PNG, JPEG, WebP or BMP file, "
-                         "or move it out of the inputs") from err
+        raise _unreadable(path, err) from err
+    with image:
+        width, height = image.size
+        if width * height > MAX_INPUT_PIXELS:
+            raise ValueError(_too_large(path, f"{width}x{height} pixels"))
+        try:
+            image.load()
+            return image_to_array(image, "RGBA" if has_alpha(image) else "RGB")
+        except (OSError, ValueError) as err:  # truncated data; values no 8-bit image holds (schema.image_to_array)
+            raise _unreadable(path, err) from err
+
+
+def _unreadable(path, err: Exception) -> ValueError:
+    return ValueError(f"cannot read {path} as an image ({err}); replace it by a PNG, JPEG, WebP or BMP file, "
+                      "or move it out of the inputs")
+
+
+def _too_large(path, size: str) -> str:
+    return (f"input image {path} is {size}, over the limit of {MAX_INPUT_PIXELS} pixels "
+            f"(preprocess.MAX_INPUT_PIXELS, {MAX_INPUT_PIXELS / 2**20:g} Mpx); downscale it (the model sees "
+            "512x512 pixels) or move it out of the inputs")
 
 
 def rembg_model_path() -> Path:
@@ -50,7 +81,7 @@ def _rembg_session():  # loading the ONNX model takes seconds; videos ask for a 
     try:
         import rembg
     except ImportError:
-        raise RuntimeError(
+        raise ModuleNotFoundError(
             "background removal needs rembg: `pip install rembg onnxruntime`, or give an RGBA image, or use "
             "background 'white' (mask method 'threshold') for objects on a plain white background"
         ) from None
@@ -128,6 +159,10 @@ def recenter(rgb: np.ndarray, mask: np.ndarray, border_ratio: float = 0.2) -> np
     size = max(mask.shape)
     top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
     height, width = bottom - top, right - left
+    if height < 1 or width < 1:  # the crop (the last row and column left out, as released) would be empty
+        raise ValueError(f"the object found is a line of pixels (rows {top}-{bottom}, columns {left}-{right}), an "
+                         "empty crop that would give a blank input; give an image where the object spans more "
+                         "pixels, or check its alpha channel or background")
     scale = int(size * (1 - border_ratio)) / max(height, width, 1)
     new_h, new_w = max(1, int(height * scale)), max(1, int(width * scale))
     crop = np.concatenate([rgb, mask[..., None]], axis=-1)[top:bottom, left:right]
@@ -146,6 +181,10 @@ def preprocess(image: np.ndarray | str | os.PathLike, size: int = 512, border_ra
     array = load_image(image) if not isinstance(image, np.ndarray) else image
     if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (H, W, 3 or 4), got {array.shape} {array.dtype}")
+    if min(array.shape[:2]) < MIN_INPUT_SIDE:
+        name = "the input image" if isinstance(image, np.ndarray) else f"input image {image}"
+        raise ValueError(f"{name} is {array.shape[1]}x{array.shape[0]} pixels, too small to show an object (at least "
+                         f"{MIN_INPUT_SIDE}x{MIN_INPUT_SIDE}, preprocess.MIN_INPUT_SIDE); give a larger image")
     rgb, mask = foreground(array, background)
     if border_ratio is None:
         if rgb.shape[0] != rgb.shape[1]:

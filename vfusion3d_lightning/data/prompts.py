@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vfusion3d_lightning.data.labels import repair_jsonl_tail
 from vfusion3d_lightning.io import atomic_write, read_jsonl
 
 DEFAULT_MODEL = "meta-llama/Llama-2-13b-chat-hf"  # the paper's filter (Llama2-13B); gated on the hub
@@ -243,25 +244,6 @@ def read_decisions(path: Path) -> dict[str, dict]:
     return decisions
 
 
-def _repair_tail(path: Path) -> None:
-    """End the file on a whole line: a kill mid-write leaves a partial last line (dropped: its batch is redone)
-    or, rarely, a whole record without its newline (kept, so the next append does not run into it)."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return
-    tail = data[data.rfind(b"\n") + 1:]
-    try:
-        json.loads(tail)
-    except ValueError:  # JSONDecodeError, or UnicodeDecodeError for a cut multi-byte character
-        with path.open("r+b") as handle:
-            handle.truncate(len(data) - len(tail))
-        return
-    with path.open("ab") as handle:
-        handle.write(b"\n")
-
-
 def classify_pending(captions: Sequence[str], decisions_path: Path,
                      load_classifier: Callable[[], Callable[[list[str]], list[str]]],
                      batch_size: int = 8) -> tuple[dict[str, dict], int]:
@@ -270,7 +252,7 @@ def classify_pending(captions: Sequence[str], decisions_path: Path,
     `load_classifier()` -> captions -> raw answers; called only when something is pending (a finished rerun
     never loads the LLM). Returns (comparison_key -> record for all decisions on file, number decided now).
     """
-    _repair_tail(decisions_path)
+    repair_jsonl_tail(decisions_path)
     decisions = read_decisions(decisions_path)
     pending = [c for c in captions if comparison_key(c) not in decisions]
     if not pending:

@@ -12,25 +12,30 @@ The JSON holds
     schema        "vfusion3d-multiview/1"
     object_id     str, the asset or video id
     source        "3d" (renders of 3D assets) or "synthetic" (generated videos)
-    num_views     N
-    width, height view size in pixels
+    num_views     N, a positive integer
+    width, height view size in pixels, positive integers, width x height at most MAX_VIEW_PIXELS
     image_format  "png" or "jpg"
     cam2world     N 4x4 cam-to-world matrices (OpenGL camera, world +z up: see cameras.py) or null
     intrinsics    N 3x3 pixel intrinsics [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] or null
     elevations    N elevations in radians or null
     azimuths      N azimuths in radians or null
     prompt        str or null
-    quality       float or null (quality-classifier score)
-and may hold more keys, which are kept in `MultiViewSample.extra`.
+    quality       finite number or null (quality-classifier score)
+and may hold more keys, which are kept in `MultiViewSample.extra`. A view file may be any PNG mode (16-bit grey is
+scaled to 8 bits; palette or grey transparency is alpha); its header's size must match width and height.
+decode_sample turns every defect of a sample (a field of the wrong type included) into a SampleError naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
+import reprlib
 import tarfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +48,7 @@ from PIL import Image
 SCHEMA_VERSION = "vfusion3d-multiview/1"
 SOURCES = ("3d", "synthetic")
 IMAGE_FORMATS = ("png", "jpg")
+MAX_VIEW_PIXELS = 4096 * 4096  # a view's width x height; larger metadata is refused before any decoding
 _CORE_KEYS = {"schema", "object_id", "source", "num_views", "width", "height", "image_format", "cam2world",
               "intrinsics", "elevations", "azimuths", "prompt", "quality"}
 
@@ -130,13 +136,71 @@ def encode_sample(sample: MultiViewSample, image_format: str = "png", jpeg_quali
     return out
 
 
-def _decode_image(data: bytes, key: str, name: str, mode: str) -> np.ndarray:
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether a PIL image carries transparency: an alpha band, or a transparent colour (palette, grey, RGB)."""
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
+def image_to_array(image: Image.Image, mode: str) -> np.ndarray:
+    """A PIL image of any mode as uint8: (H, W, 4) for `mode` "RGBA", (H, W, 3) for "RGB", (H, W) for "L".
+
+    `Image.convert` clips 16- and 32-bit integer images to 255 (a 16-bit grey PNG comes out white) and float
+    images to 0/1, so these are scaled here: integers from 0..65535, floats from 0..1 (or 0..255 where they
+    exceed 1); a transparent grey value becomes alpha. Palette, grey-alpha, CMYK, YCbCr ... go through
+    `convert`, which keeps palette transparency. ValueError for values no 8-bit image can hold.
+    """
+    if mode not in ("RGBA", "RGB", "L"):
+        raise ValueError(f"mode must be RGBA, RGB or L, got {mode!r}")
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return np.asarray(image.convert(mode))
+    values = np.asarray(image)
+    if image.mode == "F":
+        if not np.isfinite(values).all():
+            raise ValueError("the float image holds NaN or inf; save it as an 8- or 16-bit image")
+        low, high = float(values.min()), float(values.max())
+        if low < 0 or high > 255:
+            raise ValueError(f"the float image holds values {low:g} to {high:g}, outside 0..1 and 0..255; save it "
+                             "as an 8- or 16-bit image")
+        grey = np.round(values * (255 if high <= 1 else 1)).astype(np.uint8)
+    else:
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise ValueError(f"the integer image holds values {low} to {high}, outside 16 bits (0..65535); save it "
+                             "as an 8- or 16-bit image")
+        grey = np.round(values.astype(np.float32) / 257).astype(np.uint8)  # 65535 -> 255
+    if mode == "L":
+        return grey
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    if mode == "RGB":
+        return rgb
+    transparent = image.info.get("transparency")
+    alpha = np.full(grey.shape, 255, np.uint8)
+    if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+        alpha[values == transparent] = 0
+    return np.concatenate([rgb, alpha[..., None]], axis=-1)
+
+
+def _decode_view(data: bytes, where: str, view: int, name: str, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """One view file -> uint8 array; its header's size is compared with the metadata's before any decoding, so
+    a small file that declares a huge image (a decompression bomb) never reaches memory."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():  # PIL warns above 89 Mpx; the size is checked against the metadata here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+        with image:
+            if image.size != size:
+                raise SampleError(f"sample {where}: view {view} ({name}) is {image.size[0]}x{image.size[1]} "
+                                  f"pixels, metadata says {size[0]}x{size[1]}; write the sample again")
             image.load()
-            return np.asarray(image.convert(mode))
+            return image_to_array(image, mode)
+    except (SampleError, MemoryError):
+        raise
     except Exception as err:  # PIL raises many types for truncated or foreign data
-        raise SampleError(f"sample {key!r}: view file {name} cannot be decoded ({err})") from err
+        raise SampleError(f"sample {where}: view {view} file {name} cannot be decoded ({type(err).__name__}: "
+                          f"{err}); write the sample again or move its shard out of the folder") from err
 
 
 def _array(meta: dict, name: str, shape: tuple[int, ...], where: str) -> np.ndarray | None:
@@ -145,15 +209,49 @@ def _array(meta: dict, name: str, shape: tuple[int, ...], where: str) -> np.ndar
         return None
     try:
         array = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError) as err:
-        raise SampleError(f"sample {where}: {name} is not numeric ({err})") from err
+    except (TypeError, ValueError, OverflowError) as err:
+        raise SampleError(f"sample {where}: metadata field {name!r} is not numeric ({err}); expected {shape} "
+                          "numbers or null") from err
     if array.shape != shape:
-        raise SampleError(f"sample {where}: {name} has shape {array.shape}, expected {shape}")
+        raise SampleError(f"sample {where}: metadata field {name!r} has shape {array.shape}, expected {shape}")
     return array
 
 
 def _subset(array: np.ndarray | None, indices: list[int]) -> np.ndarray | None:
     return None if array is None else array[indices]
+
+
+def _views(mask: np.ndarray) -> list[int]:
+    """The view numbers (first axis) where `mask` holds anywhere."""
+    mask = np.asarray(mask)
+    return np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)).tolist()
+
+
+def _check_cameras(where: str, n: int, cam2world, intrinsics, elevations, azimuths) -> None:
+    """Per-view arrays of n views; errors give the view numbers of these arrays."""
+    for name, array, shape in (("cam2world", cam2world, (n, 4, 4)), ("intrinsics", intrinsics, (n, 3, 3)),
+                               ("elevations", elevations, (n,)), ("azimuths", azimuths, (n,))):
+        if array is None:
+            continue
+        if np.shape(array) != shape:
+            raise SampleError(f"sample {where}: {name} has shape {np.shape(array)}, expected {shape}")
+        if not np.isfinite(array).all():
+            raise SampleError(f"sample {where}: {name} holds NaN or inf (views {_views(~np.isfinite(array))})")
+    if cam2world is not None:
+        cam2world = np.asarray(cam2world)
+        row = np.abs(cam2world[:, 3] - [0, 0, 0, 1]) > 1e-5
+        if row.any():
+            raise SampleError(f"sample {where}: cam2world matrices must end in the row [0, 0, 0, 1] (views "
+                              f"{_views(row)})")
+        rotation = cam2world[:, :3, :3]
+        error = np.abs(rotation @ rotation.transpose(0, 2, 1) - np.eye(3)).max(axis=(1, 2))
+        if (error > 1e-3).any():
+            raise SampleError(f"sample {where}: cam2world rotations are not orthonormal (error {error.max():.2g}, "
+                              f"views {_views(error > 1e-3)})")
+    if intrinsics is not None:
+        bad = (np.asarray(intrinsics)[:, 0, 0] <= 0) | (np.asarray(intrinsics)[:, 1, 1] <= 0)
+        if bad.any():
+            raise SampleError(f"sample {where}: intrinsics need positive focal lengths (views {_views(bad)})")
 
 
 def _check_sample(sample: MultiViewSample, key: str, where: str | None = None) -> None:
@@ -165,28 +263,73 @@ def _check_sample(sample: MultiViewSample, key: str, where: str | None = None) -
     images = sample.images
     if images.ndim != 4 or images.shape[-1] != 4 or images.dtype != np.uint8 or images.shape[0] < 1:
         raise SampleError(f"sample {where}: images must be (N, H, W, 4) uint8 RGBA, got {images.shape} {images.dtype}")
-    n = images.shape[0]
-    for name, array, shape in (("cam2world", sample.cam2world, (n, 4, 4)), ("intrinsics", sample.intrinsics, (n, 3, 3)),
-                               ("elevations", sample.elevations, (n,)), ("azimuths", sample.azimuths, (n,))):
-        if array is None:
-            continue
-        if np.shape(array) != shape:
-            raise SampleError(f"sample {where}: {name} has shape {np.shape(array)}, expected {shape}")
-        if not np.isfinite(array).all():
-            bad = sorted({int(i) for i in np.argwhere(~np.isfinite(np.asarray(array)))[:, 0]})
-            raise SampleError(f"sample {where}: {name} holds NaN or inf (views {bad})")
-    if sample.cam2world is not None:
-        if not np.allclose(sample.cam2world[:, 3], [0, 0, 0, 1], atol=1e-5):
-            raise SampleError(f"sample {where}: cam2world matrices must end in the row [0, 0, 0, 1]")
-        rotation = np.asarray(sample.cam2world)[:, :3, :3]
-        error = np.abs(rotation @ rotation.transpose(0, 2, 1) - np.eye(3)).max()
-        if error > 1e-3:
-            raise SampleError(f"sample {where}: cam2world rotations are not orthonormal (error {error:.2g})")
-    if sample.intrinsics is not None and (
-            (sample.intrinsics[:, 0, 0] <= 0).any() | (sample.intrinsics[:, 1, 1] <= 0).any()):
-        raise SampleError(f"sample {where}: intrinsics need positive focal lengths")
+    _check_cameras(where, images.shape[0], sample.cam2world, sample.intrinsics, sample.elevations, sample.azimuths)
     if sample.quality is not None and not math.isfinite(sample.quality):
         raise SampleError(f"sample {where}: quality is {sample.quality}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field_error(where: str, name: str, expected: str, value: Any) -> SampleError:
+    return SampleError(f"sample {where}: metadata field {name!r} must be {expected}, got {type(value).__name__} "
+                       f"{reprlib.repr(value)}; write the sample again with the types of the schema "
+                       "(vfusion3d_lightning/data/schema.py)")
+
+
+def _metadata(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The sample's .json, its core fields' types checked: SampleError naming the field that is wrong."""
+    if "json" not in raw:
+        raise SampleError(f"sample {where}: missing its .json metadata (files present: {sorted(raw)})")
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, TypeError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+        raise SampleError(f"sample {where}: .json is not valid JSON ({type(err).__name__}: {err})") from err
+    if not isinstance(meta, dict):
+        raise SampleError(f"sample {where}: .json holds a {type(meta).__name__}, expected an object of the schema's "
+                          "fields; write the sample again")
+    if meta.get("schema") != SCHEMA_VERSION:
+        raise SampleError(f"sample {where}: schema is {reprlib.repr(meta.get('schema'))}, expected "
+                          f"{SCHEMA_VERSION!r}")
+    missing = [name for name in ("object_id", "source", "num_views", "width", "height", "image_format")
+               if name not in meta]
+    if missing:
+        raise SampleError(f"sample {where}: metadata lacks {missing}")
+    if not isinstance(meta["object_id"], str) and not _is_int(meta["object_id"]):
+        raise _field_error(where, "object_id", "a string", meta["object_id"])
+    if not isinstance(meta["source"], str) or meta["source"] not in SOURCES:
+        raise _field_error(where, "source", f"one of {SOURCES}", meta["source"])
+    n = meta["num_views"]
+    if not _is_int(n) or n < 1:
+        raise _field_error(where, "num_views", "a positive integer", n)
+    if not isinstance(meta["image_format"], str) or meta["image_format"] not in IMAGE_FORMATS:
+        raise _field_error(where, "image_format", f"one of {IMAGE_FORMATS}", meta["image_format"])
+    for name in ("width", "height"):
+        if not _is_int(meta[name]) or meta[name] < 1:
+            raise _field_error(where, name, "a positive integer", meta[name])
+    if meta["width"] * meta["height"] > MAX_VIEW_PIXELS:
+        raise SampleError(f"sample {where}: views of {meta['width']}x{meta['height']} pixels exceed the cap of "
+                          f"{MAX_VIEW_PIXELS} pixels (schema.MAX_VIEW_PIXELS, 4096x4096); write the views smaller")
+    if meta.get("prompt") is not None and not isinstance(meta["prompt"], str):
+        raise _field_error(where, "prompt", "a string or null", meta["prompt"])
+    quality = meta.get("quality")
+    if quality is not None and (not isinstance(quality, (int, float)) or isinstance(quality, bool)
+                                or not math.isfinite(quality)):
+        raise _field_error(where, "quality", "a finite number or null", quality)
+    return meta
+
+
+@contextlib.contextmanager
+def _as_sample_error(where: str) -> Iterator[None]:
+    """Any other error while a sample's data is read becomes a SampleError naming it (so training can skip it)."""
+    try:
+        yield
+    except (SampleError, MemoryError):
+        raise
+    except Exception as err:
+        raise SampleError(f"sample {where}: cannot be decoded ({type(err).__name__}: {err}); write the sample "
+                          "again or move its shard out of the folder") from err
 
 
 def decode_sample(raw: dict[str, Any], require_cameras: bool = False,
@@ -194,65 +337,53 @@ def decode_sample(raw: dict[str, Any], require_cameras: bool = False,
     """A webdataset sample dict (suffix -> bytes) -> validated MultiViewSample, or SampleError saying why not.
 
     `select(num_views)` -> view indices decodes only those views, in that order (per-view cameras and
-    angles follow): training uses a few of an object's views, and image decoding is the cost.
+    angles follow): training uses a few of an object's views, and image decoding is the cost. Every problem
+    of the sample's data is a SampleError naming the sample (and its shard, from `__url__`), the field or view.
     """
     key = raw.get("__key__", "<unknown>")
     where = f"{key!r}" + (f" in {raw['__url__']}" if "__url__" in raw else "")
-    if "json" not in raw:
-        raise SampleError(f"sample {where}: missing its .json metadata (files present: {sorted(raw)})")
-    try:
-        meta = json.loads(raw["json"])
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SampleError(f"sample {where}: .json is not valid JSON ({err})") from err
-    if meta.get("schema") != SCHEMA_VERSION:
-        raise SampleError(f"sample {where}: schema is {meta.get('schema')!r}, expected {SCHEMA_VERSION!r}")
-    missing = [name for name in ("object_id", "source", "num_views", "width", "height", "image_format")
-               if name not in meta]
-    if missing:
-        raise SampleError(f"sample {where}: metadata lacks {missing}")
-    n, fmt = meta["num_views"], meta["image_format"]
-    if not isinstance(n, int) or n < 1:
-        raise SampleError(f"sample {where}: num_views must be a positive integer, got {n!r}")
-    if fmt not in IMAGE_FORMATS:
-        raise SampleError(f"sample {where}: image_format is {fmt!r}, expected one of {IMAGE_FORMATS}")
-    needed = [view_name(i, s) for i in range(n) for s in (("png",) if fmt == "png" else ("jpg", "mask.png"))]
-    absent = [name for name in needed if name not in raw]
-    if absent:
-        raise SampleError(f"sample {where}: missing view files {absent[:6]}{' ...' if len(absent) > 6 else ''}")
+    with _as_sample_error(where):
+        meta = _metadata(raw, where)
+        n, fmt = meta["num_views"], meta["image_format"]
+        files_per_view = 1 if fmt == "png" else 2
+        if n * files_per_view > len(raw):  # before listing the names of a num_views of 10**9
+            raise SampleError(f"sample {where}: num_views is {n}, but it holds only {len(raw)} files; write the "
+                              "sample again")
+        needed = [view_name(i, s) for i in range(n) for s in (("png",) if fmt == "png" else ("jpg", "mask.png"))]
+        absent = [name for name in needed if name not in raw]
+        if absent:
+            raise SampleError(f"sample {where}: missing view files {absent[:6]}{' ...' if len(absent) > 6 else ''}")
+        arrays = {name: _array(meta, name, shape, where) for name, shape in (
+            ("cam2world", (n, 4, 4)), ("intrinsics", (n, 3, 3)), ("elevations", (n,)), ("azimuths", (n,)))}
+        _check_cameras(where, n, **arrays)  # all views, before any decoding: errors give the sample's view numbers
     try:
         indices = list(range(n)) if select is None else [int(i) for i in select(n)]
     except ValueError as err:
         raise SampleError(f"sample {where}: {err}") from err
     if not indices or min(indices) < 0 or max(indices) >= n:
         raise SampleError(f"sample {where}: selected views {indices} are not within its {n} views")
-    views = []
-    for i in indices:
-        if fmt == "png":
-            view = _decode_image(raw[view_name(i, "png")], key, view_name(i, "png"), "RGBA")
-        else:
-            rgb = _decode_image(raw[view_name(i, "jpg")], key, view_name(i, "jpg"), "RGB")
-            mask = _decode_image(raw[view_name(i, "mask.png")], key, view_name(i, "mask.png"), "L")
-            if mask.shape != rgb.shape[:2]:
-                raise SampleError(f"sample {where}: view {i} mask is {mask.shape}, image is {rgb.shape[:2]}")
-            view = np.concatenate([rgb, mask[..., None]], axis=-1)
-        if view.shape[:2] != (meta["height"], meta["width"]):
-            raise SampleError(f"sample {where}: view {i} is {view.shape[1]}x{view.shape[0]} pixels, metadata says "
-                              f"{meta['width']}x{meta['height']}")
-        views.append(view)
-    sample = MultiViewSample(
-        key=key,
-        object_id=str(meta["object_id"]),
-        source=meta["source"],
-        images=np.stack(views),
-        cam2world=_subset(_array(meta, "cam2world", (n, 4, 4), where), indices),
-        intrinsics=_subset(_array(meta, "intrinsics", (n, 3, 3), where), indices),
-        elevations=_subset(_array(meta, "elevations", (n,), where), indices),
-        azimuths=_subset(_array(meta, "azimuths", (n,), where), indices),
-        prompt=meta.get("prompt"),
-        quality=None if meta.get("quality") is None else float(meta["quality"]),
-        extra={k: v for k, v in meta.items() if k not in _CORE_KEYS},
-    )
-    _check_sample(sample, key, where)
+    with _as_sample_error(where):
+        size = (meta["width"], meta["height"])
+        views = []
+        for i in indices:
+            if fmt == "png":
+                view = _decode_view(raw[view_name(i, "png")], where, i, view_name(i, "png"), "RGBA", size)
+            else:
+                rgb = _decode_view(raw[view_name(i, "jpg")], where, i, view_name(i, "jpg"), "RGB", size)
+                mask = _decode_view(raw[view_name(i, "mask.png")], where, i, view_name(i, "mask.png"), "L", size)
+                view = np.concatenate([rgb, mask[..., None]], axis=-1)
+            views.append(view)
+        sample = MultiViewSample(
+            key=key,
+            object_id=str(meta["object_id"]),
+            source=meta["source"],
+            images=np.stack(views),
+            **{name: _subset(array, indices) for name, array in arrays.items()},
+            prompt=meta.get("prompt"),
+            quality=None if meta.get("quality") is None else float(meta["quality"]),
+            extra={k: v for k, v in meta.items() if k not in _CORE_KEYS},
+        )
+        _check_sample(sample, key, where)
     if require_cameras and not sample.has_cameras:
         raise SampleError(f"sample {where}: has no cameras (cam2world/intrinsics null); label it first")
     return sample
@@ -333,7 +464,8 @@ class ShardWriter(wds.ShardWriter):
         self.image_format = image_format
         start = 1 + max((shard_index(p) for p in complete_shards(self.directory, prefix)), default=-1)
         super().__init__(str(self.directory / f"{prefix}-%06d.tar.partial"), maxcount=maxcount, maxsize=maxsize,
-                         start_shard=start, verbose=0, post=self._publish)
+                         start_shard=start, verbose=0, post=self._publish,
+                         mtime=0)  # no clock in the bytes: the same samples always give the same shard
         self.written: list[Path] = []
 
     def _publish(self, partial: str) -> None:

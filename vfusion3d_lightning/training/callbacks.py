@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from vfusion3d_lightning.cameras import add_camera_noise
 from vfusion3d_lightning.io import atomic_write, run_log_dir
+from vfusion3d_lightning.training.seeding import step_generator
 
 SWEEP_RESULT_FILE = "sweep_result.json"
 SWEEP_STORAGE_ENV = "VFUSION3D_SWEEP_STORAGE"  # the sweep gives its trials the study's RDB URL here, not in argv
@@ -77,7 +77,8 @@ class LRRestartAtStage(Callback):
 class CameraNoise(Callback):
     """Adds uniform noise to the batch's `source_camera` and/or `render_cameras` in training steps only.
 
-    Seeded by (seed, global step, rank): a rerun or a resumed run draws the same noise."""
+    Each camera's generator is seeded by (seed, global rank, global step, micro-batch, key) (`step_generator`): every
+    rank and every gradient-accumulation micro-batch draws its own noise, and a rerun or a resumed run the same."""
 
     def __init__(self, scale: float = 0.02, source: bool = True, render: bool = True, seed: int = 0):
         if scale < 0:
@@ -87,10 +88,9 @@ class CameraNoise(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
                              batch_idx: int) -> None:
         keys = [k for k, on in (("source_camera", self.source), ("render_cameras", self.render)) if on]
-        for offset, key in enumerate(keys):
+        for key in keys:
             camera = batch[key]
-            generator = torch.Generator(device=camera.device)
-            generator.manual_seed(hash((self.seed, trainer.global_step, trainer.global_rank, offset)) % 2**63)
+            generator = step_generator(trainer, self.seed, batch_idx, f"camera_noise/{key}", camera.device)
             batch[key] = add_camera_noise(camera, self.scale, generator)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
@@ -19,8 +21,13 @@ def lightning_cli(argv: list[str] | None, run: bool = True, overwrite_config: bo
         overwrite_config: let a rerun write the run's config.yaml again where there is no versioned log folder
             (predict).
     """
+    # parse errors raise (argparse.ArgumentError) rather than print the usage of every flag: the CLI says them
+    # in one line
+    # the CLI hands over its command line with shipped config names resolved, so both are given on purpose
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    raising = {"exit_on_error": False, **{command: {"exit_on_error": False} for command in LIGHTNING_COMMANDS}}
     return LightningCLI(L.LightningModule, L.LightningDataModule, **CLI_SETTINGS, args=argv, run=run,
-                        save_config_kwargs={"overwrite": overwrite_config})
+                        save_config_kwargs={"overwrite": overwrite_config}, parser_kwargs=raising)
 
 
 def fit_parser():

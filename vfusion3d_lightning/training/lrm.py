@@ -18,6 +18,7 @@ from vfusion3d_lightning.io import atomic_write, run_log_dir, to_uint8_images
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.training.losses import build_lpips, lpips_loss, opacity_loss, pixel_l2
 from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
+from vfusion3d_lightning.training.seeding import run_seed, step_generator
 
 
 def resize_views(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -53,6 +54,10 @@ class LRMModule(L.LightningModule):
     rays in the backward pass; "network" only the blocks (on a GPU the fused field query keeps 16 bytes a
     sample, so recomputing the renderer saves less memory than its time is worth: BENCHMARKS.md); "selective"
     recomputes only the blocks' elementwise work and keeps their matrix products and attention.
+    seed: the seed of the training step's random draws (the patch's place, the renderer's sample jitter); None takes
+    the run's `seed_everything` seed. Each draw has its own generator, seeded by `draw_seed` from this seed, the
+    global rank, the global step and the micro-batch: not the global RNG, which every DDP rank seeds alike and a
+    resumed run does not restore.
     recompute_blocks: under checkpointing, recompute only the first this many of the transformer's blocks (None:
     all), for a batch that leaves memory over. compile_network: `LRM.compile_network`. fused_optimizer: AdamW's
     one-kernel step; None takes it on a GPU without fp16's grad scaler.
@@ -82,6 +87,7 @@ class LRMModule(L.LightningModule):
         max_rays: int | None = None,
         val_render_size: int = 128,
         turntable_frames: int = 8,
+        seed: int | None = None,
     ):
         super().__init__()
         config = LRMConfig.from_dict(network) if isinstance(network, dict) else network
@@ -119,16 +125,22 @@ class LRMModule(L.LightningModule):
     def forward(self, image: torch.Tensor, source_camera: torch.Tensor) -> torch.Tensor:
         return self.model(image, source_camera)
 
-    def _patch(self, size: int) -> tuple[int, int, int]:
+    def _generator(self, batch_idx: int, stream: str, device: torch.device | str = "cpu") -> torch.Generator:
+        """`step_generator` of this module's seed (the run's seed_everything seed when the `seed` hparam is None)."""
+        return step_generator(self._trainer, run_seed(self.hparams.get("seed")), batch_idx, stream, device)
+
+    def _patch(self, size: int, batch_idx: int = 0) -> tuple[int, int, int]:
+        """(x0, y0, extent): the patch of a `size` render that the training batch `batch_idx` supervises."""
         extent = min(self.hparams.patch_size, size)
-        corner = torch.randint(0, size - extent + 1, (2,)).tolist()
+        corner = torch.randint(0, size - extent + 1, (2,), generator=self._generator(batch_idx, "patch")).tolist()
         return corner[0], corner[1], extent
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         size = self.render_size
-        x0, y0, extent = self._patch(size)
+        x0, y0, extent = self._patch(size, batch_idx)
         planes = self.model(batch["input_image"], batch["source_camera"])
         out = self.model.render(planes, batch["render_cameras"], size, patch=(x0, y0, extent),
+                                generator=self._generator(batch_idx, "render", planes.device),
                                 max_rays=self.hparams.max_rays)
         target = resize_views(batch["target_images"], size)[..., y0:y0 + extent, x0:x0 + extent]
         mask = resize_views(batch["target_masks"], size)[..., y0:y0 + extent, x0:x0 + extent]

@@ -69,5 +69,9 @@ class QualityModule(L.LightningModule):
             checkpoint[CHECKPOINT_KEY] = self.svm._to_bytes()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if CHECKPOINT_KEY in checkpoint:
-            self.svm = QualitySVM._from_bytes(checkpoint[CHECKPOINT_KEY], "the checkpoint's quality SVM")
+        if CHECKPOINT_KEY in checkpoint:  # checked as QualitySVM.from_pretrained checks a file: only its own types
+            data = checkpoint[CHECKPOINT_KEY]
+            if not isinstance(data, bytes):
+                raise ValueError(f"the checkpoint's {CHECKPOINT_KEY!r} is a {type(data).__name__}, not the skops bytes "
+                                 "QualityModule writes; give a checkpoint QualityModule wrote")
+            self.svm = QualitySVM._from_bytes(data, "the checkpoint's quality SVM")

@@ -24,6 +24,7 @@ from vfusion3d_lightning.models.video import (
 )
 from vfusion3d_lightning.training.ema import ParameterEMA
 from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
+from vfusion3d_lightning.training.seeding import run_seed, step_generator
 
 
 class VideoDiffusionModule(L.LightningModule):
@@ -34,7 +35,9 @@ class VideoDiffusionModule(L.LightningModule):
     works at sampling time. `model` is what `VideoDiffusionModel.from_pretrained` reads: an architecture name
     (random weights, see models/video/architectures.py), a registry name, a local diffusers folder or cached hub
     id of a public video model. `export(dir)` writes a save_pretrained folder; `VideoDiffusionModel.from_pretrained`
-    also reads this module's `.ckpt` directly (with its EMA weights).
+    also reads this module's `.ckpt` directly (with its EMA weights). `seed` seeds the training step's draws (noise,
+    noise level, condition dropout) per rank, step and micro-batch (`training.seeding`); None takes the run's
+    `seed_everything` seed.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class VideoDiffusionModule(L.LightningModule):
         sample_steps: int = 25,
         min_guidance: float = 1.0,
         max_guidance: float = 3.0,
+        seed: int | None = None,
     ):
         super().__init__()
         if not 0.0 <= condition_dropout < 1.0:
@@ -95,11 +99,16 @@ class VideoDiffusionModule(L.LightningModule):
         if dropout > 0:
             drop = torch.rand(frames.shape[0], generator=generator, device=frames.device) < dropout
         latents = self.model.encode_frames(frames, generator)
-        cond = self.model.conditions(frames[:, 0], batch.get("prompt"), frames.shape[1], drop=drop)
+        generators = None if generator is None else [generator] * frames.shape[0]
+        cond = self.model.conditions(frames[:, 0], batch.get("prompt"), frames.shape[1], generators, drop=drop)
         return self.objective.loss(self.model, latents, cond, generator)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch, dropout=self.hparams.condition_dropout)
+        # noise, noise levels, condition dropout: drawn per rank and per step, not from the global RNG that every
+        # DDP rank seeds alike and a resumed run restarts
+        generator = step_generator(self._trainer, run_seed(self.hparams.get("seed")), batch_idx, "diffusion",
+                                   self.device)
+        loss = self._loss(batch, generator, dropout=self.hparams.condition_dropout)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss

@@ -1,7 +1,10 @@
 """The quality classifier: an SVM on averaged DINO features of a generated video, P(good) per video.
 
-Persisted with skops (a safe format: loading checks every type against the ones this model is made of and
-never runs code from the file), never with pickle: `save_pretrained` / `from_pretrained`, as every model here.
+Persisted with skops, never with pickle: `save_pretrained` / `from_pretrained`, as every model here. A skops file
+names the type of every object in it; loading refuses a file that names any type (or function) outside
+`SKOPS_NODES`, exactly what a genuine file holds, before skops builds anything, because sklearn and numpy
+objects are enough to run code: a Pipeline of FunctionTransformers over numpy functions calls them on the
+features.
 """
 
 from __future__ import annotations
@@ -26,8 +29,53 @@ FORMAT = "vfusion3d-quality-svm/1"
 WEIGHTS_NAME, CONFIG_NAME, README_NAME = "model.skops", "config.json", "README.md"
 CHECKPOINT_KEY = "quality_svm"  # QualityModule's checkpoints hold the fitted SVM's skops bytes under this key
 FIT_CONFIG = "configs/curation/quality.yaml"
+_CALLABLE_NODES = ("FunctionNode", "MethodNode", "PartialNode", "OperatorFuncNode")
 EXPECTED_SOURCES = (f"a folder QualitySVM.save_pretrained wrote, a Lightning .ckpt of QualityModule or a registry "
                     f"name; train one with vfusion3d-lightning fit --config {FIT_CONFIG}")
+# (skops node kind, type) of every object in a genuine file: the fitted pipeline of `fit` with its info and
+# settings. Exact names, no prefixes: any other sklearn estimator or numpy function may run code when the pipeline
+# is built or used. tests/test_security.py checks that a freshly fitted SVM's file holds exactly these, so a
+# scikit-learn or skops upgrade that changes them fails there rather than refusing users' files.
+SKOPS_NODES = frozenset({
+    ("DictNode", "builtins.dict"),
+    ("JsonNode", "builtins.str"),  # every JSON value (str, int, float, bool, None), read back with json.loads
+    ("ListNode", "builtins.list"),
+    ("TupleNode", "builtins.tuple"),
+    ("TypeNode", "builtins.str"),  # the key type of dicts
+    ("NdArrayNode", "numpy.ndarray"),  # read with allow_pickle=False
+    ("NdArrayNode", "numpy.float64"),
+    ("ObjectNode", "sklearn.pipeline.Pipeline"),
+    ("ObjectNode", "sklearn.preprocessing._data.StandardScaler"),
+    ("ObjectNode", "sklearn.calibration.CalibratedClassifierCV"),
+    ("ObjectNode", "sklearn.calibration._CalibratedClassifier"),
+    ("ObjectNode", "sklearn.calibration._SigmoidCalibration"),
+    ("ObjectNode", "sklearn.svm._classes.SVC"),
+    ("ObjectNode", "sklearn.model_selection._split.StratifiedKFold"),
+})
+
+
+def skops_nodes(data: bytes) -> set[tuple[str, str]]:
+    """(node kind, "module.name") of every object a skops file names, read from its schema.json without building
+    anything. Raises zipfile.BadZipFile, KeyError or ValueError for bytes that are no skops file."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+        if len(names) != len(set(names)):  # two members of one name: which one a reader takes is not certain
+            raise ValueError("the archive holds two members of one name")
+        schema = json.loads(archive.read("schema.json"))
+    found, todo = set(), [schema]
+    while todo:  # every dict holding __class__ and __module__ is a node skops builds (or a reference to one)
+        item = todo.pop()
+        if isinstance(item, dict):
+            kind, module, name = item.get("__loader__"), item.get("__module__"), item.get("__class__")
+            if module is not None or name is not None:
+                found.add((str(kind), f"{module}.{name}"))
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return found
 
 
 class QualitySVM:
@@ -157,24 +205,41 @@ class QualitySVM:
 
     @classmethod
     def _from_bytes(cls, data: bytes, source: str) -> "QualitySVM":
-        """The SVM in skops bytes (`_to_bytes`), loading only the sklearn and numpy types it is made of."""
+        """The SVM in skops bytes (`_to_bytes`), refused unless every object in them is one `SKOPS_NODES` names."""
         import zipfile
 
         import skops.io
 
         try:
-            untrusted = skops.io.get_untrusted_types(data=data)
-        except (zipfile.BadZipFile, KeyError, ValueError) as err:  # not a skops zip: a pickle, weights, a cut file
+            nodes = skops_nodes(data)
+        except (zipfile.BadZipFile, KeyError, ValueError, RecursionError) as err:  # a pickle, weights, a cut file
             raise ValueError(f"{source} is not a quality SVM written by QualitySVM.save_pretrained (a skops file: "
                              f"{type(err).__name__}: {err}); pickles are refused, as loading one runs code from it. "
                              f"Give {EXPECTED_SOURCES}") from err
-        # trust only what an sklearn pipeline is made of; anything else could run code when built
-        unexpected = [name for name in untrusted if not name.startswith(("sklearn.", "numpy."))]
+        allowed_types = {name for _, name in SKOPS_NODES}
+        # a known type in another kind of node (a FunctionNode naming builtins.str) is named with its kind
+        unexpected = sorted(name if name not in allowed_types else f"{name} as {kind}"
+                            for kind, name in nodes - SKOPS_NODES)
         if unexpected:
-            raise ValueError(f"{source} holds types a quality SVM is not made of: {unexpected}; refusing to load it")
-        state = skops.io.loads(data, trusted=untrusted)
-        if not isinstance(state, dict) or state.get("info", {}).get("format") != FORMAT:
-            raise ValueError(f"{source} is not a quality SVM written by QualitySVM.save_pretrained ({FORMAT})")
-        model = cls(**{k: tuple(v) if k == "c_values" else v for k, v in state["settings"].items()})
+            functions = sorted(name for kind, name in nodes - SKOPS_NODES if kind in _CALLABLE_NODES)
+            raise ValueError(
+                f"{source} holds types a quality SVM is not made of: {unexpected}; refusing to load it, as building "
+                f"or using them could run code"
+                f"{f' (it names functions, {functions}, which a quality SVM never holds)' if functions else ''}. "
+                f"Only load quality SVMs you trained, or from people you trust: give {EXPECTED_SOURCES}")
+        # every type is one a genuine file holds: trust exactly those (skops still audits the tree itself)
+        try:
+            state = skops.io.loads(data, trusted=sorted({name for _, name in nodes}))
+        except Exception as err:  # only allowed types, so a malformed state (attributes missing or of other types)
+            raise ValueError(f"{source} is not a quality SVM written by QualitySVM.save_pretrained: skops cannot "
+                             f"build it ({type(err).__name__}: {err}); give {EXPECTED_SOURCES}") from err
+        info = state.get("info") if isinstance(state, dict) else None
+        settings = state.get("settings") if isinstance(state, dict) else None
+        if (not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(settings, dict)
+                or not set(settings) <= {"c_values", "kernel", "folds", "seed"}
+                or not isinstance(state.get("pipeline"), Pipeline)):
+            raise ValueError(f"{source} is not a quality SVM written by QualitySVM.save_pretrained ({FORMAT}); give "
+                             f"{EXPECTED_SOURCES}")
+        model = cls(**{k: tuple(v) if k == "c_values" else v for k, v in settings.items()})
         model.pipeline, model.info = state["pipeline"], state["info"]
         return model
