@@ -135,6 +135,19 @@ Inventory: case -> entry point: code that handles it -> test(s). "here" is this 
      test_a_full_disk_while_saving_models_leaves_the_old_ones_whole
    - Lightning's checkpoints (last.ckpt) are written by Lightning's _atomic_save (an fsspec transaction):
      checked by hand, not tested here
+10. Files made to attack, and unlucky runs
+   - a skops file whose FunctionTransformer gadget would run a command (models/curation/quality.py: exact
+     allow-list of the types `save` writes) -> tests/test_security.py
+   - `pipe:` shard URLs (datamodules.check_shard_urls) -> tests/data/test_datamodules.py
+   - label-ui: cross-origin and text/plain writes, foreign Host, odd field types, big bodies, a cut labels.jsonl
+     -> tests/test_label_ui.py
+   - two runs into one output folder (io.folder_lock) -> tests/test_locks.py
+   - an asset that kills or hangs its rendering process (render_shards: isolated, recorded, skipped on rerun;
+     bounded results in flight) -> tests/data/test_render_faults.py
+   - what the real command prints for each user error (one line, exit 2) -> tests/test_command_errors.py
+   - the pipeline SIGKILLed at 5 seeded moments and resumed: outputs equal an uninterrupted run's, no partial
+     file left -> tests/test_pipeline.py; a fit resumed mid-epoch trains on the same batches ->
+     tests/data/test_exact_resume.py
 """
 
 import contextlib

@@ -72,6 +72,17 @@ def test_batched_turntable_equals_frame_by_frame(checkpoint):
     assert (batched - single).abs().mean() < 0.02
 
 
+def test_a_turntable_does_not_depend_on_the_global_rng(checkpoint):
+    model, _ = checkpoint
+    engine = ImageTo3D(model, input_size=56)
+    planes = torch.randn(1, 3, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    first = engine.turntable(planes, frames=3, size=12)
+    torch.manual_seed(2)
+    assert torch.equal(engine.turntable(planes, frames=3, size=12), first)
+    assert not torch.equal(engine.turntable(planes, frames=3, size=12, seed=1), first)
+
+
 def test_missing_inputs_are_clear(checkpoint, tmp_path):
     _, directory = checkpoint
     with pytest.raises(FileNotFoundError, match="neither an image file nor a folder"):

@@ -74,12 +74,13 @@ class ImageTo3D:
     @torch.no_grad()
     def turntable(self, planes: torch.Tensor, frames: int = 160, size: int = 384, frames_per_batch: int = 8,
                   radius: float = 1.5, elevation: float = 0.0, max_rays: int | None = None,
-                  skip_empty: bool | None = None) -> torch.Tensor:
+                  skip_empty: bool | None = None, seed: int = 0) -> torch.Tensor:
         """Frames (N, 3, size, size) around the object, `frames_per_batch` cameras per call (the release
         renders one per call); `max_rays` bounds the rays in one renderer pass, and so the memory (None: sized
         to the free memory by `max_rays()`). `skip_empty` (None: on a GPU) queries the field only in cells of
         a 128^3 occupancy grid where it has density (`LRM.occupancy`; frames differ from a full render by well
-        under a grey level, BENCHMARKS.md); a field with density in over half the cells is rendered in full."""
+        under a grey level, BENCHMARKS.md); a field with density in over half the cells is rendered in full.
+        `seed` seeds the renderer's sample jitter: the same planes give the same frames."""
         max_rays = max_rays or self.max_rays()
         cameras = turntable_cameras(frames, radius, elevation).to(self.device)
         occupancy = None
@@ -89,10 +90,11 @@ class ImageTo3D:
             if occupancy.fraction > 0.5:  # compacting the samples would cost more than it saves
                 occupancy = None
         out = []
+        generator = torch.Generator(self.device).manual_seed(seed)
         for start in range(0, frames, frames_per_batch):
             with self._autocast():
                 rgb = self.model.render(planes, cameras[None, start:start + frames_per_batch], size,
-                                        max_rays=max_rays, occupancy=occupancy).rgb[0]
+                                        generator=generator, max_rays=max_rays, occupancy=occupancy).rgb[0]
             out.append(rgb.float().clamp(0, 1).cpu())
         return torch.cat(out)
 

@@ -8,7 +8,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import TensorDataset
 
-from vfusion3d_lightning.data.datamodules import EpochDataLoader, EpochShuffle, VideoDataModule, trainer_progress
+from vfusion3d_lightning.data.datamodules import (
+    EpochDataLoader,
+    EpochShuffle,
+    VideoDataModule,
+    restore_loader_states,
+    trainer_progress,
+)
 
 
 class Recorder(L.LightningModule):
@@ -27,8 +33,15 @@ class Recorder(L.LightningModule):
         self.seen += [(self.global_step, i) for i in ids]
         return ((self.weight - signal) ** 2 * (1 + torch.arange(len(signal)))).mean()
 
+    def on_train_start(self):
+        restore_loader_states(self.trainer)
+
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        # as the LRM and video modules do: this makes Lightning start the loader before it restores the checkpoint
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        total = self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / (total + 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class Tensors(L.LightningDataModule):

@@ -196,3 +196,22 @@ def test_bad_cameras_give_view_numbers_in_the_sample_not_in_the_drawn_views(samp
     meta["intrinsics"][6][1][1] = -1.0
     with pytest.raises(SampleError, match=r"intrinsics need positive focal lengths \(views \[6\]\)"):
         decode_sample({**raw, "json": json.dumps(meta).encode()}, select=lambda n: [6, 2])
+
+
+def test_a_shard_cut_at_a_member_header_is_named_not_read_as_a_shorter_one(tmp_path, sample_factory):
+    from vfusion3d_lightning.data.schema import ShardError, keys_in_shards, read_raw_samples
+
+    with ShardWriter(tmp_path, maxcount=4) as writer:
+        for i in range(3):
+            writer.write_sample(sample_factory(f"obj{i}", n_views=2, size=8))
+    shard = tmp_path / "shard-000000.tar"
+    whole = shard.read_bytes()
+    with tarfile.open(shard) as tar:  # cut 100 bytes into the header of the last sample's first member
+        last = [m for m in tar.getmembers() if m.name.startswith("obj2")][0]
+    shard.write_bytes(whole[: last.offset + 100])
+    with tarfile.open(shard) as tar:  # tarfile alone reads it as a whole archive of two samples
+        assert {m.name.split(".")[0] for m in tar} == {"obj0", "obj1"}
+    with pytest.raises(ShardError, match="shard-000000.tar cannot be read .*the file was cut"):
+        keys_in_shards([shard])
+    with pytest.raises(ShardError, match="the file was cut"):
+        list(read_raw_samples(shard))

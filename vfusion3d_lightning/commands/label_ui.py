@@ -50,6 +50,7 @@ from vfusion3d_lightning.data.labels import read_labels, repair_jsonl_tail
 from vfusion3d_lightning.data.schema import (
     MultiViewSample,
     SampleError,
+    check_tar_end,
     complete_shards,
     decode_sample,
     unreadable_shard,
@@ -73,6 +74,7 @@ def _index_shards(folder: Path) -> dict[str, dict]:
     for shard in shards:
         found: dict[str, dict] = {}
         try:
+            check_tar_end(shard)
             with tarfile.open(shard) as tar:
                 for member in tar:
                     if not member.isfile():

@@ -11,7 +11,8 @@ from vfusion3d_lightning.data.schema import ShardJobReport
 
 def render(assets: Path, out: Path, views: Literal["orbit16", "random32", "uniform32"] = "orbit16",
            resolution: int = 256, radius: float = 1.5, seed: int = 0, image_format: Literal["png", "jpg"] = "png",
-           workers: int = 2, shard_size: int = 256, progress: bool = True) -> ShardJobReport:
+           workers: int = 2, shard_size: int = 256, progress: bool = True, timeout_s: float | None = 600.0,
+           retry_failed: bool = False) -> ShardJobReport:
     """Render each asset of a folder into multi-view shards; a rerun skips assets already in complete shards.
 
     Args:
@@ -25,9 +26,13 @@ def render(assets: Path, out: Path, views: Literal["orbit16", "random32", "unifo
         workers: rendering processes.
         shard_size: samples per shard.
         progress: show a progress bar.
+        timeout_s: seconds one asset may take; one that takes longer (or kills its rendering process) is skipped
+            and recorded in `render_failures.jsonl`, which reruns read to skip it. None: no limit.
+        retry_failed: render the assets recorded in `render_failures.jsonl` again.
     """
     settings = RenderSettings(views=views, resolution=resolution, radius=radius, seed=seed, image_format=image_format)
-    report = render_folder(assets, out, settings, workers=workers, shard_size=shard_size, progress=progress)
+    report = render_folder(assets, out, settings, workers=workers, shard_size=shard_size, progress=progress,
+                           timeout_s=timeout_s, retry_failed=retry_failed)
     print(f"rendered {report.written}, already present {report.skipped_existing}, failed {len(report.failed)} "
           f"-> {out} (report: render_report.json)")
     return report

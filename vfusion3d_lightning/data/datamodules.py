@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import tarfile
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,7 +32,14 @@ from vfusion3d_lightning.cameras import (
     render_camera_vector,
     source_camera_vector,
 )
-from vfusion3d_lightning.data.schema import MultiViewSample, SampleError, ShardError, decode_sample, keys_in_shards
+from vfusion3d_lightning.data.schema import (
+    MultiViewSample,
+    SampleError,
+    ShardError,
+    check_tar_end,
+    decode_sample,
+    keys_in_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +183,14 @@ class ShardStream(IterableDataset):
             return True
 
         check_shard_urls(urls)  # again here, in the worker that opens them: a stream built by hand is checked too
-        yield from wds.tarfile_samples(iter([{"url": url} for url in urls]), handler=handler)
+        for url in urls:
+            if _is_local(url):
+                try:
+                    check_tar_end(_local(url))
+                except tarfile.TarError as err:
+                    handler(tarfile.ReadError(f"{url}: {err}"))
+                    continue
+            yield from wds.tarfile_samples(iter([{"url": url}]), handler=handler)
 
     def _decoded(self, urls: list[str], rng: np.random.Generator, skipped: Skipped) -> Iterator[dict]:
         for raw in self._raw_samples(urls, skipped):
@@ -331,6 +346,21 @@ class EpochDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume_at = (int(state["epoch"]), int(state["batches"]))
+
+
+def restore_loader_states(trainer: Any) -> None:
+    """Hand the checkpoint's loader states to the training loaders, and start their pass again, when Lightning did
+    not: a module whose configure_optimizers reads `trainer.estimated_stepping_batches` (ours: for the LR
+    schedule's length) makes Lightning build and start the training loader before it restores the checkpoint, and
+    it then drops the loaders' states (Lightning issue #20550, open in 2.6). Call from `on_train_start`; without
+    pending states it does nothing."""
+    fit_loop = trainer.fit_loop
+    states = getattr(fit_loop, "_combined_loader_states_to_load", None)
+    if not states or fit_loop._combined_loader is None or fit_loop._data_fetcher is None:
+        return
+    fit_loop._combined_loader._load_state_dicts(states)
+    fit_loop._combined_loader_states_to_load = []
+    iter(fit_loop._data_fetcher)  # the pass it had started (and prefetched from) was the one before the restore
 
 
 def rgba_to_tensors(view: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vfusion3d_lightning.data.datamodules import expand_shards
+from vfusion3d_lightning.data.schema import check_tar_end, unreadable_shard
 from vfusion3d_lightning.io import atomic_write
 
 
@@ -83,6 +84,10 @@ def read_features(shards: str | Path | list[str], tag: str) -> FeatureTable:
 def read_metadata(shard: str | Path) -> dict[str, dict]:
     """key -> the sample's JSON metadata, reading only the .json members of the tar."""
     metadata = {}
+    try:
+        check_tar_end(shard)
+    except tarfile.TarError as err:
+        raise unreadable_shard(shard, err) from err
     with tarfile.open(shard) as tar:
         for member in tar:
             name = os.path.basename(member.name)

@@ -397,12 +397,29 @@ def unreadable_shard(path: str | Path, err: Exception) -> ShardError:
                        "out of the folder, then rerun")
 
 
+def check_tar_end(path: str | Path) -> None:
+    """Raise tarfile.ReadError unless the file ends as a whole tar does: with the end-of-archive marker (two zero
+    blocks; writers pad to whole blocks). A file cut inside a member header otherwise reads as a shorter, valid
+    archive (tarfile and webdataset stop there without a word), losing its last samples silently."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size >= 1024 and size % 512 == 0:
+            handle.seek(size - 1024)
+            if not handle.read(1024).strip(b"\0"):
+                return
+    raise tarfile.ReadError("it ends without the end-of-archive marker: the file was cut")
+
+
 def read_raw_samples(path: str | Path) -> Iterator[dict[str, Any]]:
     """The samples of one shard file as stored (suffix -> bytes, and `__key__`), in order, undecoded.
 
     All of the file, in any process: `wds.WebDataset` would split its shard list over DataLoader workers and
     refuse to run under more than one rank, so a worker or rank reading a shard of its own got nothing or failed.
     """
+    try:
+        check_tar_end(path)
+    except tarfile.TarError as err:
+        raise unreadable_shard(path, err) from err
     samples = wds.tarfile_samples(iter([{"url": os.fspath(path)}]))
     while True:
         try:
@@ -518,6 +535,7 @@ def keys_in_shards(paths: list[Path]) -> dict[Path, list[str]]:
     for path in paths:
         seen: dict[str, None] = {}
         try:
+            check_tar_end(path)
             with tarfile.open(path) as tar:
                 for member in tar:
                     if member.isfile():

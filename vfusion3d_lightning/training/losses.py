@@ -30,7 +30,9 @@ def build_lpips(backbone_weights: str | None = None, random_backbone: bool = Fal
     import lpips
     import torchvision
 
-    with contextlib.redirect_stdout(io.StringIO()):  # lpips prints a banner
+    # lpips prints a banner; a random trunk is the same in every process, whatever the global RNG went through
+    with contextlib.redirect_stdout(io.StringIO()), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
         model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     if not random_backbone:
         path = Path(backbone_weights) if backbone_weights else torch_hub_vgg16()

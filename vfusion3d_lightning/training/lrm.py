@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from vfusion3d_lightning.cameras import turntable_cameras
+from vfusion3d_lightning.data.datamodules import restore_loader_states
 from vfusion3d_lightning.io import atomic_write, run_log_dir, to_uint8_images
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.training.losses import build_lpips, lpips_loss, opacity_loss, pixel_l2
@@ -161,6 +162,9 @@ class LRMModule(L.LightningModule):
         self.log("train/lr", torch.tensor(float(self.optimizers().param_groups[0]["lr"])), on_step=True,
                  on_epoch=False)
         return loss
+
+    def on_train_start(self) -> None:
+        restore_loader_states(self.trainer)  # configure_optimizers read estimated_stepping_batches before the restore
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
+from vfusion3d_lightning.data.datamodules import restore_loader_states
 from vfusion3d_lightning.io import atomic_write, run_log_dir, to_uint8_images
 from vfusion3d_lightning.models.video import (
     Conditioning,
@@ -127,6 +128,9 @@ class VideoDiffusionModule(L.LightningModule):
         # here, not in on_train_batch_end: checkpoint callbacks run before that hook and would miss this update
         if self.ema is not None:
             self.ema.update(self.model.unet)
+
+    def on_train_start(self) -> None:
+        restore_loader_states(self.trainer)  # configure_optimizers read estimated_stepping_batches before the restore
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
