@@ -2,23 +2,30 @@
 
 - the registry of known pretrained weights (`checkpoints/registry.yaml`, shipped inside the package:
   `presets.registry_path()`) and `checkpoint_dir()`, the folder its files are looked up in;
-- `locate_weights`: a path as given, or a registry name -> its file, sha256-checked;
+- `locate_weights`: a path as given, a Hugging Face Hub repo id -> its files in the Hugging Face cache
+  (`hub_snapshot_files`), or a registry name -> its file, sha256-checked once (`file_sha256`);
 - `missing_weights_error`: the one error for weights that are not there (what, where from, where to put it);
 - `load_state_file`: tensors from a file without running code from it;
 - `read_lightning_checkpoint`: a LightningModule's `.ckpt` -> its hyper-parameters and its network's weights,
   which every model's `from_pretrained` builds itself from;
 - `load_state_into`: strict loading whose error names every missing, extra and mis-shaped key;
-- `model_card`: the README.md of a `save_pretrained` folder.
+- `model_card`: the README.md of a `save_pretrained` folder (Hub metadata in YAML front matter);
+- `PushToHubMixin`: `push_to_hub`, the same for every model: `save_pretrained` then upload that folder.
+
+How `from_pretrained(source)` reads a string: an existing path wins; else `org/name` is a Hub repo id; else a
+plain word is a registry name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import pickle
 import re
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,9 +35,15 @@ import yaml
 from safetensors.torch import load_file as load_safetensors
 
 from vfusion3d_lightning import presets
+from vfusion3d_lightning.io import atomic_write
 
 CHECKPOINT_DIR_ENV = "VFUSION3D_CHECKPOINTS"
 LIGHTNING_SUFFIX = ".ckpt"
+VERIFIED_SUFFIX = ".sha256-verified"  # beside a hashed file: its digest, valid while its size and mtime hold
+LIBRARY_NAME = "vfusion3d-lightning"
+# `org/name` as the Hub spells repo ids (letters, digits, `-`, `_`, `.`)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_TRUE = {"1", "on", "yes", "true"}
 # converter (how a registry file becomes parameters) -> what loads it
 CONVERTERS = {
     "vfusion3d_released": "LRM.from_pretrained",  # a torch checkpoint whose `model_state_dict` has released names
@@ -123,6 +136,33 @@ def sha256_of(path: Path, block: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, hashed once: the digest is recorded beside it (`<file>.sha256-verified`, with the
+    file's size and mtime) and read back while both are unchanged, so loading a multi-GB checkpoint again does
+    not read it twice. A folder that cannot be written to just hashes every time.
+
+    Args:
+        path: the file.
+    """
+    path = Path(path)
+    stat = path.stat()  # of the file a link points to (the Hugging Face cache links snapshots to blobs)
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    record = path.with_name(path.name + VERIFIED_SUFFIX)
+    try:
+        saved = json.loads(record.read_text())
+        if isinstance(saved, dict) and all(saved.get(k) == v for k, v in key.items()) \
+                and isinstance(saved.get("sha256"), str):
+            return saved["sha256"]
+    except (OSError, ValueError):
+        pass
+    digest = sha256_of(path)
+    try:
+        atomic_write(record, lambda tmp: tmp.write_text(json.dumps({**key, "sha256": digest}) + "\n"))
+    except OSError:
+        pass  # read-only checkpoints: correct, only slower
+    return digest
+
+
 def missing_weights_error(what: str, fetch: str, save_as: str | os.PathLike,
                           note: str | None = None) -> FileNotFoundError:
     """The error for weights that are not where they are needed: one line naming what is missing, what to fetch
@@ -159,7 +199,7 @@ def resolve_weights(name: str, directory: str | os.PathLike | None = None) -> tu
         raise missing_weights_error(f"weights {name!r} ({entry.description})", entry.source, path,
                                     f"or set ${CHECKPOINT_DIR_ENV} to the folder that holds {entry.filename}")
     if path.is_file():
-        digest = sha256_of(path)
+        digest = file_sha256(path)
         if entry.sha256 is None:
             print(f"[vfusion3d-lightning] {path}: sha256 {digest} (not verified: the registry has no digest "
                   f"for {name!r})")
@@ -178,10 +218,108 @@ def is_registry_name(source: str | os.PathLike) -> bool:
     return isinstance(source, str) and os.sep not in source and "/" not in source and not Path(source).suffix
 
 
+def is_hub_repo_id(source: str | os.PathLike) -> bool:
+    """Whether `source` reads as a Hugging Face Hub repo id: a string `org/name` that is not an existing path.
+
+    Args:
+        source: what a caller was given.
+    """
+    return isinstance(source, str) and bool(_REPO_ID.match(source)) and not Path(source).expanduser().exists()
+
+
+def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face cache: `cache_dir`, else $HF_HUB_CACHE as set now, else huggingface_hub's default
+    (from $HF_HOME, by default ~/.cache/huggingface/hub)."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    """$HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_snapshot_files(repo_id: str, filenames: Sequence[str], revision: str | None = None,
+                       cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+                       what: str = "weights") -> Path:
+    """The local snapshot folder of a Hub model repo holding `filenames`, fetched into the Hugging Face cache
+    by huggingface_hub as every HF library does (an up-to-date cached copy is not downloaded again; offline,
+    $HF_HUB_OFFLINE=1, only the cache is read). A file that cannot be had is `missing_weights_error`: one line
+    naming the repo, the file and the `hf download` command that fetches it.
+
+    Args:
+        repo_id: `org/name`.
+        filenames: files of the repo, each fetched with `hf_hub_download`; a name holding `*` is a pattern, and
+            then the matching files are fetched with `snapshot_download` (a diffusers folder).
+        revision: a branch, tag or commit hash (default: the repo's main branch).
+        cache_dir: the Hugging Face cache (default: `hub_cache_dir()`).
+        token: a Hub token for private or gated repos (default: huggingface_hub's login, $HF_TOKEN).
+        what: what the files are, for the error ("LRM weights").
+    """
+    from huggingface_hub import errors, hf_hub_download, snapshot_download
+
+    cache, offline = hub_cache_dir(cache_dir), hub_offline()
+    options = dict(revision=revision, cache_dir=cache, token=token, local_files_only=offline,
+                   library_name=LIBRARY_NAME)
+    patterns = [name for name in filenames if "*" in name]
+    current = "the files it needs" if patterns else None
+    try:
+        if patterns:
+            return Path(snapshot_download(repo_id, allow_patterns=list(filenames), **options))
+        folder = None
+        for current in filenames:
+            path = Path(hf_hub_download(repo_id, current, **options))
+            folder = folder or path.parents[len(Path(current).parts) - 1]
+        return folder
+    except (errors.HfHubHTTPError, errors.EntryNotFoundError, errors.LocalEntryNotFoundError,
+            errors.HFValidationError, OSError, ValueError) as err:
+        raise _hub_error(repo_id, current, filenames, revision, cache_dir, cache, offline, what, err) from None
+
+
+def _hub_error(repo_id: str, name: str, filenames: Sequence[str], revision: str | None,
+               cache_dir: str | os.PathLike | None, cache: Path, offline: bool, what: str,
+               err: BaseException) -> FileNotFoundError:
+    from huggingface_hub import errors
+
+    if isinstance(err, errors.GatedRepoError):
+        reason = "the repo is gated: accept its terms on huggingface.co and pass token= or log in with `hf auth login`"
+    elif isinstance(err, errors.RepositoryNotFoundError):
+        reason = "the Hub has no such repo, or it is private: pass token= or log in with `hf auth login`"
+    elif isinstance(err, errors.RevisionNotFoundError):
+        reason = f"the repo has no revision {revision!r}"
+    elif isinstance(err, errors.LocalEntryNotFoundError) or offline:
+        reason = ("$HF_HUB_OFFLINE is set and the cache has no copy" if offline
+                  else "no network and the cache has no copy")
+    elif isinstance(err, errors.EntryNotFoundError):
+        reason = "the repo has no such file"
+    else:
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    at = f" at revision {revision!r}" if revision else ""
+    # the command fetches every file the loader needs, not only the one that failed (a folder: the whole repo)
+    whole = any("*" in f for f in filenames)
+    command = " ".join(["hf download", repo_id, *([] if whole else filenames),
+                        *([f"--revision {revision}"] if revision else []),
+                        *([f"--cache-dir {cache}"] if cache_dir is not None else [])])
+    return missing_weights_error(
+        f"{what}: {name} of Hugging Face Hub repo {repo_id!r}{at} ({reason})",
+        f"it with `{command}` on a machine with network access", f"the Hugging Face cache {cache}",
+        f"or set HF_HUB_CACHE to a cache that holds it; or, if {repo_id!r} is meant as a local path, it does not exist")
+
+
 def locate_weights(source: str | os.PathLike, directory: str | os.PathLike | None = None, *,
                    what: str = "weights", expected: str | None = None, fetch: str | None = None,
-                   converters: Iterable[str] | None = None) -> tuple[WeightsEntry | None, Path]:
-    """An existing path as it is (no entry), else the registry entry and file of a name.
+                   converters: Iterable[str] | None = None, hub_files: Sequence[str] | None = None,
+                   revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                   token: str | bool | None = None) -> tuple[WeightsEntry | None, Path]:
+    """An existing path as it is (no entry); else, given `hub_files`, the snapshot folder of a Hub repo id
+    (`hub_snapshot_files`, no entry); else the registry entry and file of a name.
 
     Args:
         source: a file or folder, or a registry name.
@@ -192,8 +330,15 @@ def locate_weights(source: str | os.PathLike, directory: str | os.PathLike | Non
             (fetch them, save them there) rather than a mistyped path.
         converters: the registry converters the caller reads; an entry of another is refused, naming what
             loads it.
+        hub_files: the files a repo id must provide (see `hub_snapshot_files`); None: repo ids are not taken.
+        revision, cache_dir, token: for a repo id, as `hub_snapshot_files` takes them.
     """
     path = Path(source).expanduser()
+    if hub_files is not None and is_hub_repo_id(source):
+        return None, hub_snapshot_files(str(source), hub_files, revision, cache_dir, token, what)
+    if revision is not None:  # an existing path of a repo id's spelling wins: say so rather than ignore revision
+        raise ValueError(f"revision={revision!r} applies to Hugging Face Hub repo ids (org/name that is not an "
+                         f"existing path), not to {source!r}")
     if path.exists():
         return None, path
     if is_registry_name(source):
@@ -332,20 +477,78 @@ def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], sou
 # ---------------------------------------------------------------- save_pretrained folders
 
 
-def model_card(title: str, description: str, load: str, files: dict[str, str]) -> str:
-    """The README.md of a save_pretrained folder: what the model is, how to load it, what each file holds.
+# what `card_data` may hold: Hub metadata (license, tags, datasets, base_model) and the card's sections
+CARD_FIELDS = ("license", "tags", "datasets", "base_model", "training_data", "recipe", "metrics")
+NOT_RECORDED = "not recorded"
+
+
+def model_card(title: str, description: str, load: str, files: dict[str, str], *, pipeline_tag: str,
+               tags: Sequence[str] = (), card_data: dict[str, Any] | None = None) -> str:
+    """The README.md of a save_pretrained folder: Hub metadata as YAML front matter (license, library_name,
+    tags, pipeline_tag), what the model is, how to load it, what each file holds, and its training data,
+    recipe and metrics ("not recorded" where `card_data` does not give them).
 
     Args:
         title: the model's name.
         description: a sentence or two on what it does and how it was made.
         load: Python that loads the folder (the folder is called FOLDER in it).
         files: file name -> what it holds.
+        pipeline_tag: the Hub task ("image-to-3d").
+        tags: the model's own Hub tags, after the library's.
+        card_data: any of CARD_FIELDS: `license` (a Hub license id; default "unknown"), `tags`, `datasets`,
+            `base_model` (Hub metadata); `training_data`, `recipe` (text) and `metrics` (name -> value), the
+            card's sections.
     """
+    card_data = dict(card_data or {})
+    unknown = sorted(set(card_data) - set(CARD_FIELDS))
+    if unknown:
+        raise ValueError(f"card_data has unknown fields {unknown}; known: {list(CARD_FIELDS)}")
+    metrics = card_data.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise ValueError(f"card_data['metrics'] must map metric names to values, got {type(metrics).__name__}")
     try:  # from the install's metadata: importing the package here would import the models, which import this
-        version = importlib.metadata.version("vfusion3d-lightning")
+        version = importlib.metadata.version(LIBRARY_NAME)
     except importlib.metadata.PackageNotFoundError:
         version = "(not installed)"
+    front = {"license": card_data.get("license") or "unknown", "library_name": LIBRARY_NAME,
+             "tags": list(dict.fromkeys(["vfusion3d", LIBRARY_NAME, *tags, *card_data.get("tags", ())])),
+             "pipeline_tag": pipeline_tag}
+    front.update({k: card_data[k] for k in ("datasets", "base_model") if card_data.get(k)})
     listed = "\n".join(f"- `{name}`: {text}" for name, text in files.items())
-    return (f"# {title}\n\n{description}\n\nWritten by vfusion3d-lightning {version}. Load it with:\n\n"
-            f"```python\n{load}\n```\n\nwhere FOLDER is this folder's path (a Lightning `.ckpt` of the module "
-            f"that trained it loads the same way).\n\n## Files\n\n{listed}\n- `README.md`: this card.\n")
+    table = "\n".join(["| metric | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in metrics.items())])
+    return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {title}\n\n{description}\n\n"
+            f"Written by vfusion3d-lightning {version}. Load it with:\n\n```python\n{load}\n```\n\nwhere FOLDER is "
+            f"this folder's path or the Hub repo id it was pushed to (a Lightning `.ckpt` of the module that trained "
+            f"it loads the same way).\n\n## Training data\n\n{card_data.get('training_data') or NOT_RECORDED}\n\n"
+            f"## Recipe\n\n{card_data.get('recipe') or NOT_RECORDED}\n\n"
+            f"## Metrics\n\n{table if metrics else NOT_RECORDED}\n\n"
+            f"## Files\n\n{listed}\n- `README.md`: this card.\n")
+
+
+class PushToHubMixin:
+    """`push_to_hub` for every model that has `save_pretrained(directory, card_data=None)`: the repo gets
+    exactly the files `save_pretrained` writes, so `from_pretrained(repo_id)` reads it as it reads the folder."""
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False,
+                    commit_message: str | None = None, card_data: dict[str, Any] | None = None,
+                    revision: str | None = None):
+        """Write the model with `save_pretrained` into a fresh temporary folder, create the Hub repo if it does
+        not exist, and upload that folder as one commit (huggingface_hub). Returns huggingface_hub's CommitInfo.
+
+        Args:
+            repo_id: `org/name` (or `name`, under the token's user).
+            token: a Hub token with write access (default: huggingface_hub's login, $HF_TOKEN).
+            private: create the repo private (an existing repo keeps its visibility).
+            commit_message: the commit's message (default: "Upload <class> with vfusion3d-lightning").
+            card_data: what the model card records (see `model_card`: license, training data, recipe, metrics).
+            revision: the branch to commit to (default: main).
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory(prefix="vfusion3d-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", card_data=card_data)  # before the repo exists
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                     commit_message=commit_message or f"Upload {type(self).__name__} with "
+                                                                      f"{LIBRARY_NAME}")

@@ -216,6 +216,26 @@ class ReleasedLRM(nn.Module):
         return torch.einsum("indhw->nidhw", x.view(3, n, *x.shape[-3:]))
 
 
+def released_tiny_state(seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random weights under the released names (transformers' 2024 encoder names, the released camera embedder,
+    transformer and synthesizer) for the network of LRMConfig.from_name("tiny"); `seed` varies all but the
+    encoder. tests/test_hub_loading.py builds Hub caches from it."""
+    state = {f"encoder.model.{k}": v for k, v in to_2024_names(hf_dinov2().state_dict()).items()}
+    torch.manual_seed(seed)
+    released = ReleasedLRM()
+    with torch.no_grad():
+        for param in released.parameters():
+            param.normal_(0, 0.2)
+    state.update(released.state_dict())
+    return state
+
+
+def test_released_tiny_state_loads_into_the_tiny_network():
+    state = released_tiny_state()
+    assert "encoder.model.encoder.layer.1.attention.attention.query.weight" in state
+    LRM(LRMConfig.from_name("tiny")).load_state_dict(convert_released_lrm(state), strict=True)
+
+
 def test_converted_tiny_release_computes_what_the_released_modules_compute():
     hf_model = hf_dinov2()
     torch.manual_seed(1)

@@ -134,7 +134,9 @@ def test_missing_models_say_what_to_fetch(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="model_index.json missing"):
         VideoDiffusionModel.from_pretrained(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match="not a folder, a cached hub id"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a repo id is fetched into the Hugging Face cache unless offline
+    with pytest.raises(FileNotFoundError, match=r"repo 'someone/not-cached-model' .*`hf download "
+                                                r"someone/not-cached-model`"):
         VideoDiffusionModel.from_pretrained("someone/not-cached-model")
     with pytest.raises(FileNotFoundError, match=r"^weights 'svd-xt-pretrained' .* not found: fetch https://"):
         VideoDiffusionModel.from_pretrained("svd-xt-pretrained")

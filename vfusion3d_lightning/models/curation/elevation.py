@@ -18,10 +18,11 @@ FEATURE_TAG_KEY = "elevation_feature_tag"  # ElevationModule's checkpoints recor
 FIT_CONFIG = "configs/curation/elevation.yaml"
 EXPECTED_SOURCES = (f"a folder ElevationMLP.save_pretrained wrote, a Lightning .ckpt of ElevationModule or a registry "
                     f"name; train one with vfusion3d-lightning fit --config {FIT_CONFIG}, which writes "
-                    "<log dir>/elevation_mlp")
+                    "<log dir>/elevation_mlp; or a Hugging Face Hub repo id push_to_hub wrote")
+HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME)
 
 
-class ElevationMLP(nn.Module):
+class ElevationMLP(hub.PushToHubMixin, nn.Module):
     """features (B, D) -> elevation (B,) in radians. Features are standardised with statistics of the
     training set (buffers, saved with the weights), since raw DINO features vary widely in scale."""
 
@@ -49,12 +50,14 @@ class ElevationMLP(nn.Module):
                              f"{tuple(features.shape)}")
         return self.layers((features.float() - self.feature_mean) / self.feature_std).squeeze(-1)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, card_data: dict | None = None) -> Path:
         """Write `model.safetensors`, `config.json` and a `README.md` model card into `directory`, replacing an
-        earlier save only once every new file is written (`io.atomic_write_folder`).
+        earlier save only once every new file is written (`io.atomic_write_folder`). `push_to_hub(repo_id)`
+        uploads the same files.
 
         Args:
             directory: the folder; created if absent.
+            card_data: what the model card records (`hub.model_card`: license, training data, recipe, metrics).
         """
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         text = json.dumps({"format": FORMAT, **self.config}, indent=2)
@@ -66,7 +69,8 @@ class ElevationMLP(nn.Module):
             "with its training set's statistics (saved with the weights).",
             "from vfusion3d_lightning.models.curation.elevation import ElevationMLP\n\n"
             "mlp = ElevationMLP.from_pretrained(FOLDER)\nelevation = mlp(features)  # (B, D) -> (B,) radians",
-            {CONFIG_NAME: "the sizes and the features it reads", WEIGHTS_NAME: "the weights and feature statistics"})
+            {CONFIG_NAME: "the sizes and the features it reads", WEIGHTS_NAME: "the weights and feature statistics"},
+            pipeline_tag="tabular-regression", tags=("curation", "elevation"), card_data=card_data)
 
         def write(tmp: Path) -> None:
             save_file(tensors, str(tmp / WEIGHTS_NAME))
@@ -76,16 +80,21 @@ class ElevationMLP(nn.Module):
         return atomic_write_folder(directory, write, last=(WEIGHTS_NAME,))
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, checkpoint_dir: str | Path | None = None) -> "ElevationMLP":
+    def from_pretrained(cls, source: str | Path, checkpoint_dir: str | Path | None = None, *,
+                        revision: str | None = None, cache_dir: str | Path | None = None,
+                        token: str | bool | None = None) -> "ElevationMLP":
         """Load a trained MLP, in eval mode.
 
         Args:
-            source: a `save_pretrained` folder (ElevationModule exports one at the end of training), a registry
-                name (converter `elevation_mlp`), or a Lightning `.ckpt` of `ElevationModule`.
+            source: a `save_pretrained` folder (ElevationModule exports one at the end of training), a Hugging
+                Face Hub repo id (`org/name`, as push_to_hub wrote it), a registry name (converter
+                `elevation_mlp`), or a Lightning `.ckpt` of `ElevationModule`.
             checkpoint_dir: where registry names resolve (default: `hub.checkpoint_dir()`).
+            revision, cache_dir, token: for a Hub repo id (see `LRM.from_pretrained`).
         """
         _, path = hub.locate_weights(source, checkpoint_dir, what="elevation MLP", expected=EXPECTED_SOURCES,
-                                     converters=("elevation_mlp",))
+                                     converters=("elevation_mlp",), hub_files=HUB_FILES, revision=revision,
+                                     cache_dir=cache_dir, token=token)
         if hub.is_lightning_checkpoint(path):
             checkpoint = hub.read_lightning_checkpoint(path, "ElevationModule",
                                                        ("feature_dim", "hidden_dim", "dropout"), fit_config=FIT_CONFIG)

@@ -31,7 +31,9 @@ CHECKPOINT_KEY = "quality_svm"  # QualityModule's checkpoints hold the fitted SV
 FIT_CONFIG = "configs/curation/quality.yaml"
 _CALLABLE_NODES = ("FunctionNode", "MethodNode", "PartialNode", "OperatorFuncNode")
 EXPECTED_SOURCES = (f"a folder QualitySVM.save_pretrained wrote, a Lightning .ckpt of QualityModule or a registry "
-                    f"name; train one with vfusion3d-lightning fit --config {FIT_CONFIG}")
+                    f"name or a Hugging Face Hub repo id push_to_hub wrote; train one with vfusion3d-lightning fit "
+                    f"--config {FIT_CONFIG}")
+HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME)
 # (skops node kind, type) of every object in a genuine file: the fitted pipeline of `fit` with its info and
 # settings. Exact names, no prefixes: any other sklearn estimator or numpy function may run code when the pipeline
 # is built or used. tests/test_security.py checks that a freshly fitted SVM's file holds exactly these, so a
@@ -78,7 +80,7 @@ def skops_nodes(data: bytes) -> set[tuple[str, str]]:
     return found
 
 
-class QualitySVM:
+class QualitySVM(hub.PushToHubMixin):
     """Standardised features -> RBF SVM with balanced class weights and Platt-scaled probabilities; C is chosen
     by stratified cross-validation on balanced accuracy. features (N, D), labels (N,) with 1 = good."""
 
@@ -137,13 +139,16 @@ class QualitySVM:
 
     # ------------------------------------------------------------------ persistence
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, card_data: dict | None = None) -> Path:
         """Write `model.skops` (the fitted pipeline, settings and training record, in skops' safe format),
         `config.json` (the settings and record, to read) and a `README.md` model card into `directory`,
         replacing an earlier save only once every new file is written (`io.atomic_write_folder`).
+        `push_to_hub(repo_id)` uploads the same files.
 
         Args:
             directory: the folder; created if absent.
+            card_data: what the model card records (`hub.model_card`); its metrics default to the training
+                record's (cross-validated balanced accuracy, held-out scores where recorded).
         """
         data = self._to_bytes()
         config = json.dumps({"format": FORMAT, "settings": self._settings(), "info": self.info}, indent=2)
@@ -158,7 +163,9 @@ class QualitySVM:
             "from vfusion3d_lightning.models.curation.quality import QualitySVM\n\n"
             "svm = QualitySVM.from_pretrained(FOLDER)\np_good = svm.score(features)  # (N, D) -> (N,)",
             {CONFIG_NAME: "the settings and training record (read only; model.skops holds them too)",
-             WEIGHTS_NAME: "the fitted scikit-learn pipeline (skops: loading checks every type, never unpickles)"})
+             WEIGHTS_NAME: "the fitted scikit-learn pipeline (skops: loading checks every type, never unpickles)"},
+            pipeline_tag="tabular-classification", tags=("curation", "scikit-learn", "skops"),
+            card_data={"metrics": self._recorded_metrics(), **(card_data or {})})
 
         def write(tmp: Path) -> None:
             (tmp / WEIGHTS_NAME).write_bytes(data)
@@ -168,16 +175,21 @@ class QualitySVM:
         return atomic_write_folder(directory, write, last=(WEIGHTS_NAME,))
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, checkpoint_dir: str | Path | None = None) -> "QualitySVM":
+    def from_pretrained(cls, source: str | Path, checkpoint_dir: str | Path | None = None, *,
+                        revision: str | None = None, cache_dir: str | Path | None = None,
+                        token: str | bool | None = None) -> "QualitySVM":
         """Load a trained SVM.
 
         Args:
-            source: a `save_pretrained` folder (or the model.skops in it), a registry name (converter
-                `quality_svm`), or a Lightning `.ckpt` of `QualityModule`.
+            source: a `save_pretrained` folder (or the model.skops in it), a Hugging Face Hub repo id (`org/name`,
+                as push_to_hub wrote it), a registry name (converter `quality_svm`), or a Lightning `.ckpt` of
+                `QualityModule`.
             checkpoint_dir: where registry names resolve (default: `hub.checkpoint_dir()`).
+            revision, cache_dir, token: for a Hub repo id (see `LRM.from_pretrained`).
         """
         _, path = hub.locate_weights(source, checkpoint_dir, what="quality SVM", expected=EXPECTED_SOURCES,
-                                     converters=("quality_svm",))
+                                     converters=("quality_svm",), hub_files=HUB_FILES, revision=revision,
+                                     cache_dir=cache_dir, token=token)
         if hub.is_lightning_checkpoint(path):
             checkpoint = hub.read_lightning_checkpoint(path, "QualityModule",
                                                        ("c_values", "kernel", "folds", "threshold"), prefix=None,
@@ -193,6 +205,16 @@ class QualitySVM:
                                         f"give {EXPECTED_SOURCES}")
             path = path / WEIGHTS_NAME
         return cls._from_bytes(path.read_bytes(), str(path))
+
+    def _recorded_metrics(self) -> dict[str, Any]:
+        """The training record's scores, for the model card."""
+        metrics = {}
+        if self.info.get("cv_balanced_accuracy") is not None:
+            metrics["cross-validated balanced accuracy (training set)"] = round(self.info["cv_balanced_accuracy"], 4)
+        held_out = self.info.get("held_out")
+        if isinstance(held_out, dict):
+            metrics.update({f"held-out {k}": v for k, v in held_out.items()})
+        return metrics
 
     def _settings(self) -> dict[str, Any]:
         return {"c_values": list(self.c_values), "kernel": self.kernel, "folds": self.folds, "seed": self.seed}

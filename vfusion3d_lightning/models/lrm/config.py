@@ -10,6 +10,20 @@ from typing import Any
 
 import yaml
 
+# The release's config.json (facebook/vfusion3d on the Hugging Face Hub, the sizes of its `LRMGenerator`) ->
+# our fields. Its encoder is named by its transformers hub id; ours is the same network built by timm.
+RELEASE_ENCODERS = {  # release encoder_model_name -> (timm name, its token width)
+    "facebook/dinov2-small": ("vit_small_patch14_dinov2", 384),
+    "facebook/dinov2-base": ("vit_base_patch14_dinov2", 768),
+    "facebook/dinov2-large": ("vit_large_patch14_dinov2", 1024),
+    "facebook/dinov2-giant": ("vit_giant_patch14_dinov2", 1536),
+}
+RELEASE_SIZES = ("camera_embed_dim", "transformer_dim", "transformer_layers", "transformer_heads",
+                 "triplane_low_res", "triplane_dim")
+# keys only a release config.json has: how `load` tells it from ours (ours names `encoder_name`)
+RELEASE_MARKERS = frozenset({"encoder_model_name", "encoder_feat_dim", "rendering_samples_per_ray",
+                             "triplane_high_res"})
+
 
 @dataclass
 class LRMConfig:
@@ -101,6 +115,44 @@ class LRMConfig:
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path} is not an LRM network config: {err}") from err
 
+    @classmethod
+    def from_release_config(cls, values: dict[str, Any]) -> "LRMConfig":
+        """The network a release config.json describes (the Hub repo facebook/vfusion3d: `camera_embed_dim`,
+        `transformer_dim`, `transformer_layers`, `transformer_heads`, `triplane_low_res`, `triplane_high_res`
+        (= 2 x low res), `triplane_dim`, `encoder_feat_dim`, `encoder_model_name` (a DINOv2 hub id),
+        `rendering_samples_per_ray` (half stratified, half importance samples)). Keys of ours may appear too and
+        are taken as given (a smaller network's config: `encoder_depth`, `encoder_img_size`...); other keys
+        (transformers' metadata: `architectures`, `auto_map`, `model_type`...) are ignored.
+
+        Args:
+            values: the parsed config.json.
+        """
+        values = dict(values)
+        name = values.get("encoder_model_name", "facebook/dinov2-base")
+        if name not in RELEASE_ENCODERS:
+            raise ValueError(f"release config names encoder {name!r}; known: {sorted(RELEASE_ENCODERS)}")
+        missing = [key for key in RELEASE_SIZES if key not in values]
+        if missing:
+            raise ValueError(f"release config lacks {missing}: not a VFusion3D LRM config")
+        timm_name, width = RELEASE_ENCODERS[name]
+        ours = {f.name for f in dataclasses.fields(cls)}
+        fields = {key: values[key] for key in ours if key in values}  # ours first, release sizes override
+        fields.update({key: values[key] for key in RELEASE_SIZES})
+        fields["encoder_name"] = timm_name
+        feat = values.get("encoder_feat_dim", width)
+        if feat != width:  # a narrower encoder than the named one (tests): its width is ours to set
+            fields.setdefault("encoder_embed_dim", feat)
+        if fields.get("encoder_embed_dim", feat) != feat:
+            raise ValueError(f"release config: encoder_feat_dim {feat} but encoder_embed_dim "
+                             f"{fields['encoder_embed_dim']}")
+        high = values.get("triplane_high_res", 2 * values["triplane_low_res"])
+        if high != 2 * values["triplane_low_res"]:
+            raise ValueError(f"release config: triplane_high_res {high} is not 2 x triplane_low_res "
+                             f"{values['triplane_low_res']} (the upsampler doubles it)")
+        if "rendering_samples_per_ray" in values:
+            fields["coarse_samples"] = fields["importance_samples"] = values["rendering_samples_per_ray"] // 2
+        return cls(**fields)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -117,6 +169,7 @@ class LRMConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "LRMConfig":
+        """A config.json: ours (`save`), or the release's (`from_release_config`), told apart by its keys."""
         try:
             values = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:
@@ -126,6 +179,8 @@ class LRMConfig:
             raise ValueError(f"{path} is not an LRM config ({kind}): give the folder LRM.save_pretrained or "
                              "LRMModule.export wrote")
         try:
+            if RELEASE_MARKERS & set(values) and "encoder_name" not in values:
+                return cls.from_release_config(values)
             return cls.from_dict(values)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path} is not an LRM config: {err}") from err

@@ -25,7 +25,9 @@ from vfusion3d_lightning.models.lrm.transformer import CameraEmbedder, TriplaneT
 
 WEIGHTS_NAME, CONFIG_NAME, README_NAME = "model.safetensors", "config.json", "README.md"
 EXPECTED_SOURCES = ("a save_pretrained folder, the released checkpoint or another weights file, a Lightning .ckpt "
-                    "of LRMModule, or a registry name (`vfusion3d-lightning weights` lists them)")
+                    "of LRMModule, a Hugging Face Hub repo id (facebook/vfusion3d) or a registry name "
+                    "(`vfusion3d-lightning weights` lists them)")
+HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME)  # what a Hub repo of an LRM holds: ours, or the release's LRMGenerator
 DINOV2_SOURCE = ("https://huggingface.co/facebook/dinov2-base (file model.safetensors; or timm's "
                  "vit_base_patch14_dinov2.lvd142m)")
 
@@ -33,7 +35,7 @@ DINOV2_SOURCE = ("https://huggingface.co/facebook/dinov2-base (file model.safete
 AUTOCAST_CAST_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 
 
-class LRM(nn.Module):
+class LRM(hub.PushToHubMixin, nn.Module):
     """Image + source camera -> triplane; triplane + render cameras -> images; points -> density, colour.
 
     >>> model = LRM(LRMConfig.from_name("tiny"))
@@ -197,12 +199,15 @@ class LRM(nn.Module):
             state = hf_dinov2_to_timm(state)
         hub.load_state_into(self.encoder.vit, state, path)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, card_data: dict | None = None) -> Path:
         """Write `model.safetensors`, `config.json` and a `README.md` model card into `directory`, replacing an
-        earlier save only once every new file is written (`io.atomic_write_folder`).
+        earlier save only once every new file is written (`io.atomic_write_folder`). `push_to_hub(repo_id)`
+        uploads the same files.
 
         Args:
             directory: the folder; created if absent.
+            card_data: what the model card records besides the sizes (`hub.model_card`: license, training data,
+                recipe, metrics); "not recorded" where absent.
         """
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         card = hub.model_card(
@@ -212,7 +217,8 @@ class LRM(nn.Module):
             f"{self.config.encoder_name}, {self.config.transformer_layers} transformer layers of width "
             f"{self.config.transformer_dim}, triplane {self.config.triplane_high_res}^2 x {self.config.triplane_dim}.",
             "from vfusion3d_lightning import LRM\n\nmodel = LRM.from_pretrained(FOLDER).eval()",
-            {CONFIG_NAME: "the network's sizes (LRMConfig)", WEIGHTS_NAME: "the weights"})
+            {CONFIG_NAME: "the network's sizes (LRMConfig)", WEIGHTS_NAME: "the weights"},
+            pipeline_tag="image-to-3d", tags=("lrm", "triplane", "nerf"), card_data=card_data)
 
         def write(tmp: Path) -> None:
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -223,19 +229,27 @@ class LRM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | Path, config: LRMConfig | None = None,
-                        checkpoint_dir: str | Path | None = None) -> "LRM":
+                        checkpoint_dir: str | Path | None = None, *, revision: str | None = None,
+                        cache_dir: str | Path | None = None, token: str | bool | None = None) -> "LRM":
         """Load an LRM.
 
         Args:
-            source: a `save_pretrained` folder (or the model.safetensors in it), a registry name ("vfusion3d"), a
-                Lightning `.ckpt` of `LRMModule`, the released VFusion3D checkpoint (`vfusion3dckpt` or a `.pth`
-                whose `model_state_dict` has the released names), or a weights file with our names.
-            config: the network's sizes; default: the folder's config.json, the checkpoint's `network`, the
-                registry entry's preset, or the released network for released weights.
+            source: a `save_pretrained` folder (or the model.safetensors in it), a Hugging Face Hub repo id
+                ("facebook/vfusion3d": the release's model.safetensors and config.json, or a repo push_to_hub
+                wrote), a registry name ("vfusion3d"), a Lightning `.ckpt` of `LRMModule`, the released VFusion3D
+                checkpoint (`vfusion3dckpt` or a `.pth` whose `model_state_dict` has the released names), or a
+                weights file with our names. An existing path wins over a repo id of the same spelling.
+            config: the network's sizes; default: the folder's config.json (ours, or the release's), the
+                checkpoint's `network`, the registry entry's preset, or the released network for released weights.
             checkpoint_dir: where registry names resolve (default: `hub.checkpoint_dir()`).
+            revision: a Hub repo's branch, tag or commit (default: main).
+            cache_dir: the Hugging Face cache (default: $HF_HUB_CACHE, else huggingface_hub's default);
+                $HF_HUB_OFFLINE=1 reads only the cache.
+            token: a Hub token, for private or gated repos.
         """
         entry, path = hub.locate_weights(source, checkpoint_dir, what="LRM weights", expected=EXPECTED_SOURCES,
-                                         converters=("vfusion3d_released", "lrm"))
+                                         converters=("vfusion3d_released", "lrm"), hub_files=HUB_FILES,
+                                         revision=revision, cache_dir=cache_dir, token=token)
         if entry is not None and entry.config:
             config = config or LRMConfig.from_name(entry.config)
         if hub.is_lightning_checkpoint(path):
@@ -255,7 +269,7 @@ class LRM(nn.Module):
             if config is None and path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
                 config = LRMConfig.load(path.parent / CONFIG_NAME)
             state = _unwrap_released(hub.load_state_file(path), path)
-            if is_released_state_dict(state):
+            if is_released_state_dict(state):  # the .pth and the Hub's safetensors, with or without a prefix
                 state = convert_released_lrm(state)
                 config = config or LRMConfig.from_name("vfusion3d")
             elif config is None:

@@ -37,6 +37,9 @@ HUB_IDS = {
 COMPONENT_LIBRARY = {"unet": "diffusers", "vae": "diffusers", "scheduler": "diffusers",
                      "image_encoder": "transformers", "text_encoder": "transformers", "tokenizer": "transformers"}
 SETTINGS_FILE, README_NAME = "vfusion3d_video.json", "README.md"
+# what a video model's Hub repo must provide: the diffusers layout's index, configs, tokenizer files and
+# safetensors weights of each component (not single-file checkpoints, .bin or ONNX copies beside them)
+HUB_FILES = ("model_index.json", SETTINGS_FILE, README_NAME, "*/*.json", "*/*.txt", "*/*.safetensors")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -77,42 +80,39 @@ def _build_component(library: str, class_name: str, config: dict):
     return cls(**config)
 
 
-def resolve_pretrained_folder(source: str | Path, checkpoint_dir: str | Path | None = None) -> Path:
-    """The local file or folder a video model loads from: a `.ckpt` or a diffusers folder as given, a registry
-    name's folder (`hub.checkpoint_dir()`), or a hub id already in the local Hugging Face cache (nothing is
-    downloaded).
+def resolve_pretrained_folder(source: str | Path, checkpoint_dir: str | Path | None = None,
+                              revision: str | None = None, cache_dir: str | Path | None = None,
+                              token: str | bool | None = None) -> Path:
+    """The local file or folder a video model loads from: a `.ckpt` or a diffusers folder as given, a Hugging Face
+    Hub repo id's snapshot (`hub.hub_snapshot_files`: fetched into the Hugging Face cache unless there or
+    offline), or a registry name's folder (`hub.checkpoint_dir()`).
 
     Args:
-        source: a path, a registry name or a hub id.
+        source: a path, a Hub repo id or a registry name.
         checkpoint_dir: where registry names resolve (default: `hub.checkpoint_dir()`).
+        revision, cache_dir, token: for a Hub repo id (see `hub.hub_snapshot_files`).
     """
     path = Path(source).expanduser()
+    if hub.is_hub_repo_id(source) or (hub.is_registry_name(source) and str(source) in hub.load_registry()):
+        _, path = hub.locate_weights(str(source), checkpoint_dir, what="a video model", converters=("diffusers",),
+                                     hub_files=HUB_FILES, revision=revision, cache_dir=cache_dir, token=token)
     if path.is_file() and hub.is_lightning_checkpoint(path):
         return path
-    if hub.is_registry_name(source) and str(source) in hub.load_registry():
-        _, path = hub.locate_weights(str(source), checkpoint_dir, what="a video model", converters=("diffusers",))
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (model_index.json missing)")
         return path
-    if "/" in str(source) and not path.exists():
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(str(source), local_files_only=True))
-        except Exception:
-            pass
     registry = sorted(name for name, entry in hub.load_registry().items() if entry.converter == "diffusers")
     target = hub.checkpoint_dir(checkpoint_dir) / Path(HUB_IDS["UNetSpatioTemporalConditionModel"]).name
     raise hub.missing_weights_error(
-        f"video model {str(source)!r} (not a folder, a cached hub id, a registry name {registry} or an "
+        f"video model {str(source)!r} (not a folder, a Hub repo id, a registry name {registry} or an "
         f"architecture {sorted(ARCHITECTURES)})",
         f"a public model ({', '.join(HUB_IDS.values())}) on a machine with network access, e.g. "
         f"`hf download {HUB_IDS['UNetSpatioTemporalConditionModel']} --local-dir {target.name}`", target,
         f"then pass that folder, or its registry name {registry[0] if registry else ''}")
 
 
-class VideoDiffusionModel(nn.Module):
+class VideoDiffusionModel(hub.PushToHubMixin, nn.Module):
     """The denoiser and everything it needs. Frames are (B, F, 3, H, W) in [0, 1]; latents (B, F, C, h, w)."""
 
     def __init__(self, unet: nn.Module, scheduler, image_encoder: nn.Module, vae: nn.Module | None = None,
@@ -147,22 +147,26 @@ class VideoDiffusionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | Path, variant: str | None = None, conditioning: Conditioning | None = None,
-                        use_ema: bool = True, checkpoint_dir: str | Path | None = None) -> "VideoDiffusionModel":
+                        use_ema: bool = True, checkpoint_dir: str | Path | None = None, *,
+                        revision: str | None = None, cache_dir: str | Path | None = None,
+                        token: str | bool | None = None) -> "VideoDiffusionModel":
         """Load a video model.
 
         Args:
-            source: a `save_pretrained` folder or another diffusers folder of a supported backbone, a registry
-                name (`svd-xt-pretrained`, `i2vgen-xl-pretrained`), a hub id already in the local Hugging Face
-                cache, a Lightning `.ckpt` of `VideoDiffusionModule`, or an architecture name of ARCHITECTURES
-                (random weights: tests, smoke runs).
+            source: a `save_pretrained` folder or another diffusers folder of a supported backbone, a Hugging Face
+                Hub repo id of one (`stabilityai/stable-video-diffusion-img2vid-xt`, or a repo push_to_hub wrote),
+                a registry name (`svd-xt-pretrained`, `i2vgen-xl-pretrained`), a Lightning `.ckpt` of
+                `VideoDiffusionModule`, or an architecture name of ARCHITECTURES (random weights: tests, smoke
+                runs).
             variant: the weights variant of a diffusers folder ("fp16"), if not the default.
             conditioning: micro-conditions; default: those saved with the model (folder or checkpoint).
             use_ema: a `.ckpt` of a run with `ema_decay` loads its averaged weights (those it validated with).
             checkpoint_dir: where registry names resolve (default: `hub.checkpoint_dir()`).
+            revision, cache_dir, token: for a Hub repo id (see `LRM.from_pretrained`).
         """
         if str(source) in ARCHITECTURES:
             return cls.build(str(source), conditioning)
-        folder = resolve_pretrained_folder(source, checkpoint_dir)
+        folder = resolve_pretrained_folder(source, checkpoint_dir, revision, cache_dir, token)
         if folder.is_file():
             return cls._from_lightning_checkpoint(folder, conditioning, use_ema, checkpoint_dir)
         index = json.loads((folder / "model_index.json").read_text())
@@ -212,13 +216,16 @@ class VideoDiffusionModel(nn.Module):
                             hint=f"the checkpoint's base model is {hp['model']!r}: check that it is the one it trained")
         return model
 
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, card_data: dict | None = None) -> Path:
         """A diffusers-layout folder (model_index.json, one subfolder per component with its config.json and
-        safetensors weights), our micro-conditions and a README.md model card. An earlier save there is
-        replaced only once every new file is written (`io.atomic_write_folder`).
+        safetensors weights, written by the component's own save_pretrained, so that e.g.
+        `diffusers.UNetSpatioTemporalConditionModel.from_pretrained(folder / "unet")` loads the denoiser), our
+        micro-conditions and a README.md model card. An earlier save there is replaced only once every new file
+        is written (`io.atomic_write_folder`). `push_to_hub(repo_id)` uploads the same files.
 
         Args:
             folder: the folder; created if absent.
+            card_data: what the model card records (`hub.model_card`: license, training data, recipe, metrics).
         """
         index = {"_class_name": "VFusion3DOrbitVideoPipeline", "_diffusers_version": _diffusers_version()}
         components = {name: getattr(self, name) for name in COMPONENT_LIBRARY if getattr(self, name) is not None}
@@ -234,7 +241,9 @@ class VideoDiffusionModel(nn.Module):
             "model = VideoDiffusionModel.from_pretrained(FOLDER).eval()",
             {"model_index.json": "the components and their classes (diffusers layout)",
              SETTINGS_FILE: "the micro-conditions training and sampling share (Conditioning)",
-             **{f"{name}/": f"the {name}'s config and weights" for name in components}})
+             **{f"{name}/": f"the {name}'s config and weights ({COMPONENT_LIBRARY[name]} "
+                            f"{type(part).__name__}.from_pretrained loads it)" for name, part in components.items()}},
+            pipeline_tag="image-to-video", tags=("diffusers", "video-diffusion", self.kind), card_data=card_data)
 
         def write(tmp: Path) -> None:
             for name, part in components.items():
