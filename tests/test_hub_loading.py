@@ -79,7 +79,7 @@ def released_pth(state: dict, path: Path) -> Path:
 # ---------------------------------------------------------------- the LRM from a repo id
 
 
-@pytest.mark.parametrize("prefix", ["", "lrm_generator."])
+@pytest.mark.parametrize("prefix", ["", "model.", "lrm_generator."])
 def test_the_hub_release_loads_as_the_released_pth_does(prefix, tmp_path, offline, monkeypatch):
     state = released_tiny_state()
     hub_cache(tmp_path / "cache", REPO, release_files(state, prefix=prefix))
@@ -136,7 +136,10 @@ def test_an_existing_path_wins_over_a_repo_id_and_a_plain_word_is_a_registry_nam
     assert not hub.is_hub_repo_id(REPO)  # it exists here
     assert torch.equal(lrm_output(LRM.from_pretrained(REPO)), lrm_output(tiny_lrm()))
     monkeypatch.chdir(tmp_path / "facebook")
-    assert hub.is_hub_repo_id(REPO) and not hub.is_hub_repo_id("vfusion3d") and not hub.is_hub_repo_id("a/b/c")
+    assert hub.is_hub_repo_id(REPO) and hub.is_hub_repo_id("timm/vit_base_patch16_224.dino")
+    assert not any(map(hub.is_hub_repo_id, ["vfusion3d", "a/b/c", "runs/last.ckpt", "out/model.safetensors"]))
+    with pytest.raises(FileNotFoundError, match=r"no LRM weights at runs/last\.ckpt: give a save_pretrained"):
+        LRM.from_pretrained("runs/last.ckpt")  # a mistyped path is not looked up on the Hub
     with pytest.raises(KeyError, match="no weights named 'no-such-weights'"):
         LRM.from_pretrained("no-such-weights")
     with pytest.raises(ValueError, match="revision='v2' applies to Hugging Face Hub repo ids"):

@@ -44,6 +44,8 @@ LIBRARY_NAME = "vfusion3d-lightning"
 # `org/name` as the Hub spells repo ids (letters, digits, `-`, `_`, `.`)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _TRUE = {"1", "on", "yes", "true"}
+# a missing `runs/lrm.ckpt` is a mistyped path, not a repo id: it gets the path's error, with no network call
+FILE_SUFFIXES = frozenset({".ckpt", ".pth", ".pt", ".bin", ".safetensors", ".skops", ".json", ".yaml"})
 # converter (how a registry file becomes parameters) -> what loads it
 CONVERTERS = {
     "vfusion3d_released": "LRM.from_pretrained",  # a torch checkpoint whose `model_state_dict` has released names
@@ -219,12 +221,14 @@ def is_registry_name(source: str | os.PathLike) -> bool:
 
 
 def is_hub_repo_id(source: str | os.PathLike) -> bool:
-    """Whether `source` reads as a Hugging Face Hub repo id: a string `org/name` that is not an existing path.
+    """Whether `source` reads as a Hugging Face Hub repo id: a string `org/name` that is not an existing path
+    and does not end in a weights or config file's suffix (`FILE_SUFFIXES`).
 
     Args:
         source: what a caller was given.
     """
-    return isinstance(source, str) and bool(_REPO_ID.match(source)) and not Path(source).expanduser().exists()
+    return (isinstance(source, str) and bool(_REPO_ID.match(source)) and Path(source).suffix not in FILE_SUFFIXES
+            and not Path(source).expanduser().exists())
 
 
 def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
