@@ -305,3 +305,23 @@ def test_the_video_export_loads_with_diffusers_own_classes(tmp_path):
         assert all(torch.equal(v, ours[k]) for k, v in loaded.state_dict().items())
     assert index["unet"] == ["diffusers", "UNetSpatioTemporalConditionModel"]
     assert front_matter((folder / "README.md").read_text())["pipeline_tag"] == "image-to-video"
+
+
+def test_online_the_options_reach_huggingface_hub_as_given(tmp_path, monkeypatch):
+    """Without HF_HUB_OFFLINE the files are huggingface_hub's to fetch (recorded here: no network in tests), with
+    the caller's revision, cache and token."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    commit = hub_cache(tmp_path / "cache", REPO, release_files(released_tiny_state()))
+    snapshot = tmp_path / "cache" / "models--facebook--vfusion3d" / "snapshots" / commit
+    calls = []
+
+    def download(repo_id, filename, **options):
+        calls.append((repo_id, filename, options))
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    LRM.from_pretrained(REPO, revision="v1", cache_dir=tmp_path / "cache", token="hf_x")
+    assert [c[:2] for c in calls] == [(REPO, "model.safetensors"), (REPO, "config.json")]
+    assert all(c[2]["revision"] == "v1" and c[2]["token"] == "hf_x" and c[2]["cache_dir"] == tmp_path / "cache"
+               and c[2]["local_files_only"] is False for c in calls)
