@@ -244,10 +244,11 @@ def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def hub_offline() -> bool:
-    """$HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    """$HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import); unset, huggingface_hub's value."""
     from huggingface_hub import constants
 
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or bool(constants.HF_HUB_OFFLINE)
+    value = os.environ.get("HF_HUB_OFFLINE")
+    return value.strip().lower() in _TRUE if value is not None else bool(constants.HF_HUB_OFFLINE)
 
 
 def hub_snapshot_files(repo_id: str, filenames: Sequence[str], revision: str | None = None,
