@@ -138,6 +138,8 @@ def test_an_existing_path_wins_over_a_repo_id_and_a_plain_word_is_a_registry_nam
     monkeypatch.chdir(tmp_path / "facebook")
     assert hub.is_hub_repo_id(REPO) and hub.is_hub_repo_id("timm/vit_base_patch16_224.dino")
     assert not any(map(hub.is_hub_repo_id, ["vfusion3d", "a/b/c", "runs/last.ckpt", "out/model.safetensors"]))
+    (tmp_path / "facebook" / "runs").mkdir()
+    assert not hub.is_hub_repo_id("runs/lrm")  # beside an existing runs/: a mistyped path, no network wait
     with pytest.raises(FileNotFoundError, match=r"no LRM weights at runs/last\.ckpt: give a save_pretrained"):
         LRM.from_pretrained("runs/last.ckpt")  # a mistyped path is not looked up on the Hub
     with pytest.raises(KeyError, match="no weights named 'no-such-weights'"):

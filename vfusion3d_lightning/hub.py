@@ -221,14 +221,16 @@ def is_registry_name(source: str | os.PathLike) -> bool:
 
 
 def is_hub_repo_id(source: str | os.PathLike) -> bool:
-    """Whether `source` reads as a Hugging Face Hub repo id: a string `org/name` that is not an existing path
-    and does not end in a weights or config file's suffix (`FILE_SUFFIXES`).
+    """Whether `source` reads as a Hugging Face Hub repo id: a string `org/name` that is not an existing path,
+    whose `org` is not an existing folder, and that does not end in a weights or config file's suffix
+    (`FILE_SUFFIXES`).
 
     Args:
         source: what a caller was given.
     """
+    # `runs/lrm` beside an existing `runs/` is a mistyped path: no network wait for it
     return (isinstance(source, str) and bool(_REPO_ID.match(source)) and Path(source).suffix not in FILE_SUFFIXES
-            and not Path(source).expanduser().exists())
+            and not Path(source).expanduser().exists() and not Path(source.split("/")[0]).is_dir())
 
 
 def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
