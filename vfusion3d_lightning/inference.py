@@ -141,7 +141,8 @@ class ImageTo3D:
         """`image`: a path or a uint8 (H, W, 3|4) array. Settings left `None` come from `auto_settings(device)`;
         `texture_size` 0 keeps vertex colours. With `out_dir`, each output is written as soon as it exists
         (input.png, turntable.<video_format>, mesh.<mesh_format>) and listed in `result.files`. No surface at
-        `mesh_threshold` leaves `result.mesh` None and says why in `result.warning` (the rest is kept).
+        `mesh_threshold` leaves `result.mesh` None and says why in `result.warning` (the rest is kept; an earlier
+        mesh file in `out_dir` is removed).
         `progress`: tqdm bars (planes, frames, mesh, texture) on stderr; `log`: gets one-line notes."""
         auto = auto_settings(self.device)
         frames = auto["frames"] if frames is None else frames
@@ -174,6 +175,9 @@ class ImageTo3D:
             if "no surface" not in str(err):
                 raise
             result.warning = str(err)
+            if out_dir is not None:  # an earlier run's mesh would pass for this input's
+                for name in [f"mesh.{mesh_format}"] + (["mesh.mtl", "mesh.png"] if mesh_format == "obj" else []):
+                    (Path(out_dir) / name).unlink(missing_ok=True)
             return result
         if texture_size:
             result.mesh = self.texture(planes, result.mesh, texture_size, max_faces, log=log, progress=progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Literal
@@ -12,6 +13,8 @@ from vfusion3d_lightning.commands.common import DTYPES, resolve_device
 from vfusion3d_lightning.data.preprocess import IMAGE_SUFFIXES
 from vfusion3d_lightning.inference import ImageTo3D, auto_settings
 from vfusion3d_lightning.models.lrm import LRM
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
 
 
 def input_images(source: Path) -> list[Path]:
@@ -95,6 +98,8 @@ def infer(input: Path, out: Path, checkpoint: str = "vfusion3d", frames: int | N
                                 video_format=video or "mp4", mesh_format=mesh or "glb", fps=settings["fps"],
                                 progress=True, log=note)
         except (ValueError, OSError) as err:  # this image (unreadable, empty mask), not the run
+            if isinstance(err, OSError) and err.errno in DISK_FULL:  # no later image could be written either
+                raise
             message = str(err) if str(path) in str(err) else f"{path}: {err}"
             if len(images) == 1:
                 raise ValueError(message) from err
