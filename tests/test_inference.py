@@ -158,7 +158,7 @@ def test_the_command_shows_each_phase_and_the_auto_settings(checkpoint, tmp_path
                        "--video_format", "gif", "--device", "cpu")
     assert done.returncode == 0, done.stderr[-3000:]
     # only the settings left unset are chosen, each with its flag
-    assert re.search(r"auto settings for cpu: --fps 12 --texture_size 512 \(pass a flag to override it\)",
+    assert re.search(r"auto settings for cpu: --fps 8 --texture_size 512 \(pass a flag to override it\)",
                      done.stderr), done.stderr
     for phase, unit in [("planes", "image"), ("frames", "frame"), ("mesh", "slice"), ("texture", "step")]:
         assert re.search(rf"{phase}: +\d+%.*\d+/\d+ \[[0-9:]+<[0-9:?]+", done.stderr), phase  # count and ETA

@@ -29,7 +29,7 @@ TEXTURED_FORMATS = ("glb", "obj")  # .ply keeps vertex colours
 AUTO_SETTINGS = {
     "cuda": {"frames": 160, "render_size": 384, "fps": 40, "mesh_resolution": 512, "texture_size": 1024,
              "max_faces": DEFAULT_MAX_FACES},
-    "cpu": {"frames": 24, "render_size": 96, "fps": 12, "mesh_resolution": 128, "texture_size": 512,
+    "cpu": {"frames": 16, "render_size": 64, "fps": 8, "mesh_resolution": 128, "texture_size": 512,
             "max_faces": 20_000},
 }
 

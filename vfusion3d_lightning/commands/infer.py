@@ -49,10 +49,10 @@ def infer(input: Path, out: Path, checkpoint: str = "vfusion3d", frames: int | N
         out: folder; each image gets a subfolder named after it.
         checkpoint: a save_pretrained folder, a weights file, a registry name or an LRMModule .ckpt (default: the
             released model).
-        frames: turntable frames (auto: 160 on a GPU, 24 on a CPU).
-        render_size: turntable frame size in pixels (auto: 384 on a GPU, 96 on a CPU).
+        frames: turntable frames (auto: 160 on a GPU, 16 on a CPU).
+        render_size: turntable frame size in pixels (auto: 384 on a GPU, 64 on a CPU).
         frames_per_batch: turntable frames rendered per call (memory).
-        fps: video frame rate (auto: 40 on a GPU, 12 on a CPU).
+        fps: video frame rate (auto: 40 on a GPU, 8 on a CPU).
         video_format: turntable file format, or `none`.
         mesh_format: `glb` (texture inside), `obj` (+ .mtl + .png), `ply` (vertex colours), or `none`.
         mesh_resolution: density grid size per axis for the mesh (auto: 512 on a GPU, 128 on a CPU).

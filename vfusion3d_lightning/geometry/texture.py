@@ -133,18 +133,18 @@ def dilate(image: torch.Tensor, mask: torch.Tensor, iterations: int = DILATE_ITE
     """image (H, W, 3) valid where mask (H, W): each round, every empty texel next to filled ones (8-neighbours)
     takes their mean; after `iterations` rounds the still-empty ones take the mean of the valid texels."""
     mean = image[mask].mean(0) if mask.any() else torch.full((3,), 0.5)
-    image = image.permute(2, 0, 1)[:, None] * mask  # (3, 1, H, W), zero where empty
-    weight = mask[None, None].float()
-    kernel = torch.ones(1, 1, 3, 3)
+    weight = mask[None].float()  # (1, H, W)
+    image = image.permute(2, 0, 1) * weight  # (3, H, W), zero where empty
     for _ in range(iterations):
-        total, count = F.conv2d(image, kernel, padding=1), F.conv2d(weight, kernel, padding=1)
+        # 3x3 sums as avg_pool * 9 (count_include_pad: the border counts zeros): several times faster than conv2d
+        total, count = F.avg_pool2d(image, 3, 1, padding=1), F.avg_pool2d(weight, 3, 1, padding=1)
         grow = (weight == 0) & (count > 0)
         if not grow.any():
             break
-        image = torch.where(grow, total / count.clamp(min=1), image)
+        image = torch.where(grow, total / count.clamp(min=1e-6), image)
         weight = weight + grow.float()
-    image = torch.where(weight > 0, image, mean.view(3, 1, 1, 1))
-    return image[:, 0].permute(1, 2, 0)
+    image = torch.where(weight > 0, image, mean.view(3, 1, 1))
+    return image.permute(1, 2, 0)
 
 
 def bake_texture(colour: ColourFn, mesh, size: int = 1024, max_faces: int = DEFAULT_MAX_FACES,
