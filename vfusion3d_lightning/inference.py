@@ -17,15 +17,15 @@ from tqdm import tqdm
 
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
 from vfusion3d_lightning.data.preprocess import preprocess
-from vfusion3d_lightning.geometry.mesh import export_mesh, extract_mesh
+from vfusion3d_lightning.geometry.mesh import NoSurfaceError, export_mesh, extract_mesh
 from vfusion3d_lightning.geometry.texture import DEFAULT_MAX_FACES, bake_texture, field_colour
 from vfusion3d_lightning.io import atomic_write, to_uint8_images
 from vfusion3d_lightning.models.lrm import LRM
 
 VIDEO_FORMATS = ("mp4", "gif")
 TEXTURED_FORMATS = ("glb", "obj")  # .ply keeps vertex colours
-# `None` settings of `run` and `infer` by device: a GPU gets the released ones; a CPU ones that finish in about
-# 2 minutes for the released network on 2 cores (BENCHMARKS.md)
+# `None` settings of `run` and `infer` by device: a GPU gets the released ones; a CPU ones that finish in a
+# few minutes for the released network on 2 cores (benchmarks/infer_cpu.py)
 AUTO_SETTINGS = {
     "cuda": {"frames": 160, "render_size": 384, "fps": 40, "mesh_resolution": 512, "texture_size": 1024,
              "max_faces": DEFAULT_MAX_FACES},
@@ -171,9 +171,7 @@ class ImageTo3D:
         try:
             result.mesh = extract_mesh(self.model, planes, mesh_resolution, mesh_threshold, mesh_method,
                                        progress=progress)
-        except ValueError as err:
-            if "no surface" not in str(err):
-                raise
+        except NoSurfaceError as err:
             result.warning = str(err)
             if out_dir is not None:  # an earlier run's mesh would pass for this input's
                 for name in [f"mesh.{mesh_format}"] + (["mesh.mtl", "mesh.png"] if mesh_format == "obj" else []):

@@ -29,6 +29,10 @@ METHODS = ("dense", "coarse_to_fine")
 SURFACES = ("surface_nets", "marching_cubes")
 
 
+class NoSurfaceError(ValueError):
+    """The density grid holds no surface at the threshold asked for (its message suggests one that does)."""
+
+
 def _check_planes(planes: torch.Tensor) -> None:
     if planes.ndim != 5 or planes.shape[0] != 1 or planes.shape[1] != 3:
         raise ValueError(f"planes must be one triplane (1, 3, C, H, W), got shape {tuple(planes.shape)}")
@@ -204,7 +208,8 @@ def extract_mesh(
     surface: "surface_nets" (`isosurface.surface_nets` on planes' device) or "marching_cubes" (PyMCubes on
     the CPU, as released).
     progress: show a tqdm bar (x-slices of the grid, with an ETA) on stderr.
-    Raises ValueError when the grid holds no surface at `threshold`, suggesting one that has (`suggest_threshold`).
+    Raises NoSurfaceError (a ValueError) when the grid holds no surface at `threshold`, suggesting one that has
+    (`suggest_threshold`).
     """
     import trimesh
     from tqdm import tqdm
@@ -230,7 +235,7 @@ def extract_mesh(
         vertices, faces = mcubes.marching_cubes(grid.cpu().numpy(), threshold)
         vertices = torch.from_numpy(vertices / (resolution - 1) * 2 - 1)  # float64 on the CPU, as released
     if len(vertices) == 0 or len(faces) == 0:
-        raise ValueError(
+        raise NoSurfaceError(
             f"no surface at density threshold {threshold}: the density grid ranges over "
             f"[{grid.min().item():.4g}, {grid.max().item():.4g}]; pick a threshold inside that range, e.g. "
             f"{suggest_threshold(grid):.4g} (its 95th percentile)"
