@@ -73,8 +73,8 @@ Inventory: case -> entry point: code that handles it -> test(s). "here" is this 
      test_meshes_without_faces_are_counted_in_the_render_report; unit: tests/data/test_render.py::
      test_load_asset_rejects_bad_files; a broken OBJ counted: tests/data/test_render_shards.py::
      test_assets_render_to_shards_that_feed_both_datamodules
-   - `infer` with no surface at the threshold (mesh.extract_mesh): ValueError with the density range, now
-     naming the image -> here
+   - `infer` with no surface at the threshold (mesh.extract_mesh): a warning naming the image, with the
+     density range and a suggested threshold; input and turntable kept, exit 0 -> here
      test_an_empty_mesh_names_the_image_and_the_threshold_to_pick; unit: tests/test_mesh.py::
      test_empty_field_raises_with_threshold_and_range
 6. Unreadable images
@@ -606,13 +606,17 @@ def earlier_outputs(out: Path, name: str = "cutout") -> Path:
     return out
 
 
-def test_an_empty_mesh_names_the_image_and_the_threshold_to_pick(images, lrm_dir, tmp_path):
+def test_an_empty_mesh_names_the_image_and_the_threshold_to_pick(images, lrm_dir, tmp_path, capsys):
     out = earlier_outputs(tmp_path / "out")
     before = digest(out)
-    with pytest.raises(ValueError, match=r"cutout\.png: no surface at density threshold 1000000000\.0.*pick a "
-                                         r"threshold inside that range"):
-        main(infer_args(images, lrm_dir, out, "--mesh_threshold", "1e9"))
-    assert digest(out) == before
+    # the input and turntable are written before the mesh is tried: they are kept, the command succeeds
+    assert main(infer_args(images, lrm_dir, out, "--mesh_threshold", "1e9")) == 0
+    assert re.search(r"warning: .*cutout\.png: no mesh written: no surface at density threshold 1000000000\.0.*"
+                     r"pick a threshold inside that range, e\.g\. \S+ \(its 95th percentile\)",
+                     capsys.readouterr().err)
+    after = digest(out)
+    assert sorted(Path(p).name for p in after) == ["input.png", "turntable.gif"]  # the earlier mesh.glb is gone
+    assert all(after[p] != before[p] for p in after)  # both rewritten for this input
 
 
 # ---------------------------------------------------------------- 6. unreadable images

@@ -66,8 +66,6 @@ CASES = {
     "empty mask": (INFER + ["--input", "blank.png", "--background", "white"], r"blank\.png"),
     "rembg missing (a JPEG's default path)": (INFER + ["--input", "photo.jpg"], r"needs rembg: `pip install rembg"),
     "PNG bomb": (INFER + ["--input", "bomb.png"], r"bomb\.png"),
-    "no surface at the threshold": (INFER + ["--input", "object.png", "--background", "white",
-                                             "--mesh_threshold", "1e9"], r"object\.png: no surface"),
     "a .ckpt of no LRM given to infer": (INFER + ["--input", "object.png", "--checkpoint", "other.ckpt"],
                                          r"other\.ckpt"),
     "--ckpt_path that is no checkpoint": (["fit", "--config", "lrm/tiny", "--ckpt_path", "tampered.ckpt"],
@@ -95,6 +93,18 @@ def test_the_command_prints_one_line_naming_the_input(case, workdir):
     assert len(errors) == 1, done.stderr[-3000:]
     assert re.search(expected, errors[0]), errors[0]
     assert "ran code from the checkpoint" not in done.stdout + done.stderr
+
+
+def test_no_surface_is_one_warning_line_and_success(workdir):
+    """The input and turntable exist by the time the mesh is tried, so the command succeeds and warns."""
+    env = {**os.environ, "VFUSION3D_CHECKPOINTS": str(workdir / "no_weights"), "PYTHONWARNINGS": "ignore"}
+    words = INFER + ["--input", "object.png", "--background", "white", "--mesh_threshold", "1e9"]
+    done = subprocess.run([sys.executable, "-m", "vfusion3d_lightning.cli", *words], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("vfusion3d-lightning: warning:")]
+    assert len(warnings) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert re.search(r"object\.png: no mesh written: no surface .*--mesh_threshold", warnings[0]), warnings[0]
 
 
 def test_the_huge_png_is_small_on_disk():

@@ -1,5 +1,12 @@
 """`vfusion3d-lightning infer` on an RGBA PNG, an RGB JPEG and a folder, with a tiny random model."""
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -38,7 +45,7 @@ def median_threshold(model, path):
     return float(density_grid(model, planes, 16).median())
 
 
-def test_infer_writes_videos_and_coloured_meshes(checkpoint, tmp_path):
+def test_infer_writes_videos_and_textured_meshes(checkpoint, tmp_path):
     model, directory = checkpoint
     inputs = write_inputs(tmp_path / "inputs")
     threshold = median_threshold(model, inputs / "photo.jpg")
@@ -51,12 +58,26 @@ def test_infer_writes_videos_and_coloured_meshes(checkpoint, tmp_path):
         gif = Image.open(out / name / "turntable.gif")
         assert gif.n_frames == 6 and gif.size == (24, 24)
         assert Image.open(out / name / "input.png").size == (56, 56)
-        mesh = trimesh.load(out / name / "mesh.glb", force="mesh")
-        assert len(mesh.faces) > 0 and mesh.visual.vertex_colors.shape == (len(mesh.vertices), 4)
-    # one RGBA file on its own uses its alpha channel; PLY and no video on request
+        mesh = trimesh.load(out / name / "mesh.glb", force="mesh")  # textured by default
+        assert len(mesh.faces) > 0 and mesh.visual.uv.shape == (len(mesh.vertices), 2)
+        assert mesh.visual.material.baseColorTexture.size == (512, 512)  # the CPU's auto --texture_size
+    # one RGBA file on its own uses its alpha channel; PLY (vertex colours) and no video on request
     assert main(["infer", "--input", str(inputs / "cutout.png"), "--out", str(tmp_path / "single"), *common[:-4],
                  "--video_format", "none", "--mesh_format", "ply"]) == 0
     assert sorted(p.name for p in (tmp_path / "single" / "cutout").iterdir()) == ["input.png", "mesh.ply"]
+    mesh = trimesh.load(tmp_path / "single" / "cutout" / "mesh.ply")
+    assert mesh.visual.vertex_colors.shape == (len(mesh.vertices), 4)
+    # --texture_size 0 keeps vertex colours in a GLB; OBJ comes with its .mtl and texture
+    assert main(["infer", "--input", str(inputs / "cutout.png"), "--out", str(tmp_path / "plain"), *common[:-4],
+                 "--video_format", "none", "--texture_size", "0"]) == 0
+    mesh = trimesh.load(tmp_path / "plain" / "cutout" / "mesh.glb", force="mesh")
+    assert mesh.visual.kind == "vertex"
+    assert main(["infer", "--input", str(inputs / "cutout.png"), "--out", str(tmp_path / "obj"), *common[:-4],
+                 "--video_format", "none", "--mesh_format", "obj", "--texture_size", "64"]) == 0
+    folder = tmp_path / "obj" / "cutout"
+    assert sorted(p.name for p in folder.iterdir()) == ["input.png", "mesh.mtl", "mesh.obj", "mesh.png"]
+    mesh = trimesh.load(folder / "mesh.obj", force="mesh")
+    assert mesh.visual.material.image.size == (64, 64) and len(mesh.visual.uv) == len(mesh.vertices)
 
 
 def test_batched_turntable_equals_frame_by_frame(checkpoint):
@@ -119,3 +140,83 @@ def test_missing_or_wrong_checkpoints_are_clear(checkpoint, tmp_path):
         main(["infer", "--input", str(inputs), "--checkpoint", str(wrong / "model.safetensors"),
               "--out", str(tmp_path)])
 
+
+
+def run_command(*words: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "vfusion3d_lightning.cli", *words], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_command_shows_each_phase_and_the_auto_settings(checkpoint, tmp_path):
+    model, directory = checkpoint
+    inputs = write_inputs(tmp_path / "inputs")
+    threshold = median_threshold(model, inputs / "cutout.png")
+    done = run_command("infer", "--input", str(inputs / "cutout.png"), "--out", str(tmp_path / "out"),
+                       "--checkpoint", str(directory), "--frames", "4", "--render_size", "16", "--input_size", "56",
+                       "--mesh_resolution", "24", "--mesh_threshold", f"{threshold}", "--max_faces", "500",
+                       "--video_format", "gif", "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    # only the settings left unset are chosen, each with its flag
+    assert re.search(r"auto settings for cpu: --fps 8 --texture_size 512 \(pass a flag to override it\)",
+                     done.stderr), done.stderr
+    for phase, unit in [("planes", "image"), ("frames", "frame"), ("mesh", "slice"), ("texture", "step")]:
+        assert re.search(rf"{phase}: +\d+%.*\d+/\d+ \[[0-9:]+<[0-9:?]+", done.stderr), phase  # count and ETA
+        assert f"{unit}/s" in done.stderr
+    assert re.search(r"decimated \d+ -> \d+ faces \(--max_faces 500\)", done.stderr)
+    assert sorted(p.name for p in (tmp_path / "out" / "cutout").iterdir()) == ["input.png", "mesh.glb",
+                                                                                "turntable.gif"]
+
+
+def test_no_surface_keeps_the_input_and_turntable_and_suggests_a_threshold(checkpoint, tmp_path):
+    _, directory = checkpoint
+    inputs = write_inputs(tmp_path / "inputs")
+    done = run_command("infer", "--input", str(inputs / "cutout.png"), "--out", str(tmp_path / "out"),
+                       "--checkpoint", str(directory), "--frames", "2", "--render_size", "8", "--input_size", "56",
+                       "--mesh_resolution", "16", "--mesh_threshold", "1e9", "--video_format", "gif",
+                       "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    warning = [line for line in done.stderr.splitlines() if "vfusion3d-lightning: warning:" in line]
+    assert len(warning) == 1, done.stderr
+    match = re.search(r"cutout\.png: no mesh written: no surface at density threshold 1000000000\.0: the density "
+                      r"grid ranges over \[([^,]+), ([^\]]+)\]; pick a threshold inside that range, e.g\. "
+                      r"(\S+) \(its 95th percentile\) \(--mesh_threshold\)", warning[0])
+    assert match, warning[0]
+    low, high, suggested = (float(v) for v in match.groups())
+    assert low <= suggested <= high
+    assert sorted(p.name for p in (tmp_path / "out" / "cutout").iterdir()) == ["input.png", "turntable.gif"]
+    # the suggested level has a surface
+    done = run_command("infer", "--input", str(inputs / "cutout.png"), "--out", str(tmp_path / "out"),
+                       "--checkpoint", str(directory), "--frames", "2", "--render_size", "8", "--input_size", "56",
+                       "--mesh_resolution", "16", "--mesh_threshold", f"{suggested}", "--video_format", "none",
+                       "--texture_size", "0", "--device", "cpu")
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr[-3000:]
+    assert (tmp_path / "out" / "cutout" / "mesh.glb").is_file()
+
+
+def test_infer_takes_a_lightning_checkpoint(checkpoint, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
+    from vfusion3d_lightning.training import LRMModule
+
+    torch.manual_seed(0)
+    module = LRMModule(network=LRMConfig.from_name("tiny"), lpips_random_backbone=True, lpips_weight=0.0,
+                       l2_weight=1.0, render_size=16, patch_size=8, warmup_steps=1)
+    items = [{"input_image": torch.rand(3, 56, 56), "source_camera": canonical_source_camera(1)[0],
+              "render_cameras": turntable_cameras(2), "target_images": torch.rand(2, 3, 16, 16),
+              "target_masks": torch.ones(2, 1, 16, 16)} for _ in range(2)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=2))
+    path = tmp_path / "lrm.ckpt"
+    trainer.save_checkpoint(path)
+    inputs = write_inputs(tmp_path / "inputs")
+    out = tmp_path / "out"
+    assert main(["infer", "--input", str(inputs / "cutout.png"), "--out", str(out), "--checkpoint", str(path),
+                 "--frames", "2", "--render_size", "8", "--input_size", "56", "--mesh_format", "none",
+                 "--video_format", "gif", "--device", "cpu"]) == 0
+    assert Image.open(out / "cutout" / "turntable.gif").n_frames == 2
+    # the command's loader reads the trained weights, not a fresh network
+    loaded = LRM.from_pretrained(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.model.state_dict().values()))

@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -6,7 +7,14 @@ import torch
 import trimesh
 
 from vfusion3d_lightning.geometry.isosurface import nearest_vertex_distance
-from vfusion3d_lightning.geometry.mesh import SURFACES, coarse_to_fine_grid, density_grid, export_mesh, extract_mesh
+from vfusion3d_lightning.geometry.mesh import (
+    SURFACES,
+    NoSurfaceError,
+    coarse_to_fine_grid,
+    density_grid,
+    export_mesh,
+    extract_mesh,
+)
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 
 RADIUS = 0.5
@@ -187,6 +195,14 @@ def test_empty_field_raises_with_threshold_and_range():
         for surface in SURFACES:
             with pytest.raises(ValueError, match=r"threshold 2\.5.*\[0, 0\]"):
                 extract_mesh(model, planes, resolution=16, threshold=2.5, method=method, surface=surface)
+
+
+def test_no_surface_suggests_a_threshold_that_has_one():
+    model, planes = sphere_model()
+    with pytest.raises(NoSurfaceError, match=r"e\.g\. (\S+) \(its 95th percentile\)") as caught:
+        extract_mesh(model, planes, resolution=16, threshold=1e9)
+    suggested = float(re.search(r"e\.g\. (\S+) ", str(caught.value)).group(1))
+    assert len(extract_mesh(model, planes, resolution=16, threshold=suggested).faces) > 0
 
 
 def test_bad_arguments_raise():

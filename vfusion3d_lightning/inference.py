@@ -1,20 +1,42 @@
-"""Image -> preprocessing -> triplane -> turntable video and coloured mesh."""
+"""Image -> preprocessing -> triplane -> turntable video and a UV-textured (or vertex-coloured) mesh.
+
+>>> engine = ImageTo3D(LRM.from_pretrained("vfusion3d"), "cuda")
+>>> result = engine.run("photo.png", **auto_settings("cuda"))      # result.mesh: trimesh.Trimesh with a texture
+>>> export_mesh(result.mesh, "out/mesh.glb")
+>>> engine.run("photo.png", out_dir=Path("out"))                    # writes input.png, turntable.mp4, mesh.glb
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
 from vfusion3d_lightning.data.preprocess import preprocess
-from vfusion3d_lightning.geometry.mesh import export_mesh, extract_mesh
+from vfusion3d_lightning.geometry.mesh import NoSurfaceError, export_mesh, extract_mesh
+from vfusion3d_lightning.geometry.texture import DEFAULT_MAX_FACES, bake_texture, field_colour
 from vfusion3d_lightning.io import atomic_write, to_uint8_images
 from vfusion3d_lightning.models.lrm import LRM
 
 VIDEO_FORMATS = ("mp4", "gif")
+TEXTURED_FORMATS = ("glb", "obj")  # .ply keeps vertex colours
+# `None` settings of `run` and `infer` by device: a GPU gets the released ones; a CPU ones that finish in a
+# few minutes for the released network on 2 cores (benchmarks/infer_cpu.py)
+AUTO_SETTINGS = {
+    "cuda": {"frames": 160, "render_size": 384, "fps": 40, "mesh_resolution": 512, "texture_size": 1024,
+             "max_faces": DEFAULT_MAX_FACES},
+    "cpu": {"frames": 16, "render_size": 64, "fps": 8, "mesh_resolution": 128, "texture_size": 512,
+            "max_faces": 20_000},
+}
+
+
+def auto_settings(device: str | torch.device) -> dict[str, int]:
+    """The settings `ImageTo3D.run` uses on `device` for those left `None` (see AUTO_SETTINGS)."""
+    return dict(AUTO_SETTINGS["cuda" if torch.device(device).type == "cuda" else "cpu"])
 
 
 @dataclass
@@ -26,6 +48,8 @@ class InferenceResult:
     planes: torch.Tensor
     frames: torch.Tensor | None = None
     mesh: object | None = None
+    files: list[Path] = field(default_factory=list)  # what `run(out_dir=...)` wrote, in order
+    warning: str | None = None  # why there is no mesh (no surface at the threshold)
 
 
 def max_rays_for(model: LRM, device: torch.device, memory_fraction: float = 0.5) -> int:
@@ -74,13 +98,14 @@ class ImageTo3D:
     @torch.no_grad()
     def turntable(self, planes: torch.Tensor, frames: int = 160, size: int = 384, frames_per_batch: int = 8,
                   radius: float = 1.5, elevation: float = 0.0, max_rays: int | None = None,
-                  skip_empty: bool | None = None, seed: int = 0) -> torch.Tensor:
+                  skip_empty: bool | None = None, seed: int = 0, progress: bool = False) -> torch.Tensor:
         """Frames (N, 3, size, size) around the object, `frames_per_batch` cameras per call (the release
         renders one per call); `max_rays` bounds the rays in one renderer pass, and so the memory (None: sized
         to the free memory by `max_rays()`). `skip_empty` (None: on a GPU) queries the field only in cells of
         a 128^3 occupancy grid where it has density (`LRM.occupancy`; frames differ from a full render by well
         under a grey level, BENCHMARKS.md); a field with density in over half the cells is rendered in full.
-        `seed` seeds the renderer's sample jitter: the same planes give the same frames."""
+        `seed` seeds the renderer's sample jitter: the same planes give the same frames. `progress`: a tqdm bar
+        of frames on stderr."""
         max_rays = max_rays or self.max_rays()
         cameras = turntable_cameras(frames, radius, elevation).to(self.device)
         occupancy = None
@@ -91,24 +116,71 @@ class ImageTo3D:
                 occupancy = None
         out = []
         generator = torch.Generator(self.device).manual_seed(seed)
-        for start in range(0, frames, frames_per_batch):
-            with self._autocast():
-                rgb = self.model.render(planes, cameras[None, start:start + frames_per_batch], size,
-                                        generator=generator, max_rays=max_rays, occupancy=occupancy).rgb[0]
-            out.append(rgb.float().clamp(0, 1).cpu())
+        with tqdm(total=frames, desc="frames", unit="frame", disable=not progress, leave=False) as bar:
+            for start in range(0, frames, frames_per_batch):
+                with self._autocast():
+                    rgb = self.model.render(planes, cameras[None, start:start + frames_per_batch], size,
+                                            generator=generator, max_rays=max_rays, occupancy=occupancy).rgb[0]
+                out.append(rgb.float().clamp(0, 1).cpu())
+                bar.update(len(rgb))
         return torch.cat(out)
 
-    def run(self, image, frames: int = 160, render_size: int = 384, frames_per_batch: int = 8,
-            mesh_resolution: int = 512, mesh_threshold: float = 1.0, mesh_method: str = "coarse_to_fine",
-            video: bool = True, mesh: bool = True) -> InferenceResult:
-        """`image`: a path or a uint8 (H, W, 3|4) array."""
+    @torch.no_grad()
+    def texture(self, planes: torch.Tensor, mesh, size: int = 1024, max_faces: int = DEFAULT_MAX_FACES,
+                log=None, timings: dict | None = None, progress: bool = False):
+        """`mesh` -> a decimated copy with UVs and a `size`^2 texture baked from `planes`' colour field
+        (`texture.bake_texture`); `log` gets the decimation line; `progress`: a tqdm bar of its steps."""
+        return bake_texture(field_colour(self.model, planes), mesh, size, max_faces, timings=timings, log=log,
+                            progress=progress)
+
+    def run(self, image, frames: int | None = None, render_size: int | None = None, frames_per_batch: int = 8,
+            mesh_resolution: int | None = None, mesh_threshold: float = 1.0, mesh_method: str = "coarse_to_fine",
+            video: bool = True, mesh: bool = True, texture_size: int | None = None, max_faces: int | None = None,
+            out_dir: Path | None = None, video_format: str = "mp4", mesh_format: str = "glb", fps: int | None = None,
+            progress: bool = False, log=None) -> InferenceResult:
+        """`image`: a path or a uint8 (H, W, 3|4) array. Settings left `None` come from `auto_settings(device)`;
+        `texture_size` 0 keeps vertex colours. With `out_dir`, each output is written as soon as it exists
+        (input.png, turntable.<video_format>, mesh.<mesh_format>) and listed in `result.files`. No surface at
+        `mesh_threshold` leaves `result.mesh` None and says why in `result.warning` (the rest is kept; an earlier
+        mesh file in `out_dir` is removed).
+        `progress`: tqdm bars (planes, frames, mesh, texture) on stderr; `log`: gets one-line notes."""
+        auto = auto_settings(self.device)
+        frames = auto["frames"] if frames is None else frames
+        render_size = auto["render_size"] if render_size is None else render_size
+        mesh_resolution = auto["mesh_resolution"] if mesh_resolution is None else mesh_resolution
+        texture_size = auto["texture_size"] if texture_size is None else texture_size
+        max_faces = auto["max_faces"] if max_faces is None else max_faces
+        fps = auto["fps"] if fps is None else fps
+        if out_dir is not None and mesh_format not in TEXTURED_FORMATS:
+            texture_size = 0
         tensor = preprocess(image, self.input_size, self.border_ratio, self.background)
-        planes = self.planes(tensor)
+        with tqdm(total=1, desc="planes", unit="image", disable=not progress, leave=False) as bar:
+            planes = self.planes(tensor)
+            bar.update()
         result = InferenceResult(image=tensor, planes=planes)
+        if out_dir is not None:
+            picture = to_uint8_images(tensor)
+            result.files.append(atomic_write(Path(out_dir) / "input.png",
+                                             lambda tmp: Image.fromarray(picture).save(tmp)))
         if video:
-            result.frames = self.turntable(planes, frames, render_size, frames_per_batch)
-        if mesh:
-            result.mesh = extract_mesh(self.model, planes, mesh_resolution, mesh_threshold, mesh_method)
+            result.frames = self.turntable(planes, frames, render_size, frames_per_batch, progress=progress)
+            if out_dir is not None:
+                result.files.append(write_video(result.frames, Path(out_dir) / f"turntable.{video_format}", fps))
+        if not mesh:
+            return result
+        try:
+            result.mesh = extract_mesh(self.model, planes, mesh_resolution, mesh_threshold, mesh_method,
+                                       progress=progress)
+        except NoSurfaceError as err:
+            result.warning = str(err)
+            if out_dir is not None:  # an earlier run's mesh would pass for this input's
+                for name in [f"mesh.{mesh_format}"] + (["mesh.mtl", "mesh.png"] if mesh_format == "obj" else []):
+                    (Path(out_dir) / name).unlink(missing_ok=True)
+            return result
+        if texture_size:
+            result.mesh = self.texture(planes, result.mesh, texture_size, max_faces, log=log, progress=progress)
+        if out_dir is not None:
+            result.files.append(export_mesh(result.mesh, Path(out_dir) / f"mesh.{mesh_format}"))
         return result
 
 
@@ -138,7 +210,8 @@ def write_video(frames: torch.Tensor, path: str | Path, fps: int = 40) -> Path:
 
 def save_outputs(result: InferenceResult, out_dir: Path, video_format: str | None, mesh_format: str | None,
                  fps: int = 40) -> list[Path]:
-    """input.png, turntable.<video_format>, mesh.<mesh_format> in `out_dir`."""
+    """input.png, turntable.<video_format>, mesh.<mesh_format> of a finished `result` in `out_dir` (`run` with
+    `out_dir` writes each as soon as it exists instead)."""
     picture = to_uint8_images(result.image)
     written = [atomic_write(out_dir / "input.png", lambda tmp: Image.fromarray(picture).save(tmp))]
     if video_format and result.frames is not None:

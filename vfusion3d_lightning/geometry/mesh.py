@@ -29,6 +29,10 @@ METHODS = ("dense", "coarse_to_fine")
 SURFACES = ("surface_nets", "marching_cubes")
 
 
+class NoSurfaceError(ValueError):
+    """The density grid holds no surface at the threshold asked for (its message suggests one that does)."""
+
+
 def _check_planes(planes: torch.Tensor) -> None:
     if planes.ndim != 5 or planes.shape[0] != 1 or planes.shape[1] != 3:
         raise ValueError(f"planes must be one triplane (1, 3, C, H, W), got shape {tuple(planes.shape)}")
@@ -95,6 +99,7 @@ def coarse_to_fine_grid(
     threshold: float = 1.0,
     margin: float | None = None,
     chunk: int = 2**20,
+    progress=None,
 ) -> tuple[torch.Tensor, float]:
     """`density_grid` values wherever they decide the `threshold` surface, evaluating far fewer points.
 
@@ -115,7 +120,7 @@ def coarse_to_fine_grid(
     idx = _coarse_indices(resolution, coarse)
     n_coarse = len(idx)
     # coarse nodes are fine points, so their values agree exactly with the dense grid
-    coarse_grid = _grid_at(model, planes, xs[idx.to(xs.device)], chunk)  # (Rc, Rc, Rc)
+    coarse_grid = _grid_at(model, planes, xs[idx.to(xs.device)], chunk, progress)  # (Rc, Rc, Rc)
 
     # max and min over each coarse cell's 8 corners: (Rc-1, Rc-1, Rc-1)
     high = F.max_pool3d(coarse_grid[None, None], 2, 1)[0, 0]
@@ -145,6 +150,8 @@ def coarse_to_fine_grid(
     needed_yz = needed[:, position][:, :, position]  # (2Rc-1, R, R)
     for start in range(0, resolution, step):
         mask = needed_yz[position[start: start + step]]  # (s, R, R)
+        if progress is not None:
+            progress.update(len(mask))
         where = mask.nonzero()
         if len(where) == 0:
             continue
@@ -156,8 +163,9 @@ def coarse_to_fine_grid(
     return grid, fraction
 
 
-def _grid_at(model, planes: torch.Tensor, axis: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Density at the tensor-product grid axis^3 (same axis for x, y, z) -> (n, n, n) float32."""
+def _grid_at(model, planes: torch.Tensor, axis: torch.Tensor, chunk: int, progress=None) -> torch.Tensor:
+    """Density at the tensor-product grid axis^3 (same axis for x, y, z) -> (n, n, n) float32.
+    progress: a tqdm bar, advanced by one per x-slice."""
     n = len(axis)
     yz = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
     out = torch.empty((n,) * 3, dtype=torch.float32, device=planes.device)
@@ -166,7 +174,17 @@ def _grid_at(model, planes: torch.Tensor, axis: torch.Tensor, chunk: int) -> tor
         x = axis[start: start + step]
         points = torch.cat([x.repeat_interleave(len(yz))[:, None], yz.repeat(len(x), 1)], dim=1)
         out[start: start + len(x)] = _query_density(model, planes, points).reshape(len(x), n, n)
+        if progress is not None:
+            progress.update(len(x))
     return out
+
+
+def suggest_threshold(grid: torch.Tensor, quantile: float = 0.95) -> float:
+    """A density level with a surface in most fields: the `quantile` of the grid's values (on a strided sample
+    of at most ~2M of them, as torch.quantile takes at most 2**24)."""
+    values = grid.flatten().float()
+    values = values[:: max(1, len(values) // 2**21)]
+    return float(torch.quantile(values, quantile))
 
 
 @torch.no_grad()
@@ -178,6 +196,7 @@ def extract_mesh(
     method: str = "dense",
     chunk: int = 2**20,
     surface: str = "surface_nets",
+    progress: bool = False,
 ):
     """Mesh of the `threshold` density level set (density > threshold is inside), with per-vertex colours.
 
@@ -188,18 +207,24 @@ def extract_mesh(
     method: "dense" (`density_grid`) or "coarse_to_fine" (`coarse_to_fine_grid`, same surface, faster).
     surface: "surface_nets" (`isosurface.surface_nets` on planes' device) or "marching_cubes" (PyMCubes on
     the CPU, as released).
-    Raises ValueError when the grid holds no surface at `threshold`.
+    progress: show a tqdm bar (x-slices of the grid, with an ETA) on stderr.
+    Raises NoSurfaceError (a ValueError) when the grid holds no surface at `threshold`, suggesting one that has
+    (`suggest_threshold`).
     """
     import trimesh
+    from tqdm import tqdm
 
     if method not in METHODS:
         raise ValueError(f"unknown mesh extraction method {method!r}; choose one of {list(METHODS)}")
     if surface not in SURFACES:
         raise ValueError(f"unknown isosurface extractor {surface!r}; choose one of {list(SURFACES)}")
-    if method == "dense":
-        grid = density_grid(model, planes, resolution, chunk)
-    else:
-        grid, _ = coarse_to_fine_grid(model, planes, resolution, threshold=threshold, chunk=chunk)
+    _check_planes(planes)
+    slices = resolution + (0 if method == "dense" else len(_coarse_indices(resolution, (resolution - 1) // 4 + 1)))
+    with tqdm(total=slices, desc="mesh", unit="slice", disable=not progress, leave=False) as bar:
+        if method == "dense":
+            grid = _grid_at(model, planes, _axis(resolution, planes.device), chunk, bar)
+        else:
+            grid, _ = coarse_to_fine_grid(model, planes, resolution, threshold=threshold, chunk=chunk, progress=bar)
     if surface == "surface_nets":
         vertices, faces = surface_nets(grid, threshold)
         vertices = vertices / (resolution - 1) * 2 - 1  # float32, on the grid's device
@@ -210,9 +235,10 @@ def extract_mesh(
         vertices, faces = mcubes.marching_cubes(grid.cpu().numpy(), threshold)
         vertices = torch.from_numpy(vertices / (resolution - 1) * 2 - 1)  # float64 on the CPU, as released
     if len(vertices) == 0 or len(faces) == 0:
-        raise ValueError(
+        raise NoSurfaceError(
             f"no surface at density threshold {threshold}: the density grid ranges over "
-            f"[{grid.min().item():.4g}, {grid.max().item():.4g}]; pick a threshold inside that range"
+            f"[{grid.min().item():.4g}, {grid.max().item():.4g}]; pick a threshold inside that range, e.g. "
+            f"{suggest_threshold(grid):.4g} (its 95th percentile)"
         )
     points = vertices.to(planes.device, torch.float32)
     rgb = torch.cat([model.query(planes, part[None].to(planes.dtype))[1][0].float() for part in points.split(chunk)])
@@ -223,9 +249,27 @@ def extract_mesh(
 
 
 def export_mesh(mesh, path: str | Path) -> Path:
-    """Write `mesh` as .glb, .obj or .ply (by suffix), atomically (see `io.atomic_write`). Returns the path."""
+    """Write `mesh` as .glb, .obj or .ply (by suffix), each file atomically (see `io.atomic_write`). A textured
+    mesh (`texture.bake_texture`) goes to .glb with its texture inside, or to .obj beside a .mtl and the .png
+    they name (written first, so the .obj never points at a missing file); .ply keeps only vertex colours.
+    Returns the mesh file's path."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MESH_FORMATS:
         raise ValueError(f"unsupported mesh format {path.suffix!r} for {path}; use one of {list(MESH_FORMATS)}")
+    if suffix == ".obj":
+        from trimesh.exchange.obj import export_obj
+        from trimesh.visual.material import PBRMaterial, SimpleMaterial
+
+        material = getattr(mesh.visual, "material", None)
+        if isinstance(material, PBRMaterial) and material.baseColorTexture is not None:
+            # trimesh would write Kd 0.4, which viewers multiply the texture by: white keeps its colours
+            mesh = mesh.copy()
+            mesh.visual.material = SimpleMaterial(image=material.baseColorTexture, diffuse=(255, 255, 255, 255),
+                                                  ambient=(255, 255, 255, 255), specular=(0, 0, 0, 255),
+                                                  name=path.stem)
+        text, files = export_obj(mesh, include_texture=True, return_texture=True, mtl_name=f"{path.stem}.mtl")
+        for name, data in sorted(files.items(), key=lambda item: item[0].endswith(".mtl")):  # texture, then .mtl
+            atomic_write(path.parent / name, lambda tmp, data=data: tmp.write_bytes(data))
+        return atomic_write(path, lambda tmp: tmp.write_text(text))
     return atomic_write(path, lambda tmp: mesh.export(str(tmp), file_type=suffix[1:]))
