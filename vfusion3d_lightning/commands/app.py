@@ -119,21 +119,27 @@ def start(checkpoint: str, host: str, port: int, out: Path | None, examples: int
     `block` is False: `page.local_url`, `page.close()`)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # offline machines: no calls home (read on import)
     require_extra("gradio", "app", "the app (vfusion3d-lightning app)")
-    import gradio as gr
 
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="vfusion3d-app-"))
     engine = ImageTo3D(LRM.from_pretrained(checkpoint), resolve_device(device), DTYPES[dtype], input_size,
                        border_ratio, background)
-    pictures = render_examples(out / "examples", examples) if examples else []
+    pictures = []
+    if examples:
+        try:
+            pictures = render_examples(out / "examples", examples)
+        except Exception as err:  # no headless OpenGL here: the examples are a convenience, the page still works
+            print(f"app: no examples ({type(err).__name__}: {' '.join(str(err).split())}); --examples 0 skips "
+                  "them", file=sys.stderr, flush=True)
     page = build_page(engine, out, pictures, frames, render_size, frames_per_batch, fps, mesh_resolution,
                       mesh_threshold)
     warning = exposure_warning(host, port)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    print(f"app: files under {out}", flush=True)
-    page.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, ssr_mode=False,
-                allowed_paths=[str(out)], max_file_size="25mb", show_error=True, quiet=not block,
-                theme=gr.themes.Default())
+    page.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, ssr_mode=False,
+                allowed_paths=[str(out)], max_file_size="25mb", show_error=True, quiet=True)
+    print(f"app: serving {page.local_url} (files under {out}); Ctrl+C stops it", flush=True)
+    if block:
+        page.block_thread()  # until Ctrl+C, which closes the server
     return page
 
 

@@ -53,7 +53,7 @@ def lightning_cli(argv: list[str] | None, run: bool = True, overwrite_config: bo
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     raising = {"exit_on_error": False, **{command: {"exit_on_error": False} for command in LIGHTNING_COMMANDS}}
     return _CLI(L.LightningModule, L.LightningDataModule, **CLI_SETTINGS, args=argv, run=run,
-                        save_config_kwargs={"overwrite": overwrite_config}, parser_kwargs=raising)
+                save_config_kwargs={"overwrite": overwrite_config}, parser_kwargs=raising)
 
 
 def fit_parser():
