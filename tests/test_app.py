@@ -124,6 +124,17 @@ def test_generate_in_the_browser_shows_and_serves_video_and_mesh(served, browser
     assert browser.find_elements(By.CSS_SELECTOR, ".toast-body.error") == []
 
 
+def test_an_image_without_an_object_is_an_error_on_the_page(served):
+    import gradio as gr
+
+    page, root = served
+    Image.fromarray(np.zeros((64, 64, 4), np.uint8), "RGBA").save(root / "empty.png")  # fully transparent
+    [handler] = [f.fn for f in page.fns.values() if f.name == "generate"]
+    for picture, says in [(None, "upload an image first"), (str(root / "empty.png"), "mask is empty")]:
+        with pytest.raises(gr.Error, match=says):
+            handler(picture)
+
+
 def test_examples_are_procedural_front_views(served):
     _, root = served
     examples = sorted((root / "out" / "examples").glob("example_*.png"))

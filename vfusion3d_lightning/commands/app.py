@@ -83,7 +83,8 @@ def build_page(engine: ImageTo3D, out: Path, examples: list[Path], frames: int, 
         try:
             result = engine.run(image_path, frames, render_size, frames_per_batch, mesh_resolution,
                                 mesh_threshold, "coarse_to_fine")
-        except (ValueError, OSError) as err:  # this image (unreadable, empty mask) or no surface: the user's to mend
+        # this image (unreadable, empty mask, no surface) or rembg missing for a photo: shown on the page
+        except (ValueError, OSError, ImportError) as err:
             raise gr.Error(" ".join(str(err).split())) from None
         picture, video = save_outputs(result, folder, "mp4", None, fps)
         glb, obj = export_meshes(result.mesh, folder)
