@@ -51,8 +51,7 @@ def test_default_csv_logger_writes_media_files(shards, tmp_path):
 
 
 def test_tensorboard_logger_gets_image_summaries(shards, tmp_path):
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # the [test] extra has it
 
     fit(shards, tmp_path, "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
         "--trainer.logger.save_dir", str(tmp_path))
