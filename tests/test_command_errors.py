@@ -64,7 +64,8 @@ CASES = {
     # case: (arguments, what the one line must say)
     "unreadable image": (INFER + ["--input", "broken.png"], r"cannot read broken\.png as an image"),
     "empty mask": (INFER + ["--input", "blank.png", "--background", "white"], r"blank\.png"),
-    "rembg missing (a JPEG's default path)": (INFER + ["--input", "photo.jpg"], r"needs rembg: `pip install rembg"),
+    "rembg missing (a JPEG's default path)": (INFER + ["--input", "photo.jpg"], r"needs rembg, which is not "
+                                              r"installed: pip install 'vfusion3d-lightning\[rembg\]'"),
     "PNG bomb": (INFER + ["--input", "bomb.png"], r"bomb\.png"),
     "a .ckpt of no LRM given to infer": (INFER + ["--input", "object.png", "--checkpoint", "other.ckpt"],
                                          r"other\.ckpt"),

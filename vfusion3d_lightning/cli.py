@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from vfusion3d_lightning.commands.app import app
 from vfusion3d_lightning.commands.demo import demo
 from vfusion3d_lightning.commands.evaluate import evaluate
 from vfusion3d_lightning.commands.filter import filter_videos
@@ -42,6 +43,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "filter": (filter_videos, "keep the generated videos the quality SVM scores as good (resumable)"),
     "label": (label, "write elevation + orbit cameras, masks and quality scores into videos' shards (resumable)"),
     "infer": (infer, "image(s) -> turntable video and mesh"),
+    "app": (app, "a local web page: upload an image, see and download its turntable video and mesh (Gradio)"),
     "evaluate": (evaluate, "novel-view metrics (PSNR, SSIM, LPIPS, CLIP) of LRMs on held-out multi-view shards"),
     "pipeline": (pipeline, "the whole system end to end, resumable: assets -> renders -> video model -> videos -> "
                            "curation -> LRM -> metrics, samples"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import importlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -104,6 +106,17 @@ def on_white(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 4) uint8 RGBA -> (N, 3, H, W) floats in [0, 1], composited on white."""
     rgba = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
     return rgba[:, :3] * rgba[:, 3:] + (1 - rgba[:, 3:])
+
+
+def require_extra(module: str, extra: str, purpose: str, advice: str = "") -> ModuleType:
+    """Import `module`, a package of the optional extra `extra`; when it is missing, a ModuleNotFoundError in
+    one line naming the pip line that installs it (then `advice`, another way round)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ModuleNotFoundError(f"{purpose} needs {module}, which is not installed: "
+                                  f"pip install 'vfusion3d-lightning[{extra}]'" + (f"; {advice}" if advice else "")
+                                  ) from None
 
 
 def run_log_dir(trainer) -> Path:

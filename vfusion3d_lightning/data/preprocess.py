@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vfusion3d_lightning.data.schema import has_alpha, image_to_array
 from vfusion3d_lightning.hub import missing_weights_error
+from vfusion3d_lightning.io import require_extra
 
 BACKGROUNDS = ("auto", "rembg", "alpha", "white")
 REMBG_MODEL = "isnet-general-use"
@@ -78,13 +79,9 @@ def rembg_mask(rgb: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _rembg_session():  # loading the ONNX model takes seconds; videos ask for a mask per frame
-    try:
-        import rembg
-    except ImportError:
-        raise ModuleNotFoundError(
-            "background removal needs rembg: `pip install rembg onnxruntime`, or give an RGBA image, or use "
-            "background 'white' (mask method 'threshold') for objects on a plain white background"
-        ) from None
+    rembg = require_extra("rembg", "rembg", "background removal",
+                          "or give an RGBA image, or use background 'white' (mask method 'threshold') for objects "
+                          "on a plain white background")
     model = rembg_model_path()
     if not model.is_file():
         raise missing_weights_error(f"rembg's {REMBG_MODEL} model", f"{REMBG_MODEL}.onnx from the rembg releases "

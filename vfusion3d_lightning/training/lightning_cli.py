@@ -7,9 +7,35 @@ import warnings
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from vfusion3d_lightning.training.media import require_logger_extra
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # every LightningModule and DataModule of the package, chosen by `class_path` in the config
 CLI_SETTINGS = {"subclass_mode_model": True, "subclass_mode_data": True}
+
+
+DEFAULT_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+
+
+class _CLI(LightningCLI):
+    """LightningCLI whose default logger is a CSVLogger under the run's default_root_dir whatever is installed
+    (Lightning picks TensorBoard when tensorboard happens to be installed): runs, their resume and the tests read
+    `<log dir>/metrics.csv`. Any other logger is one `--trainer.logger CLASS` away (training/media.py)."""
+
+    def before_instantiate_classes(self) -> None:
+        from jsonargparse import Namespace
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is None:
+            return
+        if trainer.get("logger") in (None, True):
+            save_dir = trainer.get("default_root_dir") or "."
+            trainer.logger = Namespace(class_path=DEFAULT_LOGGER, init_args=Namespace(save_dir=save_dir))
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in loggers:  # W&B, MLflow: the extra's pip line, before anything is built
+            if isinstance(logger, Namespace) and isinstance(logger.get("class_path"), str):
+                require_logger_extra(logger.class_path)
 
 
 def lightning_cli(argv: list[str] | None, run: bool = True, overwrite_config: bool = False) -> LightningCLI:
@@ -26,8 +52,8 @@ def lightning_cli(argv: list[str] | None, run: bool = True, overwrite_config: bo
     # the CLI hands over its command line with shipped config names resolved, so both are given on purpose
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     raising = {"exit_on_error": False, **{command: {"exit_on_error": False} for command in LIGHTNING_COMMANDS}}
-    return LightningCLI(L.LightningModule, L.LightningDataModule, **CLI_SETTINGS, args=argv, run=run,
-                        save_config_kwargs={"overwrite": overwrite_config}, parser_kwargs=raising)
+    return _CLI(L.LightningModule, L.LightningDataModule, **CLI_SETTINGS, args=argv, run=run,
+                save_config_kwargs={"overwrite": overwrite_config}, parser_kwargs=raising)
 
 
 def fit_parser():

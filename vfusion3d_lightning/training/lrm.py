@@ -9,15 +9,15 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from vfusion3d_lightning.cameras import turntable_cameras
 from vfusion3d_lightning.data.datamodules import restore_loader_states
-from vfusion3d_lightning.io import atomic_write, run_log_dir, to_uint8_images
+from vfusion3d_lightning.io import to_uint8_images
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.training.losses import build_lpips, lpips_loss, opacity_loss, pixel_l2
+from vfusion3d_lightning.training.media import log_image, log_video
 from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
 from vfusion3d_lightning.training.seeding import run_seed, step_generator
 
@@ -216,18 +216,15 @@ class LRMModule(L.LightningModule):
             self._save_turntable(batch["input_image"][:1], planes[:1])
 
     def _save_turntable(self, image: torch.Tensor, planes: torch.Tensor) -> None:
-        """Input view and a turntable of the first validation object, as one image row: logged and saved."""
+        """Input view and a turntable of the first validation object, as one image row and as a video: saved
+        under `<log dir>/turntables/` and logged to every logger that takes media (training/media.py)."""
         size = self.hparams.val_render_size
         cameras = turntable_cameras(self.hparams.turntable_frames).to(planes.device)[None]
-        frames = self.model.render(planes, cameras, size, max_rays=self.hparams.max_rays).rgb[0].float()
-        row = torch.cat([F.interpolate(image.float(), size=(size, size), mode="area"), frames.clamp(0, 1)])
+        frames = self.model.render(planes, cameras, size, max_rays=self.hparams.max_rays).rgb[0].float().clamp(0, 1)
+        row = torch.cat([F.interpolate(image.float(), size=(size, size), mode="area"), frames])
         grid = np.concatenate(list(to_uint8_images(row)), axis=1)  # one strip, left to right
-        log_dir = run_log_dir(self.trainer) / "turntables"
-        path = log_dir / f"epoch{self.current_epoch:03d}_step{self.global_step:07d}.png"
-        atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp))
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            experiment.add_image("val/turntable", grid, self.global_step, dataformats="HWC")
+        log_image(self.trainer, "val/turntable", grid, "turntables")
+        log_video(self.trainer, "val/turntable_video", frames, "turntables")
 
     # ------------------------------------------------------------------ export
 

@@ -11,10 +11,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 
 from vfusion3d_lightning.data.datamodules import restore_loader_states
-from vfusion3d_lightning.io import atomic_write, run_log_dir, to_uint8_images
+from vfusion3d_lightning.io import to_uint8_images
 from vfusion3d_lightning.models.video import (
     Conditioning,
     OrbitVideoPipeline,
@@ -24,6 +23,7 @@ from vfusion3d_lightning.models.video import (
     train_temporal_only,
 )
 from vfusion3d_lightning.training.ema import ParameterEMA
+from vfusion3d_lightning.training.media import log_image
 from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
 from vfusion3d_lightning.training.seeding import run_seed, step_generator
 
@@ -171,12 +171,7 @@ class VideoDiffusionModule(L.LightningModule):
         generated = OrbitVideoPipeline(self.model, settings)(frames[:, 0], prompts[:count] if prompts else None,
                                                              seeds=list(range(frames.shape[0])), progress=False)
         grid = orbit_grid(torch.stack([frames.float(), generated], 1).flatten(0, 1))
-        path = (run_log_dir(self.trainer) / "samples"
-                / f"epoch{self.current_epoch:03d}_step{self.global_step:07d}.png")
-        atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            experiment.add_image("val/orbits", grid, self.global_step, dataformats="HWC")
+        log_image(self.trainer, "val/orbits", grid, "samples")  # <log dir>/samples/ and every media logger
 
     # ------------------------------------------------------------------ checkpoints and export
 
