@@ -3,6 +3,7 @@ the preprocessed input, the turntable video, the mesh in the 3D viewer and GLB/O
 random-weights LRM; the page loads nothing from outside the server; loopback by default."""
 
 import inspect
+import io
 import socket
 import sys
 import urllib.parse
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import trimesh
 from PIL import Image
 
 from vfusion3d_lightning.cli import main
@@ -109,12 +111,16 @@ def test_generate_in_the_browser_shows_and_serves_video_and_mesh(served, browser
     assert fetch(urllib.parse.urljoin(url, video.get_attribute("src")))[4:8] == b"ftyp"
     files = {Path(urllib.parse.unquote(urllib.parse.urlsplit(a.get_attribute("href")).path)).name:
              fetch(urllib.parse.urljoin(url, a.get_attribute("href"))) for a in links}
-    assert sorted(files) == ["mesh.glb", "mesh.obj", "turntable.mp4"]
+    # the OBJ comes with the material and texture it names
+    assert sorted(files) == ["mesh.glb", "mesh.mtl", "mesh.obj", "mesh.png", "turntable.mp4"]
     assert files["mesh.glb"][:4] == b"glTF" and files["turntable.mp4"][4:8] == b"ftyp"
-    assert b"\nf " in files["mesh.obj"] and b"\nv " in files["mesh.obj"]
+    assert b"\nf " in files["mesh.obj"] and b"\nv " in files["mesh.obj"] and b"map_Kd mesh.png" in files["mesh.mtl"]
+    # the mesh is UV-textured: the GLB carries a base-colour texture
+    glb = trimesh.load(io.BytesIO(files["mesh.glb"]), file_type="glb", force="mesh")
+    assert glb.visual.uv is not None and glb.visual.material.baseColorTexture is not None
     # the request's own folder holds the same files
     [request] = (root / "out" / "requests").iterdir()
-    assert sorted(p.name for p in request.iterdir()) == ["input.png", "mesh.glb", "mesh.obj", "turntable.mp4"]
+    assert sorted(p.name for p in request.iterdir()) == ["input.png", *sorted(files)]
     assert (request / "mesh.glb").read_bytes() == files["mesh.glb"]
     # nothing came from outside the server (an offline machine would hang on a CDN)
     origin = "{0.scheme}://{0.netloc}".format(urllib.parse.urlsplit(url))

@@ -87,8 +87,13 @@ def build_page(engine: ImageTo3D, out: Path, examples: list[Path], frames: int, 
         except (ValueError, OSError, ImportError) as err:
             raise gr.Error(" ".join(str(err).split())) from None
         picture, video = save_outputs(result, folder, "mp4", None, fps)
+        if result.mesh is None:  # no surface at the threshold: the turntable is kept, the warning names a threshold
+            gr.Warning(result.warning)
+            return str(picture), str(video), None, [str(video)]
         glb, obj = export_meshes(result.mesh, folder)
-        return str(picture), str(video), str(glb), [str(glb), str(obj), str(video)]
+        # a textured OBJ needs its .mtl and texture beside it: offer every file the request wrote
+        extras = sorted(p for p in folder.iterdir() if p not in (glb, obj, video, picture))
+        return str(picture), str(video), str(glb), [str(glb), str(obj), *map(str, extras), str(video)]
 
     with gr.Blocks(title="VFusion3D", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown("# VFusion3D: image to 3D\nUpload an image of one object (a PNG with transparency, or an object "
