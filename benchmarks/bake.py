@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--grid", type=int, default=256)
-    parser.add_argument("--settings", nargs="+", default=["100000:1024", "20000:512"])
+    parser.add_argument("--settings", nargs="+", default=["100000:1024", "30000:1024", "20000:512"])
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
 

@@ -62,7 +62,7 @@ def infer(input: Path, out: Path, checkpoint: str = "vfusion3d", frames: int | N
         texture_size: side in texels of the baked base-colour texture; 0 keeps vertex colours (auto: 1024 on a
             GPU, 512 on a CPU).
         max_faces: the mesh is decimated to at most this many faces before it is unwrapped and textured (auto:
-            100000 on a GPU, 20000 on a CPU).
+            30000 on a GPU, 20000 on a CPU).
         input_size: encoder input size in pixels.
         border_ratio: margin kept around the object when recentring.
         background: `auto`: the alpha channel if any, else rembg; `white`: objects on plain white.

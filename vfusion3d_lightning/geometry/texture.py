@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_MAX_FACES = 100_000
+DEFAULT_MAX_FACES = 30_000  # xatlas grows faster than the face count: 100k faces took 17 s (BENCHMARKS.md)
 DILATE_ITERATIONS = 16  # texels of bleed beyond each chart; xatlas leaves PADDING between charts
 PADDING = 4
 QUERY_CHUNK = 2**18
