@@ -171,3 +171,17 @@ def test_missing_gradio_names_the_extra(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["vfusion3d-lightning: error: the app (vfusion3d-lightning app) needs gradio, which is not "
                    "installed: pip install 'vfusion3d-lightning[app]'"]
+
+
+def test_no_surface_keeps_the_turntable_and_warns(served):
+    """An under-trained model has no surface at the threshold: the page still gets the input and the video."""
+    _, root = served
+    model = LRM.from_pretrained(root / "lrm").eval()
+    page = app_command.build_page(ImageTo3D(model, input_size=56), root / "no-surface", [], frames=4, render_size=32,
+                                  frames_per_batch=4, fps=4, mesh_resolution=16, mesh_threshold=1e9)
+    [handler] = [f.fn for f in page.fns.values() if f.name == "generate"]
+    with pytest.warns(UserWarning, match=r"no surface at density threshold .* e\.g\. \d"):  # a toast on the page
+        picture, video, mesh, downloads = handler(str(root / "cutout.png"))
+    assert mesh is None and downloads == [video]
+    assert Path(picture).is_file() and Path(video).read_bytes()[4:8] == b"ftyp"
+    assert not list(Path(video).parent.glob("mesh.*"))
