@@ -23,8 +23,6 @@ from vfusion3d_lightning.geometry.mesh import density_grid
 from vfusion3d_lightning.inference import ImageTo3D
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -54,24 +52,8 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture
-def browser(tmp_path):
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install chromium chromium-driver")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("the browser test needs Selenium: pip install selenium")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)  # with the driver path below, Selenium Manager downloads nothing
-    for flag in ("--headless=new", "--no-sandbox", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,1000", "--use-angle=swiftshader",
-                 "--enable-unsafe-swiftshader", f"--user-data-dir={tmp_path / 'chrome'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    yield driver
-    driver.quit()
+def browser(chromium):
+    return chromium("--window-size=1400,1000", "--use-angle=swiftshader", "--enable-unsafe-swiftshader")
 
 
 def drawn(element) -> bool:

@@ -8,7 +8,6 @@ import re
 import socket
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ from vfusion3d_lightning.commands.label_ui import LabelServer
 from vfusion3d_lightning.data.labels import read_labels, repair_jsonl_tail
 from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 KEYS = ["vid0000", "vid0001", "vid0002"]
 
 
@@ -69,23 +67,8 @@ def post(url: str, payload) -> tuple[int, dict]:
 
 
 @pytest.fixture
-def browser(tmp_path):
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install chromium chromium-driver")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("the browser test needs Selenium: pip install selenium")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)  # with the driver path below, Selenium Manager downloads nothing
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=800,900", f"--user-data-dir={tmp_path / 'chrome'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    yield driver
-    driver.quit()
+def browser(chromium):
+    return chromium("--disable-gpu", "--window-size=800,900")
 
 
 def test_label_videos_in_the_browser(server, browser, tmp_path):

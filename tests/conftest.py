@@ -1,0 +1,36 @@
+"""Fixtures shared by the whole suite."""
+
+from pathlib import Path
+
+import pytest
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# flags every page test needs: headless, nothing fetched from outside, a profile of its own
+COMMON_FLAGS = ("--headless=new", "--no-sandbox", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage")
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    """Start headless Debian Chromium through Selenium with a page's own extra flags: `chromium(*flags)`."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install chromium chromium-driver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("the browser test needs Selenium: pip install selenium")
+    drivers = []
+
+    def start(*flags: str):
+        options = webdriver.ChromeOptions()
+        options.binary_location = str(CHROMIUM)  # with the driver path below, Selenium Manager downloads nothing
+        for flag in (*COMMON_FLAGS, *flags, f"--user-data-dir={tmp_path / 'chrome'}"):
+            options.add_argument(flag)
+        drivers.append(webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options))
+        return drivers[-1]
+
+    yield start
+    for driver in drivers:
+        driver.quit()
