@@ -45,8 +45,8 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "infer": (infer, "image(s) -> turntable video and mesh"),
     "app": (app, "a local web page: upload an image, see and download its turntable video and mesh (Gradio)"),
     "evaluate": (evaluate, "novel-view metrics (PSNR, SSIM, LPIPS, CLIP) of LRMs on held-out multi-view shards"),
-    "pipeline": (pipeline, "the whole system end to end, resumable: assets -> renders -> video model -> videos -> "
-                           "curation -> LRM -> metrics, samples"),
+    "pipeline": (pipeline, "the whole system end to end, resumable: assets -> renders -> captions; prompts -> "
+                           "images; video model -> videos -> curation -> LRM -> metrics, samples"),
     "sweep": (sweep, "hyperparameter search over config overrides with Optuna (resumable, parallel)"),
     "weights": (weights, "list known pretrained weights and whether they are present"),
     "demo": (demo, "build an LRM with random weights and render one turntable frame to PNG"),
