@@ -83,6 +83,8 @@ def test_mesh_files_load_and_bad_files_are_refused_by_name(tmp_path):
     mesh = _asymmetric()
     mesh.export(tmp_path / "mesh.glb")
     assert mesh_metrics(tmp_path / "mesh.glb", mesh).chamfer < 1e-6  # a path and a Trimesh of the same mesh
+    trimesh.Scene([trimesh.creation.box(), trimesh.creation.icosphere()]).export(tmp_path / "scene.glb")
+    assert len(load_mesh(tmp_path / "scene.glb").faces) == 12 + 1280  # a scene's parts are concatenated
     (tmp_path / "empty.obj").write_text("")
     (tmp_path / "points.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\n")
     for name in ("empty.obj", "points.obj"):

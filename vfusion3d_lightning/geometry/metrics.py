@@ -58,7 +58,7 @@ class MeshLoadError(ValueError):
 @dataclass
 class MeshMetrics:
     """Chamfer distance, F-score, precision and recall (dicts keyed by threshold) and the alignment found:
-    `rotation` (3x3, rows) takes the prediction's axes onto the ground truth's; `icp_iterations` over both
+    `rotation` (3x3, p -> R p) turns the prediction onto the ground truth; `icp_iterations` summed over the
     ICP runs (0 without alignment)."""
 
     chamfer: float
@@ -214,11 +214,13 @@ def mesh_metrics(pred: trimesh.Trimesh | str | os.PathLike, gt: trimesh.Trimesh 
     """
     if points < 1:
         raise ValueError(f"points must be at least 1, got {points}")
+    if not thresholds or min(thresholds) <= 0:
+        raise ValueError(f"thresholds must be positive distances, got {thresholds}")
     pred_mesh, gt_mesh = _as_mesh(pred, "predicted"), _as_mesh(gt, "ground-truth")
     # 1. the same seed on both: sampling commutes with scaling and moving, so normalise the points
     pred_points = trimesh.sample.sample_surface(pred_mesh, points, seed=seed)[0]
     gt_points = trimesh.sample.sample_surface(gt_mesh, points, seed=seed)[0]
-    # 2. normalisation (else only centred for the search, and moved back after)
+    # 2. normalisation (without it the points are only centred, for the search, and moved back after)
     pred_vertices, gt_vertices = _surface_vertices(pred_mesh), _surface_vertices(gt_mesh)
     pred_centre, pred_side = _bounds(pred_vertices)
     gt_centre, gt_side = _bounds(gt_vertices)
