@@ -25,6 +25,7 @@ from vfusion3d_lightning.commands.generate import generate
 from vfusion3d_lightning.commands.infer import infer
 from vfusion3d_lightning.commands.label import label
 from vfusion3d_lightning.commands.label_ui import label_ui
+from vfusion3d_lightning.commands.mesh_metrics import mesh_metrics
 from vfusion3d_lightning.commands.pipeline import pipeline
 from vfusion3d_lightning.commands.procedural import procedural
 from vfusion3d_lightning.commands.prompts import prompts
@@ -45,6 +46,8 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "infer": (infer, "image(s) -> turntable video and mesh"),
     "app": (app, "a local web page: upload an image, see and download its turntable video and mesh (Gradio)"),
     "evaluate": (evaluate, "novel-view metrics (PSNR, SSIM, LPIPS, CLIP) of LRMs on held-out multi-view shards"),
+    "mesh-metrics": (mesh_metrics, "Chamfer distance and F-score of a mesh against a ground-truth mesh, after "
+                                   "normalisation and alignment"),
     "pipeline": (pipeline, "the whole system end to end, resumable: assets -> renders -> video model -> videos -> "
                            "curation -> LRM -> metrics, samples"),
     "sweep": (sweep, "hyperparameter search over config overrides with Optuna (resumable, parallel)"),
