@@ -21,7 +21,7 @@ from vfusion3d_lightning.data.first_frames import (
     make_first_frames,
     resolve_pipeline,
 )
-from vfusion3d_lightning.models.tiny_random import build_tiny_text_to_image
+from vfusion3d_lightning.models.tiny_random import build_tiny_clip, build_tiny_text_to_image
 from vfusion3d_lightning.models.video import VideoDiffusionModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +57,17 @@ class CountingPipeline:
         return self.pipeline(prompt, **kwargs)
 
 
-def test_build_is_deterministic_and_idempotent(t2i, tmp_path):
+def test_builders_are_deterministic_and_idempotent(t2i, tmp_path):
     again = build_tiny_text_to_image(tmp_path / "again")
     for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         assert (t2i / name).read_bytes() == (again / name).read_bytes()
     stamp = (again / "model_index.json").stat().st_mtime_ns
     assert build_tiny_text_to_image(again) == again and (again / "model_index.json").stat().st_mtime_ns == stamp
     assert resolve_pipeline(t2i)[1] == "StableDiffusionPipeline"
+    clips = [build_tiny_clip(tmp_path / name, seed=1) for name in ("clip", "clip2")]
+    assert (clips[0] / "model.safetensors").read_bytes() == (clips[1] / "model.safetensors").read_bytes()
+    assert (clips[0] / "model.safetensors").read_bytes() != (build_tiny_clip(tmp_path / "clip0") /
+                                                             "model.safetensors").read_bytes()
 
 
 def test_each_prompt_gets_its_image_whatever_the_batching_and_a_rerun_makes_none(t2i, prompts_file, tmp_path):

@@ -20,6 +20,7 @@ from vfusion3d_lightning.io import atomic_write_folder
 # the file each layout's loader reads first, moved into place last: its presence marks a complete build
 _PIPELINE_INDEX = "model_index.json"
 _CLIP_CONFIG = "config.json"
+_TEXT_LENGTH = 256  # tokens of the tiny text-to-image text encoder
 
 
 def _build_once(folder: str | os.PathLike, marker: str, write: Callable[[Path], None]) -> Path:
@@ -32,7 +33,7 @@ def _build_once(folder: str | os.PathLike, marker: str, write: Callable[[Path], 
 
 def build_tiny_text_to_image(folder: str | os.PathLike, seed: int = 0) -> Path:
     """A diffusers `StableDiffusionPipeline` with random weights: a 2-level UNet on 16x16 latents, a 3-level VAE
-    (64x64 images by default) and a 2-layer CLIP text encoder over a character-level tokenizer, with a DDIM
+    (64x64 images by default) and a 2-layer CLIP text encoder over a character-level tokenizer (256 characters), with a DDIM
     scheduler and no safety checker. A 64 px image takes a few milliseconds per step on a CPU.
 
     Args:
@@ -54,10 +55,11 @@ def build_tiny_text_to_image(folder: str | os.PathLike, seed: int = 0) -> Path:
         vae = AutoencoderKL(block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
                             up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1,
                             norm_num_groups=32, sample_size=64)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_TINY_TEXT))
+        # one token per character: room for a prompt and the object-centric suffix, untruncated
+        text_encoder = CLIPTextModel(CLIPTextConfig(**dict(_TINY_TEXT, max_position_embeddings=_TEXT_LENGTH)))
         scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=char_tokenizer(), unet=unet,
+        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=char_tokenizer(_TEXT_LENGTH), unet=unet,
                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
         pipeline.save_pretrained(tmp, safe_serialization=True)
