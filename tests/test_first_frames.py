@@ -157,3 +157,5 @@ def test_help(command, capsys):
     assert done.value.code == 0
     text = capsys.readouterr().out
     assert "--suffix" in text and "--negative_prompt" in text and "--seed" in text
+    if command == "text-to-3d":  # infer's settings, described by infer's docstring
+        assert "turntable frames (auto: 160 on a GPU" in " ".join(text.split())

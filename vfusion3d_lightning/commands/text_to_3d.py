@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from vfusion3d_lightning.commands.common import DTYPES, resolve_device
-from vfusion3d_lightning.commands.infer import reconstruct
+from vfusion3d_lightning.commands.infer import infer, reconstruct
 from vfusion3d_lightning.data.first_frames import DEFAULT_SUFFIX, ImageSettings, load_text_to_image, render_images
 from vfusion3d_lightning.io import atomic_write
 
@@ -41,13 +41,13 @@ def text_to_3d(prompt: str, t2i: str, checkpoint: str = "vfusion3d", out: Path =
                compile: bool = False) -> list[Path]:
     """Make an image of `prompt` with a text-to-image model (as the `images` command does), then reconstruct it
     as `infer` does: out/<prompt slug>/ gets image.png and prompt.txt, then input.png, the turntable video and
-    the textured mesh. Settings left unset (null) are chosen by device, as for `infer`.
+    the textured mesh. The LRM's and the outputs' settings are `infer`'s; those left unset (null) are chosen
+    by device, as for `infer`.
 
     Args:
         prompt: what to make, e.g. "a red wooden chair".
         t2i: a text-to-image pipeline folder (model_index.json) or a Hub id in the local cache (a good default:
             stabilityai/stable-diffusion-xl-base-1.0).
-        checkpoint: the LRM: a save_pretrained folder, a weights file, a registry name or an LRMModule .ckpt.
         out: folder; the prompt gets a subfolder named after it.
         suffix: appended to the prompt the text-to-image model sees ("" for none).
         negative_prompt: what the image should not show ("" for none).
@@ -57,25 +57,8 @@ def text_to_3d(prompt: str, t2i: str, checkpoint: str = "vfusion3d", out: Path =
         seed: text-to-image seed (with the prompt, it fixes the image).
         t2i_dtype: text-to-image weights dtype; `auto`: bfloat16 on a GPU, float32 on the CPU.
         allow_download: let diffusers download `t2i` from the Hugging Face Hub.
-        frames: turntable frames (auto: 160 on a GPU, 16 on a CPU).
-        render_size: turntable frame size in pixels (auto: 384 on a GPU, 64 on a CPU).
-        frames_per_batch: turntable frames rendered per call (memory).
-        fps: video frame rate (auto: 40 on a GPU, 8 on a CPU).
-        video_format: turntable file format, or `none`.
-        mesh_format: `glb` (texture inside), `obj` (+ .mtl + .png), `ply` (vertex colours), or `none`.
-        mesh_resolution: density grid size per axis for the mesh (auto: 512 on a GPU, 128 on a CPU).
-        mesh_threshold: density level of the surface; with no surface there, the image and turntable are kept and
-            a warning suggests a level that has one.
-        mesh_method: `coarse_to_fine` queries the grid only near the surface; `dense` queries all of it.
-        texture_size: side in texels of the baked texture; 0 keeps vertex colours (auto: 1024 GPU, 512 CPU).
-        max_faces: faces kept before unwrapping and texturing (auto: 30000 on a GPU, 20000 on a CPU).
-        input_size: LRM encoder input size in pixels.
-        border_ratio: margin kept around the object when recentring.
         background: `white` (default: the suffix asks for a plain white background; needs no extra model),
             `rembg` or `auto` (rembg, with its model present locally) for a cut-out.
-        device: `auto` (the GPU if any), `cpu`, `cuda`, `cuda:N`.
-        dtype: LRM dtype; `bfloat16` runs the network under autocast.
-        compile: torch.compile the LRM and renderer: minutes of compiling, then faster (GPU).
     """
     options = {name: value for name, value in locals().items() if name in _INFER_OPTIONS}
     settings = ImageSettings(suffix=suffix, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
@@ -98,3 +81,19 @@ def text_to_3d(prompt: str, t2i: str, checkpoint: str = "vfusion3d", out: Path =
     text = atomic_write(folder / PROMPT_FILE, lambda tmp: tmp.write_text(prompt.strip() + "\n", "utf-8"))
     print(f"{prompt!r} -> {image}")
     return [image, text, *reconstruct({image: folder}, str(image), **{**options, "device": device})]
+
+
+def _infer_argument_docs(names: set[str]) -> str:
+    """The `Args:` lines of `infer` for `names`: the settings both commands take are described once, there."""
+    lines, keep = [], False
+    for line in (infer.__doc__ or "").splitlines():
+        named = re.match(r" {8}(\w+): ", line)
+        keep = named.group(1) in names if named else keep and line.startswith(" " * 12)
+        if keep:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+# jsonargparse reads each argument's help from here
+text_to_3d.__doc__ = (text_to_3d.__doc__ or "").rstrip() + "\n" + _infer_argument_docs(set(_INFER_OPTIONS) - {
+    "background"})
