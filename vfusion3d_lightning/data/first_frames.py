@@ -154,7 +154,8 @@ def render_images(pipeline, prompts: Sequence[str], indices: Sequence[int], sett
                    width=settings.size, generator=generators, output_type="np")
     if settings.negative_prompt:
         options["negative_prompt"] = [settings.negative_prompt] * len(prompts)
-    images = pipeline([p + settings.suffix for p in prompts], **options).images  # (N, H, W, 3) floats in [0, 1]
+    seen = [p.rstrip(" .,;") + settings.suffix if settings.suffix else p for p in prompts]  # no "chair., a"
+    images = pipeline(seen, **options).images  # (N, H, W, 3) floats in [0, 1]
     return [(np.asarray(image, np.float32).clip(0, 1) * 255).round().astype(np.uint8) for image in images]
 
 
@@ -169,8 +170,16 @@ def make_first_frames(prompts: Sequence[str], out_dir: str | os.PathLike, load_p
                       model_name: str = "", progress: bool = True) -> dict:
     """Write `<index>.png` + `<index>.txt` for every prompt not yet done, then `images_report.json`; the report.
 
-    `load_pipeline()` -> a diffusers text-to-image pipeline, called only when a prompt is pending (a finished
-    rerun never loads the model).
+    Args:
+        prompts: the prompts; prompt i is written as `{i:06d}.png` and `{i:06d}.txt`.
+        out_dir: the output folder (held by a folder lock while this runs).
+        load_pipeline: () -> a diffusers text-to-image pipeline, called only when a prompt is pending (a finished
+            rerun never loads the model).
+        settings: suffix, negative prompt, steps, guidance, size and run seed.
+        batch_size: prompts per pipeline call.
+        device: where the per-prompt generators live (the pipeline's device).
+        model_name: recorded in the report.
+        progress: show a progress bar with an ETA.
     """
     settings.check()
     if batch_size < 1:
