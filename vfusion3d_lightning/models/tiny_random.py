@@ -80,8 +80,8 @@ def build_tiny_llm(folder: str | Path, seed: int = 0, words: Sequence[str] = ())
             length = int(torch.randint(2, 9, ()))
             return " ".join(CAPTION_WORDS[i] for i in torch.randint(len(CAPTION_WORDS), (length,)))
 
-        questions = [build_prompt(caption()) for _ in range(64)]
-        others = [f"{build_summary_prompt([caption() for _ in range(4)])} {caption()}" for _ in range(16)]
+        questions = [build_prompt(caption()) for _ in range(32)]
+        others = [f"{build_summary_prompt([caption() for _ in range(4)])} {caption()}" for _ in range(8)]
         _set_answers(model, tokenizer, questions, others)
 
     def write(tmp: Path) -> None:
@@ -177,11 +177,13 @@ def build_tiny_captioner(folder: str | Path, seed: int = 0, image_size: int = 32
                                           num_attention_heads=4, encoder_hidden_size=32, vocab_size=len(tokenizer)),
         text_config=OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                               num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
-                              bos_token_id=ids["eos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]),
+                              bos_token_id=ids["eos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+                              tie_word_embeddings=False),
         num_query_tokens=num_query_tokens, image_token_index=ids["image"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Blip2ForConditionalGeneration(config).eval()
+        _words_follow_the_image(model, processor, [tokenizer.convert_tokens_to_ids(w) for w in CAPTION_WORDS])
     # short captions of distinct words (a random model otherwise repeats one word to the length limit)
     model.generation_config.update(max_new_tokens=6, num_beams=1, no_repeat_ngram_size=1)
 
@@ -190,3 +192,33 @@ def build_tiny_captioner(folder: str | Path, seed: int = 0, image_size: int = 32
         processor.save_pretrained(tmp)
 
     return atomic_write_folder(folder, write, last=["config.json"])
+
+
+@torch.no_grad()
+def _words_follow_the_image(model, processor, words: Sequence[int], directions: int = 4, gain: float = 3.0) -> None:
+    """Add to the output rows of `words` random multiples of the directions along which the language model's
+    hidden state (where the caption starts) varies most over random images, `gain` times the spread of the
+    random rows' scores: a random network's first word otherwise hardly depends on the image."""
+    generator = torch.Generator().manual_seed(0)
+    size = processor.image_processor.size["height"]
+    images = torch.ones(64, size, size, 3)  # white, with a box of a random colour at a random place
+    for image in images:
+        x, y = torch.randint(0, size // 2, (2,), generator=generator)
+        width = int(torch.randint(size // 4, size, (), generator=generator))
+        image[y:y + width, x:x + width] = torch.rand(3, generator=generator)
+    pixels = processor(images=list((images * 255).byte().numpy()), return_tensors="pt")["pixel_values"]
+    start = [model.config.image_token_index] * model.config.num_query_tokens + [model.config.text_config.bos_token_id]
+    captured = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _, args, __: captured.append(args[0][:, -1]))
+    try:
+        model(pixel_values=pixels, input_ids=torch.tensor([start] * len(images)))
+    finally:
+        hook.remove()
+    hidden = captured[0].double()  # (N, D)
+    centred = hidden - hidden.mean(0)
+    _, values, basis = torch.linalg.svd(centred, full_matrices=False)
+    basis = basis[:directions] / (values[:directions, None] / len(hidden) ** 0.5)  # unit spread along each
+    head, words = model.get_output_embeddings().weight, list(words)
+    spread = (head[words].double() @ hidden.T).std(0).mean()  # of the words' scores at an image
+    codes = torch.randn(len(words), directions, generator=generator, dtype=torch.float64)
+    head[words] += (gain * spread * codes @ basis).float()
