@@ -223,6 +223,10 @@ def test_bad_inputs_name_the_folder(tmp_path, shard_folders, captioner, summariz
         run([tmp_path / "empty"], tmp_path / "out", captioner, summarizer)
     with pytest.raises(ValueError, match="different names"):
         run([shard_folders[0], shard_folders[0]], tmp_path / "out", captioner, summarizer)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "captions.jsonl").write_text('{"caption": "a cup"}\n')
+    with pytest.raises(ValueError, match=r"captions\.jsonl:1: not a caption record \(no 'object_id' and 'caption'\)"):
+        run(shard_folders, tmp_path / "out", captioner, summarizer)
 
 
 # ------------------------------------------------------------------------------------------- the command

@@ -39,9 +39,9 @@ import webdataset as wds
 from tqdm import tqdm
 
 from vfusion3d_lightning.data.labels import repair_jsonl_tail
-from vfusion3d_lightning.data.prompts import generate_continuations, load_causal_lm, resolve_model
+from vfusion3d_lightning.data.prompts import FewShotLM, read_records, resolve_model
 from vfusion3d_lightning.data.schema import complete_shards, decode_sample, read_raw_samples
-from vfusion3d_lightning.io import atomic_write, on_white, read_jsonl, remove_partials, to_uint8_images
+from vfusion3d_lightning.io import atomic_write, on_white, remove_partials, to_uint8_images
 
 DEFAULT_CAPTIONER = "Salesforce/blip2-opt-2.7b"  # Cap3D's view captioner (MIT licence)
 CAPTIONER_NOTE = "Cap3D's view captioner, MIT licence"
@@ -153,28 +153,19 @@ def summarise(view_captions: Sequence[str], raw_summary: str) -> tuple[str, bool
     return Counter(c for c in view_captions if c).most_common(1)[0][0] if any(view_captions) else "", True
 
 
-class CaptionSummarizer:
-    """One caption from each object's view captions by a causal LM (greedy); call it on lists of view captions
-    to get the raw continuations."""
+class CaptionSummarizer(FewShotLM):
+    """One caption from each object's view captions by a causal LM (greedy), loaded as the prompt filter's
+    (`from_pretrained`: data/prompts.py `load_causal_lm`); call it on lists of view captions to get the raw
+    continuations."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 40,
                  example: tuple[Sequence[str], str] = SUMMARY_EXAMPLE):
-        from vfusion3d_lightning.data.prompts import prepare_tokenizer
-
-        self.model, self.tokenizer = model.eval(), prepare_tokenizer(tokenizer)
-        self.max_new_tokens, self.example = max_new_tokens, example
-
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, local_files_only: bool = True,
-                        **kwargs) -> CaptionSummarizer:
-        """The prompt filter's loader (`load_causal_lm`): a folder or a hub id in the local cache."""
-        return cls(*load_causal_lm(source, device, dtype, local_files_only), **kwargs)
+        super().__init__(model, tokenizer, max_new_tokens)
+        self.example = example
 
     def __call__(self, objects: Sequence[Sequence[str]]) -> list[str]:
         """objects: N lists of view captions -> N decoded continuations."""
-        prompts = [build_summary_prompt(views, self.example) for views in objects]
-        return generate_continuations(self.model, self.tokenizer, prompts, self.max_new_tokens)
+        return self.continue_prompts([build_summary_prompt(views, self.example) for views in objects])
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -182,15 +173,7 @@ class CaptionSummarizer:
 
 def read_captions_file(path: Path) -> dict[str, dict]:
     """object_id -> caption record, from a captions JSONL file (missing: empty)."""
-    if not path.is_file():
-        return {}
-    records = {}
-    for number, record in read_jsonl(path, "remove the line or start a new --out"):
-        if not isinstance(record, dict) or not {"object_id", "caption"} <= set(record):
-            raise ValueError(f"{path}:{number}: not a caption record (no 'object_id' and 'caption'); was the file "
-                             f"written by another tool? Start a new --out")
-        records[record["object_id"]] = record
-    return records
+    return {record["object_id"]: record for record in read_records(path, ["object_id", "caption"], "caption")}
 
 
 def _object_id(raw: dict) -> str:

@@ -23,8 +23,9 @@ import csv
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Self
 
 import torch
 from tqdm import tqdm
@@ -231,41 +232,54 @@ def generate_continuations(model, tokenizer, prompts: Sequence[str], max_new_tok
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
-class SingleObjectClassifier:
+class FewShotLM:
+    """A causal LM that continues prompts greedily, in batches; subclasses build the prompts."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int):
+        self.model, self.tokenizer = model.eval(), prepare_tokenizer(tokenizer)
+        self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, local_files_only: bool = True, **kwargs) -> Self:
+        """Load model and tokenizer with `load_causal_lm` from a folder or hub id; kwargs go to __init__."""
+        return cls(*load_causal_lm(source, device, dtype, local_files_only), **kwargs)
+
+    def continue_prompts(self, prompts: Sequence[str]) -> list[str]:
+        return generate_continuations(self.model, self.tokenizer, prompts, self.max_new_tokens)
+
+
+class SingleObjectClassifier(FewShotLM):
     """Batched yes/no answers from a causal LM; call it on captions to get the raw continuations."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 4,
                  examples: Sequence[tuple[str, bool]] = EXAMPLES):
-        self.model, self.tokenizer = model.eval(), prepare_tokenizer(tokenizer)
-        self.max_new_tokens, self.examples = max_new_tokens, examples
-
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, local_files_only: bool = True,
-                        **kwargs) -> SingleObjectClassifier:
-        """Load model and tokenizer with `load_causal_lm` from a folder or hub id."""
-        return cls(*load_causal_lm(source, device, dtype, local_files_only), **kwargs)
+        super().__init__(model, tokenizer, max_new_tokens)
+        self.examples = examples
 
     def __call__(self, captions: Sequence[str]) -> list[str]:
         """captions: N strings -> N decoded continuations (greedy, at most max_new_tokens tokens)."""
-        return generate_continuations(self.model, self.tokenizer, [build_prompt(c, self.examples) for c in captions],
-                                      self.max_new_tokens)
+        return self.continue_prompts([build_prompt(c, self.examples) for c in captions])
 
 
 # ---------------------------------------------------------------------------------------------- the stage
 
 
+def read_records(path: Path, fields: Sequence[str], what: str) -> Iterator[dict]:
+    """The records of an append-only JSONL log (none if the file is missing), each checked to hold `fields`:
+    a ValueError naming the line and calling it no `what` record otherwise."""
+    if not path.is_file():
+        return
+    for number, record in read_jsonl(path, "remove the line or start a new --out"):
+        if not isinstance(record, dict) or not set(fields) <= set(record):
+            raise ValueError(f"{path}:{number}: not a {what} record (no {' and '.join(map(repr, fields))}); was "
+                             f"the file written by another tool? Start a new --out")
+        yield record
+
+
 def read_decisions(path: Path) -> dict[str, dict]:
     """comparison_key(caption) -> decision record, from a decisions JSONL file (missing: empty)."""
-    if not path.is_file():
-        return {}
-    decisions = {}
-    for number, record in read_jsonl(path, "remove the line or start a new --out"):
-        if not isinstance(record, dict) or "caption" not in record:
-            raise ValueError(f"{path}:{number}: not a decision record (no 'caption'); was the file written by "
-                             f"another tool? Start a new --out")
-        decisions[comparison_key(record["caption"])] = record
-    return decisions
+    return {comparison_key(record["caption"]): record for record in read_records(path, ["caption"], "decision")}
 
 
 def classify_pending(captions: Sequence[str], decisions_path: Path,
