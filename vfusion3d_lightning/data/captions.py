@@ -41,7 +41,7 @@ from tqdm import tqdm
 from vfusion3d_lightning.data.labels import repair_jsonl_tail
 from vfusion3d_lightning.data.prompts import FewShotLM, read_records, resolve_model
 from vfusion3d_lightning.data.schema import complete_shards, decode_sample, read_raw_samples
-from vfusion3d_lightning.io import atomic_write, on_white, remove_partials, to_uint8_images
+from vfusion3d_lightning.io import atomic_write, folder_lock, on_white, remove_partials, to_uint8_images
 
 DEFAULT_CAPTIONER = "Salesforce/blip2-opt-2.7b"  # Cap3D's view captioner (MIT licence)
 CAPTIONER_NOTE = "Cap3D's view captioner, MIT licence"
@@ -299,22 +299,22 @@ def caption_shards(shard_folders: Sequence[str | os.PathLike], out_dir: str | os
         raise ValueError(f"need views >= 1 and batch_size >= 1, got views={views}, batch_size={batch_size}")
     out_dir = Path(out_dir)
     shards = _input_shards([Path(f) for f in shard_folders])
-    if out_dir.is_dir():
+    with folder_lock(out_dir, "captions"):
         remove_partials(out_dir)  # what a killed run left half-written
-    records, captioned = caption_pending(shards, out_dir / CAPTIONS_FILE, load_captioner, load_summarizer, views,
-                                         batch_size, progress)
-    captions = {object_id: record["caption"] for object_id, record in records.items()}
-    samples = {}
-    for folder, paths in shards.items():
-        samples[folder.name] = 0
-        for path in tqdm(paths, desc=f"shards {folder.name}", unit="shard", disable=not progress):
-            target = out_dir / folder.name / path.name
-            samples[folder.name] += _count_samples(target) if target.is_file() else \
-                _write_captioned_shard(path, target, captions)
-    unique = list(dict.fromkeys(captions[object_id] for object_id in sorted(captions)))
-    atomic_write(out_dir / PROMPTS_FILE, lambda tmp: tmp.write_text("".join(f"{c}\n" for c in unique), "utf-8"))
-    report = {"inputs": [str(f) for f in shards], "objects": len(records), "captioned_this_run": captioned,
-              "fallbacks": sum(bool(r.get("fallback")) for r in records.values()), "prompts": len(unique),
-              "samples": samples, "views": views, **(models or {})}
-    atomic_write(out_dir / REPORT_FILE, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n", "utf-8"))
+        records, captioned = caption_pending(shards, out_dir / CAPTIONS_FILE, load_captioner, load_summarizer, views,
+                                             batch_size, progress)
+        captions = {object_id: record["caption"] for object_id, record in records.items()}
+        samples = {}
+        for folder, paths in shards.items():
+            samples[folder.name] = 0
+            for path in tqdm(paths, desc=f"shards {folder.name}", unit="shard", disable=not progress):
+                target = out_dir / folder.name / path.name
+                samples[folder.name] += _count_samples(target) if target.is_file() else \
+                    _write_captioned_shard(path, target, captions)
+        unique = list(dict.fromkeys(captions[object_id] for object_id in sorted(captions)))
+        atomic_write(out_dir / PROMPTS_FILE, lambda tmp: tmp.write_text("".join(f"{c}\n" for c in unique), "utf-8"))
+        report = {"inputs": [str(f) for f in shards], "objects": len(records), "captioned_this_run": captioned,
+                  "fallbacks": sum(bool(r.get("fallback")) for r in records.values()), "prompts": len(unique),
+                  "samples": samples, "views": views, **(models or {})}
+        atomic_write(out_dir / REPORT_FILE, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n", "utf-8"))
     return report
