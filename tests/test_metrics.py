@@ -24,6 +24,7 @@ from vfusion3d_lightning.evaluation import (
 from vfusion3d_lightning.io import on_white
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.models.lrm.renderer import RenderOutput
+from vfusion3d_lightning.models.tiny_random import build_tiny_clip
 from vfusion3d_lightning.training.losses import build_lpips
 
 SIZE = 24  # shard resolution: SSIM's 11-px window still fits, LPIPS' VGG still has 1 px at its last stage
@@ -52,26 +53,7 @@ def lpips_model():
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A tiny random CLIP written by save_pretrained, so loading takes the real from_pretrained(path) path."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from vfusion3d_lightning.models.video.architectures import char_tokenizer
-
-    tokenizer = char_tokenizer()
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
-                         pad_token_id=eos),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    CLIPModel(config).save_pretrained(folder)
-    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                              tokenizer)
-    processor.save_pretrained(folder)
-    return folder
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 def tiny_lrm(seed: int = 0) -> LRM:

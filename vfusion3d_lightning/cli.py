@@ -23,14 +23,17 @@ from vfusion3d_lightning.commands.demo import demo
 from vfusion3d_lightning.commands.evaluate import evaluate
 from vfusion3d_lightning.commands.filter import filter_videos
 from vfusion3d_lightning.commands.generate import generate
+from vfusion3d_lightning.commands.images import images
 from vfusion3d_lightning.commands.infer import infer
 from vfusion3d_lightning.commands.label import label
 from vfusion3d_lightning.commands.label_ui import label_ui
+from vfusion3d_lightning.commands.mesh_metrics import mesh_metrics
 from vfusion3d_lightning.commands.pipeline import pipeline
 from vfusion3d_lightning.commands.procedural import procedural
 from vfusion3d_lightning.commands.prompts import prompts
 from vfusion3d_lightning.commands.render import render
 from vfusion3d_lightning.commands.sweep import sweep
+from vfusion3d_lightning.commands.text_to_3d import text_to_3d
 from vfusion3d_lightning.commands.weights import weights
 from vfusion3d_lightning.training.lightning_cli import LIGHTNING_COMMANDS, lightning_cli
 
@@ -40,13 +43,17 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "render": (render, "render a folder of 3D assets into multi-view shards (resumable)"),
     "captions": (captions, "caption 3D assets' renders as Cap3D does: view captions summarised by an LLM (resumable)"),
     "prompts": (prompts, "keep the captions an LLM judges to describe a single object (resumable)"),
+    "images": (images, "prompts -> first-frame images with a text-to-image model (resumable)"),
     "generate": (generate, "condition images + prompts -> orbit videos as shards (resumable)"),
     "label-ui": (label_ui, "a local web page to label generated videos good or bad"),
     "filter": (filter_videos, "keep the generated videos the quality SVM scores as good (resumable)"),
     "label": (label, "write elevation + orbit cameras, masks and quality scores into videos' shards (resumable)"),
     "infer": (infer, "image(s) -> turntable video and mesh"),
+    "text-to-3d": (text_to_3d, "a prompt -> an image (text-to-image model) -> turntable video and mesh"),
     "app": (app, "a local web page: upload an image, see and download its turntable video and mesh (Gradio)"),
     "evaluate": (evaluate, "novel-view metrics (PSNR, SSIM, LPIPS, CLIP) of LRMs on held-out multi-view shards"),
+    "mesh-metrics": (mesh_metrics, "Chamfer distance and F-score of a mesh against a ground-truth mesh, after "
+                                   "normalisation and alignment"),
     "pipeline": (pipeline, "the whole system end to end, resumable: assets -> renders -> video model -> videos -> "
                            "curation -> LRM -> metrics, samples"),
     "sweep": (sweep, "hyperparameter search over config overrides with Optuna (resumable, parallel)"),

@@ -70,7 +70,20 @@ def infer(input: Path, out: Path, checkpoint: str = "vfusion3d", frames: int | N
         dtype: `bfloat16` runs the network under autocast.
         compile: torch.compile the network and renderer: minutes of compiling, then faster (GPU).
     """
+    options = {name: value for name, value in locals().items() if name not in ("input", "out")}  # the settings
     images = input_images(input)
+    return reconstruct({path: Path(out) / path.stem for path in images}, f"{input}", **options)
+
+
+def reconstruct(images: dict[Path, Path], source: str, checkpoint: str = "vfusion3d", frames: int | None = None,
+                render_size: int | None = None, frames_per_batch: int = 8, fps: int | None = None,
+                video_format: str = "mp4", mesh_format: str = "glb", mesh_resolution: int | None = None,
+                mesh_threshold: float = 1.0, mesh_method: str = "coarse_to_fine", texture_size: int | None = None,
+                max_faces: int | None = None, input_size: int = 512, border_ratio: float = 0.2,
+                background: str = "auto", device: str = "auto", dtype: str = "float32",
+                compile: bool = False) -> list[Path]:
+    """What `infer` does for each image: image path -> its output folder; `source` names them in messages.
+    The other arguments are `infer`'s (see there). Returns the files written."""
     device = resolve_device(device)
     given = {"frames": frames, "render_size": render_size, "fps": fps, "mesh_resolution": mesh_resolution,
              "texture_size": texture_size, "max_faces": max_faces}
@@ -89,12 +102,12 @@ def infer(input: Path, out: Path, checkpoint: str = "vfusion3d", frames: int | N
     def note(line: str) -> None:
         tqdm.write(f"vfusion3d-lightning: {line}", file=sys.stderr)
 
-    for path in tqdm(images, desc="infer", unit="image", disable=len(images) == 1):
+    for path, out_dir in tqdm(images.items(), desc="infer", unit="image", disable=len(images) == 1):
         try:
             result = engine.run(path, settings["frames"], settings["render_size"], frames_per_batch,
                                 settings["mesh_resolution"], mesh_threshold, mesh_method, video=video is not None,
                                 mesh=mesh is not None, texture_size=settings["texture_size"],
-                                max_faces=settings["max_faces"], out_dir=Path(out) / path.stem,
+                                max_faces=settings["max_faces"], out_dir=out_dir,
                                 video_format=video or "mp4", mesh_format=mesh or "glb", fps=settings["fps"],
                                 progress=True, log=note)
         except (ValueError, OSError) as err:  # this image (unreadable, empty mask), not the run
@@ -111,6 +124,7 @@ def infer(input: Path, out: Path, checkpoint: str = "vfusion3d", frames: int | N
         print(f"{path} -> " + ", ".join(str(p) for p in result.files))
         written += result.files
     if failed:
-        raise ValueError(f"{len(failed)} of {len(images)} images in {input} failed ({', '.join(failed)}; each "
-                         f"reason above); the others are in {out}")
+        raise ValueError(f"{len(failed)} of {len(images)} images in {source} failed ({', '.join(failed)}; each "
+                         f"reason above); the others are in "
+                         f"{', '.join(sorted({str(folder.parent) for folder in images.values()}))}")
     return written

@@ -14,7 +14,9 @@ def label(shards: str, out: Path, elevation: Path | None = None,
           masks: Literal["threshold", "rembg", "none"] = "threshold", mask_tolerance: int = 12,
           svm: Path | None = None, radius: float = 1.5, progress: bool = True) -> CurationReport:
     """Write each video again with its estimated elevation and the orbit cameras that implies, a foreground
-    mask in the alpha channel, and a quality score where none is set; a rerun skips finished shards.
+    mask in the alpha channel, and a quality score where none is set; a rerun skips finished shards. The frames'
+    RGB is kept as generated; the metadata's `mask_method` marks the mask as estimated, so the LRM's data module
+    uses it for the opacity loss only (MultiViewDataModule's `composite_estimated_masks`).
 
     Args:
         shards: folder of shard-NNNNNN.tar files with cached features, or a shard pattern.

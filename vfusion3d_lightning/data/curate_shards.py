@@ -27,6 +27,7 @@ from tqdm import tqdm
 from vfusion3d_lightning.data.feature_cache import cache_path, read_features, shard_paths, write_features
 from vfusion3d_lightning.data.render import default_intrinsics
 from vfusion3d_lightning.data.schema import (
+    MASK_METHOD_KEY,
     SampleError,
     decode_sample,
     encode_sample,
@@ -213,7 +214,8 @@ class Labellers:
 
 def label_shards(shards: str | Path | list[str], out_dir: str | Path, labellers: Labellers,
                  settings_id: dict[str, str] | None = None, progress: bool = True) -> CurationReport:
-    """Write each video with its elevation and orbit cameras, masks in its alpha channel, and quality score."""
+    """Write each video with its elevation and orbit cameras, masks in its alpha channel (marked as estimated by
+    the `mask_method` metadata key: schema.has_estimated_masks), and quality score. The RGB is kept as it is."""
     from vfusion3d_lightning.data.preprocess import foreground_masks
 
     if labellers.elevation is None and labellers.masks is None and labellers.quality is None:
@@ -250,7 +252,7 @@ def label_shards(shards: str | Path | list[str], out_dir: str | Path, labellers:
             if labellers.masks is not None:
                 sample.images[..., 3] = foreground_masks(sample.images[..., :3], labellers.masks,
                                                          labellers.mask_tolerance)
-                sample.extra["mask_method"] = labellers.masks
+                sample.extra[MASK_METHOD_KEY] = labellers.masks  # marks the alpha as estimated: opacity loss only
                 counts["masks"] += 1
             if sample.quality is None and sample.key in quality:
                 sample.quality = quality[sample.key]

@@ -38,6 +38,7 @@ from vfusion3d_lightning.data.schema import (
     ShardError,
     check_tar_end,
     decode_sample,
+    has_estimated_masks,
     keys_in_shards,
 )
 
@@ -363,14 +364,30 @@ def restore_loader_states(trainer: Any) -> None:
     iter(fit_loop._data_fetcher)  # the pass it had started (and prefetched from) was the one before the restore
 
 
-def rgba_to_tensors(view: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, W, 4) uint8 -> rgb on white (3, size, size) and alpha (1, size, size), floats in [0, 1]."""
+def rgba_to_tensors(view: np.ndarray, size: int, composite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W, 4) uint8 -> rgb (3, size, size) and alpha (1, size, size), floats in [0, 1].
+
+    composite: rgb on white through the alpha (an exact alpha: 3D renders). False: rgb as stored, and the alpha
+    resized apart from it, as an RGBA resize premultiplies by alpha and so loses the colour where alpha is 0 (an
+    estimated mask must not change the colours: `has_estimated_masks`).
+    """
+    if not composite:
+        return _resized(view[..., :3], "RGB", size), _resized(view[..., 3], "L", size)[None]
     image = Image.fromarray(view, "RGBA")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     rgba = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
     alpha = rgba[3:]
     return rgba[:3] * alpha + (1 - alpha), alpha
+
+
+def _resized(array: np.ndarray, mode: str, size: int) -> torch.Tensor:
+    """(H, W, C) or (H, W) uint8 -> (C, size, size) or (size, size) floats in [0, 1], bicubic as rgba_to_tensors."""
+    image = Image.fromarray(np.ascontiguousarray(array), mode)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    tensor = torch.from_numpy(np.asarray(image).copy()).float() / 255
+    return tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor
 
 
 def normalized_intrinsics(k: np.ndarray, width: int, height: int) -> torch.Tensor:
@@ -391,11 +408,19 @@ class ViewTransform(ABC):
 
 
 class LRMViews(ViewTransform):
-    """Per sample: one input view for the encoder and K supervision views with canonicalised cameras."""
+    """Per sample: one input view for the encoder and K supervision views with canonicalised cameras.
 
-    def __init__(self, num_supervision_views: int, include_input_view: bool, input_size: int, supervision_size: int):
+    Views with an exact alpha (3D renders) are composited on white; views whose alpha is an estimated mask
+    (`has_estimated_masks`: labelled generated videos) keep their RGB as generated, on white already, in the input
+    image and the targets, and the mask goes to `target_masks` only (the opacity loss), as in VFusion3D; with
+    `composite_estimated_masks` they are composited through the estimate too.
+    """
+
+    def __init__(self, num_supervision_views: int, include_input_view: bool, input_size: int, supervision_size: int,
+                 composite_estimated_masks: bool = False):
         self.k, self.include_input = num_supervision_views, include_input_view
         self.input_size, self.supervision_size = input_size, supervision_size
+        self.composite_estimated_masks = composite_estimated_masks
 
     def select(self, num_views: int, rng: np.random.Generator) -> list[int]:
         """The input view first, then the supervision views that are not the input view."""
@@ -411,8 +436,9 @@ class LRMViews(ViewTransform):
         height, width = sample.images.shape[1:3]
         k_norm = normalized_intrinsics(sample.intrinsics, width, height)
         poses = canonicalize_poses(torch.from_numpy(sample.cam2world), source)
-        image, _ = rgba_to_tensors(sample.images[source], self.input_size)
-        targets = [rgba_to_tensors(sample.images[i], self.supervision_size) for i in supervision]
+        composite = self.composite_estimated_masks or not has_estimated_masks(sample)
+        image, _ = rgba_to_tensors(sample.images[source], self.input_size, composite)
+        targets = [rgba_to_tensors(sample.images[i], self.supervision_size, composite) for i in supervision]
         return {
             "input_image": image,
             "source_camera": source_camera_vector(canonical_source_pose(), k_norm[source]),
@@ -439,7 +465,8 @@ class OrbitClip(ViewTransform):
             steps = np.remainder(np.diff(sample.azimuths), 2 * np.pi)
             if not np.allclose(steps, steps[0], atol=1e-3):
                 raise SampleError(f"sample {sample.key!r} is not an evenly spaced orbit (azimuth steps {steps[:4]})")
-        rgb = torch.stack([rgba_to_tensors(view, self.frame_size)[0] for view in sample.images])
+        composite = not has_estimated_masks(sample)  # generated frames are on white already; a mask must not alter them
+        rgb = torch.stack([rgba_to_tensors(view, self.frame_size, composite)[0] for view in sample.images])
         elevation = float(sample.elevations[0]) if sample.elevations is not None else float("nan")
         return {"frames": rgb, "prompt": sample.prompt or "", "elevation": elevation, "object_id": sample.object_id}
 
@@ -505,6 +532,16 @@ class MultiViewDataModule(_ShardDataModule):
     target_images (B, K, 3, S, S) on white, target_masks (B, K, 1, S, S), render_cameras (B, K, 25) in the
     frame where the input camera is canonical, object_id (list). The model picks render resolution and
     patch crops itself from the full-size targets.
+
+    Images are composited on white through their alpha only where it is exact (3D renders). A sample whose alpha
+    is an estimated mask (`schema.has_estimated_masks`: metadata `mask_method`, as `vfusion3d-lightning label`
+    writes, or source "synthetic") gives its frames as generated to `input_image` and `target_images`, and its
+    mask to `target_masks` alone, which only the opacity loss reads (VFusion3D's use of saliency masks): a
+    wrong mask then costs opacity, not colour.
+
+    Args:
+        composite_estimated_masks: composite generated videos' images on white through their estimated masks
+            too (whitening object pixels a mask misses); default False, as the paper.
     """
 
     require_cameras = True
@@ -512,15 +549,18 @@ class MultiViewDataModule(_ShardDataModule):
     def __init__(self, train_shards: str, val_shards: str | None = None, batch_size: int = 4, num_workers: int = 2,
                  num_supervision_views: int = 4, include_input_view: bool = True, input_size: int = 512,
                  supervision_size: int = 384, samples_per_epoch: int | None = None, val_samples: int | None = None,
-                 shuffle_buffer: int = 100, seed: int = 0, on_error: OnError = "skip"):
-        super().__init__(LRMViews(num_supervision_views, include_input_view, input_size, supervision_size),
+                 shuffle_buffer: int = 100, seed: int = 0, on_error: OnError = "skip",
+                 composite_estimated_masks: bool = False):
+        super().__init__(LRMViews(num_supervision_views, include_input_view, input_size, supervision_size,
+                                  composite_estimated_masks),
                          train_shards, val_shards, batch_size, num_workers, samples_per_epoch, val_samples,
                          shuffle_buffer, seed, on_error)
 
 
 class VideoDataModule(_ShardDataModule):
     """Ordered orbit clips for the video model: frames (B, F, 3, S, S) in [0, 1] on white, prompt (list),
-    elevation (B,) radians (NaN where unknown), object_id (list)."""
+    elevation (B,) radians (NaN where unknown), object_id (list). Renders are composited on white through their
+    alpha; generated videos (estimated masks, `schema.has_estimated_masks`) give their frames as generated."""
 
     def __init__(self, train_shards: str, val_shards: str | None = None, batch_size: int = 1, num_workers: int = 2,
                  num_frames: int = 16, frame_size: int = 256, samples_per_epoch: int | None = None,

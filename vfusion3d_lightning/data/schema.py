@@ -21,8 +21,13 @@ The JSON holds
     azimuths      N azimuths in radians or null
     prompt        str or null
     quality       finite number or null (quality-classifier score)
-and may hold more keys, which are kept in `MultiViewSample.extra`. A view file may be any PNG mode (16-bit grey is
-scaled to 8 bits; palette or grey transparency is alpha); its header's size must match width and height.
+and may hold more keys, which are kept in `MultiViewSample.extra`. One of them has a meaning here:
+    mask_method   str, the method that estimated the alpha channel (written by `vfusion3d-lightning label`)
+The alpha of a view is an exact coverage mask for source "3d" (a renderer's) and an estimated foreground mask
+for a sample with `mask_method` or of source "synthetic" (generated videos, whose own alpha is all opaque): see
+`has_estimated_masks`. Consumers use an estimated mask as a mask only, never to change the colours.
+A view file may be any PNG mode (16-bit grey is scaled to 8 bits; palette or grey transparency is alpha); its
+header's size must match width and height.
 decode_sample turns every defect of a sample (a field of the wrong type included) into a SampleError naming it.
 """
 
@@ -46,6 +51,7 @@ import webdataset as wds
 from PIL import Image
 
 SCHEMA_VERSION = "vfusion3d-multiview/1"
+MASK_METHOD_KEY = "mask_method"  # metadata key: how the alpha channel was estimated
 SOURCES = ("3d", "synthetic")
 IMAGE_FORMATS = ("png", "jpg")
 MAX_VIEW_PIXELS = 4096 * 4096  # a view's width x height; larger metadata is refused before any decoding
@@ -84,6 +90,16 @@ class MultiViewSample:
     @property
     def has_cameras(self) -> bool:
         return self.cam2world is not None and self.intrinsics is not None
+
+
+def has_estimated_masks(sample: MultiViewSample) -> bool:
+    """Whether the sample's alpha channel is an estimated foreground mask rather than a renderer's exact coverage.
+
+    Estimated: the metadata names a `mask_method` (`label` writes it, and has since it first wrote masks), or the
+    source is "synthetic" (generated videos: their alpha is all opaque as generated, or a mask estimated later by
+    any tool, so shards from before the key existed count too). Exact: a "3d" render with no `mask_method`.
+    """
+    return bool(sample.extra.get(MASK_METHOD_KEY)) or sample.source == "synthetic"
 
 
 def view_name(index: int, suffix: str) -> str:

@@ -1,16 +1,102 @@
-"""Tiny randomly initialised models saved in the libraries' own layouts (save_pretrained folders), for tests and
-the quickstart: they load through the same code paths as the real models, in seconds on a CPU, with no
-download. Their outputs mean nothing."""
+"""Tiny randomly initialised models saved in each library's own layout (`save_pretrained` folders), for tests and
+the quickstart: nothing is downloaded, and each folder loads through the same `from_pretrained` path as the real
+model it stands in for. Every builder is deterministic given its seed and idempotent: a folder that already holds
+a complete build is returned as it is, and a build is written atomically (a killed build leaves no half folder
+that would pass for a complete one).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from vfusion3d_lightning.io import atomic_write_folder
+
+# ---------------------------------------------------------------------------------------------- images and CLIP
+
+# the file each layout's loader reads first, moved into place last: its presence marks a complete build
+_PIPELINE_INDEX = "model_index.json"
+_CLIP_CONFIG = "config.json"
+_TEXT_LENGTH = 256  # tokens of the tiny text-to-image text encoder
+
+
+def _build_once(folder: str | os.PathLike, marker: str, write: Callable[[Path], None]) -> Path:
+    """`folder` if it holds `marker` (a complete build), else `write(tmp)` into it atomically, `marker` last."""
+    folder = Path(folder)
+    if (folder / marker).is_file():
+        return folder
+    return atomic_write_folder(folder, write, last=(marker,))
+
+
+def build_tiny_text_to_image(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """A diffusers `StableDiffusionPipeline` with random weights: a 2-level UNet on 16x16 latents, a 3-level VAE
+    (64x64 images by default) and a 2-layer CLIP text encoder over a character-level tokenizer (256 characters),
+    with a DDIM scheduler and no safety checker. A 64 px image takes about 10 ms a step on one CPU thread.
+
+    Args:
+        folder: where to save it (`DiffusionPipeline.from_pretrained(folder)` loads it).
+        seed: seed of the random weights.
+    """
+    def write(tmp: Path) -> None:
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from vfusion3d_lightning.models.video.architectures import _TINY_TEXT, char_tokenizer
+
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=_TINY_TEXT["hidden_size"],
+            attention_head_dim=8, norm_num_groups=32)
+        vae = AutoencoderKL(block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                            up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1,
+                            norm_num_groups=32, sample_size=64)
+        # one token per character: room for a prompt and the object-centric suffix, untruncated
+        text_encoder = CLIPTextModel(CLIPTextConfig(**dict(_TINY_TEXT, max_position_embeddings=_TEXT_LENGTH)))
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=char_tokenizer(_TEXT_LENGTH),
+                                           unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+
+    return _build_once(folder, _PIPELINE_INDEX, write)
+
+
+def build_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """A transformers `CLIPModel` + `CLIPProcessor` with random weights (1-layer text and vision towers, 32 px
+    images, a character-level tokenizer), as the CLIP scorer of `vfusion3d_lightning.evaluation` loads it.
+
+    Args:
+        folder: where to save it (`CLIPModel.from_pretrained(folder)` and `CLIPProcessor.from_pretrained(folder)`).
+        seed: seed of the random weights.
+    """
+    def write(tmp: Path) -> None:
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+        from vfusion3d_lightning.models.video.architectures import char_tokenizer
+
+        tokenizer = char_tokenizer()
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        config = CLIPConfig(
+            text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
+                             pad_token_id=eos),
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8),
+            projection_dim=8)
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(tmp)
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        CLIPProcessor(image_processor, tokenizer).save_pretrained(tmp)
+
+    return _build_once(folder, _CLIP_CONFIG, write)
+
 
 # ---------------------------------------------------------------------------------------------- captioning
 # A tiny LLM (the prompt filter, the caption summariser) and a tiny BLIP-2 (the view captioner).
@@ -38,7 +124,7 @@ def _words(texts: Sequence[str]) -> list[str]:
     return sorted({word for text in texts for word in text.lower().split()})
 
 
-def build_tiny_llm(folder: str | Path, seed: int = 0, words: Sequence[str] = ()) -> Path:
+def build_tiny_llm(folder: str | os.PathLike, seed: int = 0, words: Sequence[str] = ()) -> Path:
     """A 2-layer Llama with a word-level tokenizer, saved as `AutoModelForCausalLM` / `AutoTokenizer` load it:
     the LLM of the prompt filter (data/prompts.py) and of the caption summariser (data/captions.py).
 
@@ -47,18 +133,25 @@ def build_tiny_llm(folder: str | Path, seed: int = 0, words: Sequence[str] = ())
     occur): a quickstart filter keeps some captions and drops others, rather than dropping all as unparsed.
     A summary it ends at once (empty), so the caption stage falls back to a view caption and says so
     ("fallback": true); objects keep captions of their own instead of all getting the one string a random
-    network writes after "Caption:". The vocabulary is the two prompts' words, CAPTION_WORDS, `words` and yes/no; any
-    other word reads as the unknown token. Deterministic given `seed`; an existing folder is returned as it is;
-    written atomically.
+    network writes after "Caption:". The vocabulary is the two prompts' words, CAPTION_WORDS, `words` and
+    yes/no; any other word reads as the unknown token. Deterministic given `seed`; an existing folder is
+    returned as it is; written atomically.
     """
+    def write(tmp: Path) -> None:
+        model, tokenizer = _tiny_llm(seed, words)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _build_once(folder, "config.json", write)
+
+
+def _tiny_llm(seed: int, words: Sequence[str]):
+    """build_tiny_llm's (model, tokenizer), in memory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from vfusion3d_lightning.data.captions import build_summary_prompt
     from vfusion3d_lightning.data.prompts import build_prompt
 
-    folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return folder
     vocabulary = _words([build_prompt(""), build_summary_prompt([]), *CAPTION_WORDS, *words, "yes no"])
     tokenizer = _word_tokenizer([" ".join(vocabulary)], ["[UNK]", "</s>"], unk_token="[UNK]", eos_token="</s>")
     with torch.random.fork_rng(devices=[]):
@@ -66,8 +159,8 @@ def build_tiny_llm(folder: str | Path, seed: int = 0, words: Sequence[str] = ())
         # wider than the vocabulary, so that some directions are off every token embedding (see _set_answers)
         hidden_size = max(256, 64 * math.ceil(1.5 * len(tokenizer) / 64))
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=256,
-                             num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=1024,
                              eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
                              tie_word_embeddings=False)
         model = LlamaForCausalLM(config).eval()
@@ -83,12 +176,7 @@ def build_tiny_llm(folder: str | Path, seed: int = 0, words: Sequence[str] = ())
         questions = [build_prompt(caption()) for _ in range(32)]
         others = [f"{build_summary_prompt([caption() for _ in range(4)])} {caption()}" for _ in range(8)]
         _set_answers(model, tokenizer, questions, others)
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    return atomic_write_folder(folder, write, last=["config.json"])
+    return model, tokenizer
 
 
 @torch.no_grad()
@@ -142,13 +230,24 @@ def _fit(states: torch.Tensor, positive: torch.Tensor, targets: Sequence[torch.T
     return torch.linalg.lstsq(states * weights, target * weights).solution.T
 
 
-def build_tiny_captioner(folder: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+def build_tiny_captioner(folder: str | os.PathLike, seed: int = 0, image_size: int = 32) -> Path:
     """A tiny BLIP-2 (2-layer ViT, 2-layer Q-Former with 8 queries, 2-layer OPT) with a Blip2Processor (a
     BlipImageProcessor at `image_size` pixels and a word-level tokenizer of CAPTION_WORDS with OPT's special
     tokens and BLIP-2's "<image>"), saved as `AutoProcessor` / `AutoModelForImageTextToText` (or the Blip2
     classes) load it: the view captioner of data/captions.py. Its weights are random, so its captions are
-    strings of CAPTION_WORDS that mean nothing. Deterministic given `seed`; an existing folder is returned as it
+    strings of CAPTION_WORDS that mean nothing; but its output rows are set so that different images (colours,
+    mostly) get different captions. Deterministic given `seed`; an existing folder is returned as it
     is; written atomically."""
+    def write(tmp: Path) -> None:
+        model, processor = _tiny_captioner(seed, image_size)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    return _build_once(folder, "config.json", write)
+
+
+def _tiny_captioner(seed: int, image_size: int):
+    """build_tiny_captioner's (model, processor), in memory."""
     from transformers import (
         Blip2Config,
         Blip2ForConditionalGeneration,
@@ -159,9 +258,6 @@ def build_tiny_captioner(folder: str | Path, seed: int = 0, image_size: int = 32
         OPTConfig,
     )
 
-    folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return folder
     num_query_tokens = 8
     tokenizer = _word_tokenizer([" ".join(CAPTION_WORDS)], ["<pad>", "</s>", "<unk>", "<image>"],
                                 unk_token="<unk>", bos_token="</s>", eos_token="</s>", pad_token="<pad>",
@@ -186,12 +282,7 @@ def build_tiny_captioner(folder: str | Path, seed: int = 0, image_size: int = 32
         _words_follow_the_image(model, processor, [tokenizer.convert_tokens_to_ids(w) for w in CAPTION_WORDS])
     # short captions of distinct words (a random model otherwise repeats one word to the length limit)
     model.generation_config.update(max_new_tokens=6, num_beams=1, no_repeat_ngram_size=1)
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-
-    return atomic_write_folder(folder, write, last=["config.json"])
+    return model, processor
 
 
 @torch.no_grad()
