@@ -158,6 +158,16 @@ def _merge_parts(parts: list[trimesh.Trimesh]) -> trimesh.Trimesh:
     )
 
 
+def to_world(mesh: trimesh.Trimesh, up: str = "y") -> trimesh.Trimesh:
+    """Turn a mesh read from a file whose up axis is `up` into the +z-up world, in place (see the module
+    docstring); returns it. Code that measures a file's geometry in the world frame goes through this."""
+    if up not in UP_AXES:
+        raise ValueError(f"up must be one of {UP_AXES} (the asset file's up axis), got {up!r}")
+    if up == "y":
+        mesh.apply_transform(Y_UP_TO_WORLD)  # a permutation of the axes: exact in floating point
+    return mesh
+
+
 def load_asset(path: str | os.PathLike, up: str = "y") -> trimesh.Trimesh:
     """Load a GLB/GLTF, OBJ or PLY file as one mesh in the +z-up world, normalised to fit [-0.5, 0.5]^3.
 
@@ -179,9 +189,7 @@ def load_asset(path: str | os.PathLike, up: str = "y") -> trimesh.Trimesh:
         raise AssetLoadError(f"{path}: the asset has no faces")
     if not all(np.isfinite(p.vertices).all() for p in parts):
         raise AssetLoadError(f"{path}: the asset has NaN or inf vertex coordinates")
-    mesh = _merge_parts(parts)
-    if up == "y":
-        mesh.apply_transform(Y_UP_TO_WORLD)  # a permutation of the axes: exact in floating point
+    mesh = to_world(_merge_parts(parts), up)
     lo, hi = mesh.vertices.min(axis=0), mesh.vertices.max(axis=0)
     if (hi - lo).max() <= 0:
         raise AssetLoadError(f"{path}: the asset is a single point (zero-size bounding box)")
