@@ -50,3 +50,11 @@ def test_a_drifted_value_fails_the_comparison():
     assert not _same((128, 192, 256, 320, 512), (128, 192, 256, 320, 384))
     assert not _same(1e-4, 4e-4) and not _same(True, 1.0) and not _same([0.9, 0.95], (0.9, 0.95))
     assert _same(4e-4, 4.0e-4) and _same(0.02, 0.02) and _same((0.0, math.pi / 4), (0.0, 0.7853981633974483))
+
+
+def test_paper_pipeline_renders_generates_and_trains_video_at_one_size():
+    # the orbit renders the video model trains on, its frames and the generated videos share one resolution
+    pipeline = "configs/pipeline/paper.yaml"
+    frame_size = lookup(pipeline, "video.config.data.init_args.frame_size")
+    assert lookup(pipeline, "render.resolution") == frame_size == lookup(pipeline, "generate.size") == 512
+    assert lookup(pipeline, "video.config.model.init_args.model") == "i2vgen-xl-pretrained"  # image + prompt
