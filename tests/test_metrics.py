@@ -350,7 +350,10 @@ def test_no_surface_at_the_threshold_is_nan_counted_and_suggests_a_level(samples
 def test_an_object_without_its_asset_is_refused(tmp_path, samples):
     trimesh.creation.box().export(tmp_path / "box.ply")
     meshes = GroundTruthMeshes(tmp_path)
-    assert meshes.path("box") == tmp_path / "box.ply"
+    assert meshes.path("box") == tmp_path / "box.ply" == meshes.path("box", "box.ply")
+    outside = tmp_path.parent / f"{tmp_path.name}_outside.ply"
+    trimesh.creation.box().export(outside)
+    assert meshes.path("box", f"../{outside.name}") == tmp_path / "box.ply"  # a recorded path stays inside
     with pytest.raises(FileNotFoundError, match=r"no asset for object 'sphere' in .*--assets must be the folder"):
         meshes.path("sphere", "sphere.ply")
     (tmp_path / "empty").mkdir()

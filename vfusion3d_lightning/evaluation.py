@@ -258,7 +258,9 @@ class GroundTruthMeshes:
 
     def path(self, object_id: str, asset: str | None = None) -> Path:
         """The asset file of an object; FileNotFoundError naming the object and the folder if none."""
-        if asset and (self.folder / asset).is_file():
+        candidate = (self.folder / asset).resolve() if asset else None
+        # a shard's recorded path is only a hint, and never leads outside the folder
+        if candidate and candidate.is_relative_to(self.folder.resolve()) and candidate.is_file():
             return self.folder / asset
         if object_id in self.by_key:
             return self.by_key[object_id]
