@@ -90,3 +90,19 @@ def test_training_configs_parse_through_lightning_cli(config, strategy, capsys):
     assert done.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path: vfusion3d_lightning." in printed
+
+
+FIT_CONFIGS = [path for path in TRAINING_CONFIGS if "train_shards:" in path.read_text()]
+
+
+@pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda path: f"{path.parent.name}/{path.name}")
+def test_training_configs_validate_on_held_out_data(config):
+    # validation on the training shards would hide overfitting: every shipped config names other data
+    import yaml
+
+    data = yaml.safe_load(config.read_text())["data"]["init_args"]
+    train, val = data["train_shards"], data.get("val_shards")
+    assert len(FIT_CONFIGS) >= 9
+    assert val is None or val != train, f"{config} validates on its training shards {train}"
+    if val is None:  # then a held-out fraction of the training data
+        assert 0 < data.get("val_fraction", 0) < 1, f"{config} has neither val_shards nor val_fraction"

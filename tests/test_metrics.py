@@ -1,26 +1,34 @@
-"""3D evaluation: the protocol (views, cameras), the metrics' extremes, CLIP loading, the `evaluate` command."""
+"""3D evaluation: the protocol (input views, cameras, novel views only), the metrics' extremes, CLIP loading, the
+geometry track, the `evaluate` command."""
 
 import csv
+import math
 
 import numpy as np
 import pytest
 import torch
+import trimesh
+from test_mesh import THRESHOLD, sphere_model
 from torch import nn
 
 from vfusion3d_lightning.cameras import canonical_source_pose
 from vfusion3d_lightning.cli import main
 from vfusion3d_lightning.commands.evaluate import evaluate
 from vfusion3d_lightning.data.procedural import write_assets
+from vfusion3d_lightning.data.render import load_asset
 from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
 from vfusion3d_lightning.evaluation import (
     CSV_FIELDS,
     PSNR_CAP,
     Evaluator,
+    GroundTruthMeshes,
     evaluation_views,
     held_out_samples,
     image_scores,
     load_clip,
+    seeded_input_view,
 )
+from vfusion3d_lightning.geometry.mesh import density_grid, suggest_threshold
 from vfusion3d_lightning.io import on_white
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.models.lrm.renderer import RenderOutput
@@ -31,13 +39,21 @@ SIZE = 24  # shard resolution: SSIM's 11-px window still fits, LPIPS' VGG still 
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """3 procedural objects rendered as `uniform32` (32 views, cameras, no prompt) in 2-sample shards."""
-    root = tmp_path_factory.mktemp("eval_data")
-    write_assets(root / "assets", 3, seed=3, progress=False)
-    render_folder(root / "assets", root / "uniform32", RenderSettings(views="uniform32", resolution=SIZE),
-                  workers=1, shard_size=2, progress=False)
-    return str(root / "uniform32" / "shard-*.tar")
+def assets(tmp_path_factory):
+    """3 procedural objects and a sphere (sorted last): the held-out assets."""
+    folder = tmp_path_factory.mktemp("eval_data") / "assets"
+    write_assets(folder, 3, seed=3, progress=False)
+    trimesh.creation.icosphere(subdivisions=3, radius=0.8).export(folder / "sphere.ply")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shards(assets):
+    """The assets rendered as `uniform32` (32 views, cameras, no prompt) in 2-sample shards."""
+    out = assets.parent / "uniform32"
+    render_folder(assets, out, RenderSettings(views="uniform32", resolution=SIZE), workers=1, shard_size=2,
+                  progress=False)
+    return str(out / "shard-*.tar")
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +110,9 @@ def test_evaluator_renders_all_views_from_the_ground_truth_cameras(samples, lpip
     evaluator = Evaluator(model, lpips_model, input_view=3, input_size=56, views_per_batch=12)
     scores = evaluator.evaluate_sample(samples[1])
     expected = evaluation_views(samples[1], input_view=3, input_size=56)["render_cameras"]
-    assert [c.shape[1] for c in calls] == [12, 12, 8]
-    torch.testing.assert_close(torch.cat(calls, dim=1)[0], expected)
-    assert scores.views == 32 and scores.object_id == samples[1].object_id
+    assert [c.shape[1] for c in calls] == [12, 12, 7]  # the 31 views other than the input one
+    torch.testing.assert_close(torch.cat(calls, dim=1)[0], expected[[i for i in range(32) if i != 3]])
+    assert scores.views == 31 and scores.object_id == samples[1].object_id and scores.input_view == 3
     assert 0 < scores.psnr < 60 and -1 <= scores.ssim < 0.999 and scores.lpips > 0
     assert np.isnan(scores.clip_image) and np.isnan(scores.clip_text)  # no CLIP given
 
@@ -107,7 +123,7 @@ def test_evaluator_in_bfloat16_holds_the_network_weights_in_bfloat16(samples, lp
     assert model.network_weights_dtype == torch.bfloat16
     assert model.transformer.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
     scores = evaluator.evaluate_sample(samples[1])
-    assert scores.views == 32 and 0 < scores.psnr < 60
+    assert scores.views == 31 and 0 < scores.psnr < 60
 
 
 class Oracle(nn.Module):
@@ -118,6 +134,7 @@ class Oracle(nn.Module):
         super().__init__()
         self.cameras, self.shift = views["render_cameras"], shift
         self.images = views["target_images"] if images is None else images
+        self.asked: list[int] = []  # the views it was asked to render
 
     def forward(self, image, source_camera):
         return torch.zeros(1, 3, 1, 2, 2)
@@ -125,6 +142,7 @@ class Oracle(nn.Module):
     def render(self, planes, cameras, size, generator=None, max_rays=None) -> RenderOutput:
         distance = (cameras[0, :, None] - self.cameras[None]).abs().amax(-1)  # (V, N)
         assert bool((distance.amin(1) < 1e-6).all()), "rendered from a camera that is not the sample's"
+        self.asked += distance.argmin(1).tolist()
         index = (distance.argmin(1) + self.shift) % len(self.cameras)
         rgb = self.images[index][None]
         return RenderOutput(rgb=rgb, depth=rgb[:, :, :1], opacity=rgb[:, :, :1])
@@ -134,9 +152,9 @@ def test_a_perfect_render_scores_perfectly_and_wrong_ones_worse(samples, lpips_m
     views = evaluation_views(samples[0], input_size=SIZE)
     other = evaluation_views(samples[2], input_size=SIZE)["target_images"]
     perfect, neighbour, foreign = (
-        Evaluator(oracle, lpips_model, input_size=SIZE).evaluate_sample(samples[0])
+        Evaluator(oracle, lpips_model, input_view=0, input_size=SIZE).evaluate_sample(samples[0])
         for oracle in (Oracle(views), Oracle(views, shift=1), Oracle(views, images=other)))
-    assert perfect.views == 32
+    assert perfect.views == 31
     assert perfect.psnr == PSNR_CAP  # inf capped: every view identical
     assert perfect.ssim == pytest.approx(1.0, abs=1e-5) and perfect.lpips == pytest.approx(0.0, abs=1e-6)
     for wrong in (neighbour, foreign):
@@ -175,7 +193,7 @@ def test_missing_clip_says_what_to_download(tmp_path):
         load_clip("nobody-here/no-such-clip-model")
 
 
-def test_evaluate_command_compares_checkpoints(tmp_path, shards, clip_dir):
+def test_evaluate_command_compares_checkpoints(tmp_path, shards, samples, clip_dir, capsys):
     model = tiny_lrm(seed=1)
     folder = model.save_pretrained(tmp_path / "tiny_export")
     ckpt = tmp_path / "last.ckpt"  # the parts of an LRMModule checkpoint that evaluation reads
@@ -190,13 +208,19 @@ def test_evaluate_command_compares_checkpoints(tmp_path, shards, clip_dir):
         with open(out / name / "objects.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
         assert tuple(rows[0]) == CSV_FIELDS and len(rows) == 2
-        assert [r["views"] for r in rows] == ["32", "32"] and all(r["clip_text"] == "nan" for r in rows)
+        assert [r["views"] for r in rows] == ["31", "31"] and all(r["clip_text"] == "nan" for r in rows)
         assert all(np.isfinite(float(r[m])) for r in rows for m in ("psnr", "ssim", "lpips", "clip_image"))
+        assert [int(r["input_view"]) for r in rows] == [seeded_input_view(0, s.object_id, 32) for s in samples[:2]]
+        assert all(r[m] == "nan" for r in rows for m in ("chamfer", "fscore@0.1", "fscore@0.5", "mesh_seconds"))
         tables[name] = rows
     assert tables["tiny_export"] == tables["last"]  # the .ckpt loads the same weights as the folder
     summary = (out / "summary.md").read_text().splitlines()
     assert [line.split("|")[1].strip() for line in summary[2:4]] == ["tiny_export", "last"]
-    assert "| 2 | 32 |" in summary[2] and " ± " in summary[2]
+    assert "| 2 | 31 |" in summary[2] and " ± " in summary[2]
+    assert [line.split("|")[1:4] for line in summary[7:9]] == [[" tiny_export ", " 0/2 ", " 0 "],
+                                                               [" last ", " 0/2 ", " 0 "]]
+    assert summary[7].count("n/a") == 5  # no assets: nothing measured
+    assert capsys.readouterr().err.count("no --assets: geometry metrics are n/a") == 1  # said once
     plots = sorted(p.name for p in (out / "plots").iterdir())
     assert plots == ["clip_image.png", "lpips.png", "psnr.png", "ssim.png"]  # no prompts: no CLIP text values
     assert all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
@@ -207,3 +231,150 @@ def test_evaluate_command_fails_early_without_clip(tmp_path, shards):
         evaluate([str(tmp_path / "never_loaded")], shards, tmp_path / "o", clip=str(tmp_path / "no_clip"),
                  lpips_random_backbone=True, device="cpu")
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- input views: chosen per object, not scored
+
+
+def test_the_input_view_is_not_scored(samples, lpips_model):
+    """An 'LRM' right only on the input view scores exactly as one wrong everywhere: that view is not counted,
+    nor rendered."""
+    views = evaluation_views(samples[0], input_view=9, input_size=SIZE)
+    foreign = evaluation_views(samples[2], input_size=SIZE)["target_images"]
+    right_on_input = foreign.clone()
+    right_on_input[9] = views["target_images"][9]
+    oracles = [Oracle(views, images=right_on_input), Oracle(views, images=foreign)]
+    scores = [Evaluator(o, lpips_model, input_view=9, input_size=SIZE).evaluate_sample(samples[0]) for o in oracles]
+    assert scores[0].views == 31 and scores[0].input_view == 9
+    assert (scores[0].psnr, scores[0].ssim, scores[0].lpips) == (scores[1].psnr, scores[1].ssim, scores[1].lpips)
+    assert 9 not in oracles[0].asked and sorted(oracles[0].asked) == [i for i in range(32) if i != 9]
+    assert views["scored_views"].tolist() == [i for i in range(32) if i != 9]
+
+
+def test_seeded_input_views_are_reproducible_and_differ_across_objects(samples, lpips_model):
+    ids = [f"object_{i}" for i in range(20)]
+    chosen = [seeded_input_view(0, i, 32) for i in ids]
+    assert chosen == [seeded_input_view(0, i, 32) for i in ids]  # the same on a rerun
+    assert len(set(chosen)) > 5 and all(0 <= v < 32 for v in chosen)
+    assert chosen != [seeded_input_view(1, i, 32) for i in ids]  # another seed, other views
+    seeded = Evaluator(Oracle(evaluation_views(samples[1], input_size=SIZE)), lpips_model, input_size=SIZE, seed=4)
+    views = seeded.views(samples[1])
+    assert views["input_view"] == seeded_input_view(4, samples[1].object_id, 32)
+    torch.testing.assert_close(views["input_image"], on_white(samples[1].images)[views["input_view"]], atol=1e-6,
+                               rtol=0)
+
+
+# ---------------------------------------------------------------- geometry
+
+
+class FixedPlanes(nn.Module):
+    """An LRM whose encoder gives the same planes for every image: the sphere field of test_mesh."""
+
+    def __init__(self):
+        super().__init__()
+        self.lrm, planes = sphere_model()
+        self.register_buffer("fixed", planes)
+
+    def forward(self, image, source_camera):
+        return self.fixed.expand(len(image), *self.fixed.shape[1:])
+
+    def render(self, *args, **kwargs):
+        return self.lrm.render(*args, **kwargs)
+
+    def query(self, *args, **kwargs):
+        return self.lrm.query(*args, **kwargs)
+
+
+def test_a_sphere_field_matches_the_sphere_asset_and_not_the_others(samples, assets, lpips_model):
+    evaluator = Evaluator(FixedPlanes(), lpips_model, input_size=SIZE, ground_truth=GroundTruthMeshes(assets),
+                          mesh_resolution=32, mesh_threshold=THRESHOLD)
+    sphere, other = (evaluator.evaluate_sample(s) for s in (samples[3], samples[0]))
+    assert sphere.object_id == "sphere" and samples[3].extra["asset"] == "sphere.ply"
+    assert sphere.chamfer < 0.01 and sphere.fscore == {0.1: 1.0, 0.2: 1.0, 0.5: 1.0}
+    assert not sphere.no_surface and 0 < sphere.mesh_seconds < 60
+    assert other.chamfer > 3 * sphere.chamfer and other.fscore[0.1] < 0.99
+    row = sphere.row()
+    assert [float(row[m]) for m in ("fscore@0.1", "fscore@0.2", "fscore@0.5")] == [1.0, 1.0, 1.0]
+    assert float(row["chamfer"]) == pytest.approx(sphere.chamfer, rel=1e-5) and row["no_surface"] == "false"
+
+
+def test_the_mesh_is_compared_in_the_world_frame_of_the_renders(samples, assets, lpips_model):
+    """A prediction that is the asset itself, seen from a camera 45 degrees up (in the LRM's canonical frame of
+    that camera, LRM units), matches it: the frame is undone before the metrics (whose rotation search does not
+    try 45 degree tilts)."""
+    sample = samples[0]
+    truth = load_asset(assets / sample.extra["asset"])
+    pose = torch.from_numpy(sample.cam2world[20]).double()
+    assert math.degrees(math.asin(pose[2, 3] / pose[:3, 3].norm())) == pytest.approx(45, abs=0.1)
+    to_canonical = canonical_source_pose()[:3, :3].double() @ pose[:3, :3].T
+
+    class AssetAsSeen(Evaluator):
+        def mesh(self, planes):
+            return trimesh.Trimesh(2 * truth.vertices @ to_canonical.numpy().T, truth.faces, process=False)
+
+    evaluator = AssetAsSeen(FixedPlanes(), lpips_model, input_view=20, input_size=SIZE,
+                            ground_truth=GroundTruthMeshes(assets))
+    scores = evaluator.evaluate_sample(sample)
+    assert scores.chamfer < 1e-4 and scores.fscore[0.1] == 1.0
+
+
+def test_no_surface_at_the_threshold_is_nan_counted_and_suggests_a_level(samples, assets, lpips_model):
+    lines: list[str] = []
+    evaluator = Evaluator(FixedPlanes(), lpips_model, input_size=SIZE, ground_truth=GroundTruthMeshes(assets),
+                          mesh_resolution=16, mesh_threshold=1e6, log=lines.append)
+    scores = evaluator.evaluate_sample(samples[3])
+    assert scores.no_surface and math.isnan(scores.chamfer) and scores.fscore == {} and scores.mesh_seconds > 0
+    assert len(lines) == 1 and "sphere: no mesh: no surface at density threshold 1000000" in lines[0]
+    assert "e.g." in lines[0] and lines[0].endswith("(--mesh_threshold)")
+    assert scores.row()["no_surface"] == "true" and scores.row()["fscore@0.1"] == "nan"
+
+
+def test_an_object_without_its_asset_is_refused(tmp_path, samples):
+    trimesh.creation.box().export(tmp_path / "box.ply")
+    meshes = GroundTruthMeshes(tmp_path)
+    assert meshes.path("box") == tmp_path / "box.ply" == meshes.path("box", "box.ply")
+    outside = tmp_path.parent / f"{tmp_path.name}_outside.ply"
+    trimesh.creation.box().export(outside)
+    assert meshes.path("box", f"../{outside.name}") == tmp_path / "box.ply"  # a recorded path stays inside
+    with pytest.raises(FileNotFoundError, match=r"no asset for object 'sphere' in .*--assets must be the folder"):
+        meshes.path("sphere", "sphere.ply")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no assets"):
+        GroundTruthMeshes(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        GroundTruthMeshes(tmp_path / "absent")
+
+
+def test_evaluate_command_scores_geometry_with_assets(tmp_path, shards, assets, capsys):
+    model = tiny_lrm(seed=1)
+    folder = model.save_pretrained(tmp_path / "tiny")
+    views = evaluation_views(next(iter(held_out_samples(shards))), seeded_input_view(0, "asset_000000", 32), 56)
+    with torch.no_grad():  # a level the random field crosses, as the no-surface warning would suggest
+        planes = model(views["input_image"][None], views["source_camera"][None])
+        level = suggest_threshold(density_grid(model, planes, 24), 0.5)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint+", str(folder), "--shards", shards, "--out", str(out), "--clip", "none",
+                 "--lpips_random_backbone", "true", "--max_objects", "1", "--input_size", "56", "--render_size", "16",
+                 "--device", "cpu", "--assets", str(assets), "--mesh_resolution", "24",
+                 "--mesh_threshold", str(level)]) == 0
+    with open(out / "tiny" / "objects.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["object_id"] == "asset_000000" and row["no_surface"] == "false" and row["views"] == "31"
+    geometry = [float(row[m]) for m in ("chamfer", "fscore@0.1", "fscore@0.2", "fscore@0.5", "mesh_seconds")]
+    assert all(np.isfinite(geometry)) and 0 < geometry[0] < 1 and all(0 <= f <= 1 for f in geometry[1:4])
+    summary = (out / "summary.md").read_text()
+    assert "| tiny | 1/1 | 0 |" in summary and "Chamfer ↓" in summary
+    assert {"chamfer.png", "fscore_0.1.png", "fscore_0.5.png"} <= {p.name for p in (out / "plots").iterdir()}
+    assert "no --assets" not in capsys.readouterr().err
+
+
+def test_evaluate_takes_the_pipelines_arguments_and_skips_geometry_on_request(tmp_path, shards, capsys):
+    folder = tiny_lrm().save_pretrained(tmp_path / "tiny")
+    kwargs = dict(clip="none", lpips_weights=None, lpips_random_backbone=True, max_objects=1, input_size=56,
+                  render_size=16, views_per_batch=16, device="cpu", seed=0)  # what the pipeline's stage passes
+    results = evaluate([str(folder)], shards, tmp_path / "with", **kwargs)
+    assert math.isnan(results["tiny"][0].chamfer) and "no --assets" in capsys.readouterr().err
+    results = evaluate([str(folder)], shards, tmp_path / "without", geometry=False, **kwargs)
+    assert "no --assets" not in capsys.readouterr().err
+    assert "Chamfer" not in (tmp_path / "without" / "summary.md").read_text()
+    assert "Chamfer" in (tmp_path / "with" / "summary.md").read_text()

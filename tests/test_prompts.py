@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from vfusion3d_lightning.cli import main
 from vfusion3d_lightning.data import prompts
@@ -23,6 +22,7 @@ from vfusion3d_lightning.data.prompts import (
     read_captions,
     resolve_model,
 )
+from vfusion3d_lightning.models.tiny_random import build_tiny_llm
 
 # what the tiny model is built to answer for each caption (its first generated word); "maybe" = unparsed
 ANSWERS = {
@@ -41,38 +41,27 @@ SINGLE = [c for c, a in ANSWERS.items() if a == "yes"]
 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
-    """A folder with a 2-layer Llama and a word-level tokenizer, as save_pretrained writes them.
+    """`build_tiny_llm`'s 2-layer Llama and word-level tokenizer, its lm_head refitted to answer as ANSWERS says.
 
-    The random network's last hidden state barely depends on the caption, so the lm_head rows of "yes", "no"
-    and "maybe" are fitted (least squares) to give +1 to the intended word and -1 to the others for each
-    caption in ANSWERS; every other row is 0, so the intended word is the greedy pick. A padding bug moves
-    the hidden state and changes the answers.
+    The rows of "yes", "no" and "maybe" are fitted (least squares) to give +1 to the intended word and -1 to the
+    others at the end of each caption's prompt; every other row is 0, so the intended word is the greedy pick.
+    A padding bug moves the hidden state and changes the answers.
     """
-    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = [build_prompt(c) for c in CAPTIONS] + ["yes no maybe"]
-    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="</s>")
+    folder = build_tiny_llm(tmp_path_factory.mktemp("tiny-llm"), words=CAPTIONS + ["maybe"])
+    model = LlamaForCausalLM.from_pretrained(folder).eval()
+    fast = PreTrainedTokenizerFast.from_pretrained(folder)
     assert fast.pad_token is None  # so the classifier must set pad = eos itself, as for Llama
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=fast.eos_token_id, bos_token_id=None, pad_token_id=None)
-    model = LlamaForCausalLM(config).eval()
     words = ["yes", "no", "maybe"]
     with torch.no_grad():
         hidden = torch.cat([model.model(**fast(build_prompt(c), return_tensors="pt")).last_hidden_state[:, -1]
-                            for c in CAPTIONS]).double()  # (8, 32)
+                            for c in CAPTIONS]).double()  # (8, D)
         target = torch.tensor([[1.0 if ANSWERS[c] == w else -1.0 for w in words] for c in CAPTIONS],
                               dtype=torch.float64)  # (8, 3)
-        rows = torch.linalg.lstsq(hidden, target).solution.T  # (3, 32)
+        rows = torch.linalg.lstsq(hidden, target).solution.T  # (3, D)
         model.lm_head.weight.zero_()
         for word, row in zip(words, rows):
             model.lm_head.weight[fast.convert_tokens_to_ids(word)] = row.float()
-    folder = tmp_path_factory.mktemp("tiny-llm")
     model.save_pretrained(folder)
-    fast.save_pretrained(folder)
     return folder
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from vfusion3d_lightning.commands.app import app
+from vfusion3d_lightning.commands.captions import captions
 from vfusion3d_lightning.commands.demo import demo
 from vfusion3d_lightning.commands.evaluate import evaluate
 from vfusion3d_lightning.commands.filter import filter_videos
@@ -40,6 +41,7 @@ from vfusion3d_lightning.training.lightning_cli import LIGHTNING_COMMANDS, light
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "procedural": (procedural, "write seeded procedural 3D assets (GLB, OBJ, PLY)"),
     "render": (render, "render a folder of 3D assets into multi-view shards (resumable)"),
+    "captions": (captions, "caption 3D assets' renders as Cap3D does: view captions summarised by an LLM (resumable)"),
     "prompts": (prompts, "keep the captions an LLM judges to describe a single object (resumable)"),
     "images": (images, "prompts -> first-frame images with a text-to-image model (resumable)"),
     "generate": (generate, "condition images + prompts -> orbit videos as shards (resumable)"),

@@ -1,16 +1,25 @@
-"""3D evaluation of LRMs on held-out multi-view renders, as in the paper's ablations.
+"""3D evaluation of LRMs on held-out multi-view renders: novel views and geometry, per object.
 
-Protocol, per object of the shards (the 32-view `uniform32` sets; any N-view set with cameras works): view
-`input_view` (default 0) composited on white is the input; its camera becomes the canonical source camera and
-every view's pose is moved into that frame exactly as training does (`data.datamodules.LRMViews`); the LRM
-renders all N views from those ground-truth cameras at `render_size` (default: the shards' resolution), and each
-is compared with its ground truth on white by PSNR, SSIM (torchmetrics) and LPIPS (`losses.build_lpips`, so
-training and evaluation share weights and errors). Object scores are means over its N views, the input view
-included. PSNR of a view is capped at `PSNR_CAP` dB, so a perfect view (infinite PSNR) keeps means finite.
+Protocol, per object of the shards (the 32-view `uniform32` sets; any N-view set with cameras works):
 
-CLIP similarity (cosine of projected embeddings, in [-1, 1], not CLIPScore's x100): `clip_image` between the
-input image and the rendered novel views (all views but the input one), `clip_text` between the sample's
-`prompt` and the same views (NaN when the sample has no prompt).
+1. Input view: one view, chosen per object from (seed, object_id) (`seeded_input_view`: reproducible, and
+   different objects get different views) or the same fixed view for all; composited on white, it is the
+   LRM's input. Its camera becomes the canonical source camera and every view's pose is moved into that
+   frame exactly as training does (`data.datamodules.LRMViews`).
+2. Novel views: the LRM renders the other N - 1 views from their ground-truth cameras at `render_size`
+   (default: the shards' resolution); each is compared with its ground truth on white by PSNR, SSIM
+   (torchmetrics) and LPIPS (`losses.build_lpips`, so training and evaluation share weights and errors).
+   The input view is not scored. Object scores are means over its N - 1 novel views. PSNR of a view is capped
+   at `PSNR_CAP` dB, so a perfect view (infinite PSNR) keeps means finite. CLIP similarity (cosine of
+   projected embeddings, in [-1, 1], not CLIPScore's x100): `clip_image` between the input image and the
+   rendered novel views, `clip_text` between the sample's `prompt` and the same views (NaN without a prompt).
+3. Geometry (with the held-out assets): the mesh of the LRM's density at `mesh_threshold` (`extract_mesh`,
+   coarse to fine, `mesh_resolution`^3) is turned from the input camera's canonical frame back into the
+   world frame of the renders, and compared with the asset's mesh, loaded by the renderer's own loader
+   (`data.render.load_asset`, so both are in the frame the views were rendered in), by `mesh_metrics`:
+   Chamfer distance and F-score at 0.1, 0.2 and 0.5 after unit-cube normalisation, rotation search and ICP.
+   No surface at the threshold: NaN, counted, and a warning suggesting a level that has one.
+   `mesh_seconds` times image -> planes -> mesh.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ import dataclasses
 import io
 import math
 import re
+import sys
+import time
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -33,15 +45,21 @@ from vfusion3d_lightning.training.losses import lpips_loss
 
 PSNR_CAP = 100.0  # dB; an MSE of 1e-10, far below 8-bit quantisation, so only exact copies reach it
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-METRICS = ("psnr", "ssim", "lpips", "clip_image", "clip_text")
-CSV_FIELDS = ("object_id", *METRICS, "views")
+FSCORE_THRESHOLDS = (0.1, 0.2, 0.5)  # in the unit cube's side, as `geometry.metrics` reports them
+IMAGE_METRICS = ("psnr", "ssim", "lpips", "clip_image", "clip_text")
+GEOMETRY_METRICS = ("chamfer", *(f"fscore@{t:g}" for t in FSCORE_THRESHOLDS))
+METRICS = (*IMAGE_METRICS, *GEOMETRY_METRICS)
+CSV_FIELDS = ("object_id", "input_view", *METRICS, "mesh_seconds", "no_surface", "views")
 LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "clip_image": "CLIP image ↑",
-          "clip_text": "CLIP text ↑"}
+          "clip_text": "CLIP text ↑", "chamfer": "Chamfer ↓",
+          **{f"fscore@{t:g}": f"F-score@{t:g} ↑" for t in FSCORE_THRESHOLDS}}
 
 
 @dataclasses.dataclass
 class ObjectScores:
-    """One object's scores: means over its `views` rendered views (NaN where a metric was not computed)."""
+    """One object's scores: image metrics are means over its `views` scored (novel) views; geometry metrics
+    compare its extracted mesh with the asset's (`fscore` keyed by threshold). NaN (or an empty `fscore`)
+    where a metric was not computed; `no_surface`: the LRM's field had no surface at the mesh threshold."""
 
     object_id: str
     psnr: float
@@ -49,7 +67,24 @@ class ObjectScores:
     lpips: float
     clip_image: float = math.nan
     clip_text: float = math.nan
+    chamfer: float = math.nan
+    fscore: dict[float, float] = dataclasses.field(default_factory=dict)
+    mesh_seconds: float = math.nan
+    no_surface: bool = False
+    input_view: int = 0
     views: int = 0
+
+    def value(self, metric: str) -> float:
+        """The score named as in METRICS (`fscore@0.1` reads `fscore[0.1]`)."""
+        if metric.startswith("fscore@"):
+            return self.fscore.get(float(metric.removeprefix("fscore@")), math.nan)
+        return getattr(self, metric)
+
+    def row(self) -> dict[str, str | int]:
+        """The objects.csv row: CSV_FIELDS, floats to 6 significant digits."""
+        values = {name: self.value(name) if name in METRICS else getattr(self, name) for name in CSV_FIELDS}
+        return {k: f"{v:.6g}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else v
+                for k, v in values.items()}
 
 
 # ---------------------------------------------------------------- image metrics
@@ -161,19 +196,30 @@ def load_clip(source: str | Path = DEFAULT_CLIP, device: str | torch.device = "c
 # ---------------------------------------------------------------- protocol
 
 
+def seeded_input_view(seed: int, object_id: str, num_views: int) -> int:
+    """The input view of an object: drawn from (seed, object_id), so a rerun, a resumed run or another
+    checkpoint gives the object the same view while objects differ (crc32: stable across processes)."""
+    return int(np.random.default_rng([seed, zlib.crc32(object_id.encode())]).integers(num_views))
+
+
 def evaluation_views(sample, input_view: int = 0, input_size: int = 512, render_size: int | None = None) -> dict:
     """One `MultiViewSample` -> the LRM's input and all N views' ground truth, through the training transform.
 
     Returns input_image (3, input_size, input_size) and source_camera (16,) for the input view; target_images
     (N, 3, S, S) on white and render_cameras (N, 25) in sample view order, in the frame where the input camera
-    is canonical (S = render_size, default the sample's width); input_view, object_id, prompt.
+    is canonical (S = render_size, default the sample's width); scored_views (N - 1,) the indices of the novel
+    views (all but the input one); world_rotation (3, 3) that frame's rotation from the world (p_canonical =
+    R p_world); input_view, object_id, prompt, asset (the source asset's path that `render` recorded, or None).
     """
+    from vfusion3d_lightning.cameras import canonical_source_pose
     from vfusion3d_lightning.data.datamodules import LRMViews
     from vfusion3d_lightning.data.schema import SampleError
 
     n = sample.num_views
     if not sample.has_cameras:
         raise SampleError(f"sample {sample.key!r} has no cameras; evaluation needs cam2world and intrinsics")
+    if n < 2:
+        raise SampleError(f"sample {sample.key!r} has {n} view; evaluation scores views other than the input one")
     if not -n <= input_view < n:
         raise ValueError(f"input view {input_view} is not one of sample {sample.key!r}'s {n} views")
     input_view %= n
@@ -183,29 +229,77 @@ def evaluation_views(sample, input_view: int = 0, input_size: int = 512, render_
     size = render_size or sample.images.shape[2]
     batch = LRMViews(n, True, input_size, size)(moved, np.random.default_rng(0))
     back = torch.from_numpy(np.argsort(order))  # undo the reordering: output view i is sample view i
+    # as `cameras.canonicalize_poses` turns the world
+    world_rotation = canonical_source_pose()[:3, :3].double() @ torch.from_numpy(
+        np.asarray(sample.cam2world[input_view], np.float64))[:3, :3].T
     return {"input_image": batch["input_image"], "source_camera": batch["source_camera"],
             "target_images": batch["target_images"][back], "render_cameras": batch["render_cameras"][back],
-            "input_view": input_view, "object_id": sample.object_id, "prompt": sample.prompt}
+            "scored_views": torch.tensor(order[1:]).sort().values, "world_rotation": world_rotation,
+            "input_view": input_view, "object_id": sample.object_id, "prompt": sample.prompt,
+            "asset": sample.extra.get("asset")}
+
+
+class GroundTruthMeshes:
+    """The held-out assets that `render` rendered, found per sample: by the relative path the sample records
+    (`extra["asset"]`), else by object id (the sample key `render` makes of the file name). Loaded with the
+    renderer's loader (`data.render.load_asset`), so the mesh is in the frame of the renders."""
+
+    def __init__(self, folder: str | Path):
+        from vfusion3d_lightning.data.render_shards import find_assets, sample_key
+
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"assets folder {self.folder} does not exist; give --assets the held-out "
+                                    "assets folder that `render` rendered the shards from")
+        self.by_key = {sample_key(path): path for path in find_assets(self.folder)}
+        if not self.by_key:
+            raise FileNotFoundError(f"no assets (.glb/.gltf/.obj/.ply) in {self.folder}; give --assets the "
+                                    "held-out assets folder that `render` rendered the shards from")
+
+    def path(self, object_id: str, asset: str | None = None) -> Path:
+        """The asset file of an object; FileNotFoundError naming the object and the folder if none."""
+        candidate = (self.folder / asset).resolve() if asset else None
+        # a shard's recorded path is only a hint, and never leads outside the folder
+        if candidate and candidate.is_relative_to(self.folder.resolve()) and candidate.is_file():
+            return self.folder / asset
+        if object_id in self.by_key:
+            return self.by_key[object_id]
+        raise FileNotFoundError(f"no asset for object {object_id!r} in {self.folder} (looked for "
+                                f"{asset or object_id + '.*'}); --assets must be the folder the held-out shards "
+                                "were rendered from")
+
+    def load(self, object_id: str, asset: str | None = None):
+        """The object's mesh (trimesh.Trimesh), as the renderer loads it."""
+        from vfusion3d_lightning.data.render import load_asset
+
+        return load_asset(self.path(object_id, asset))
 
 
 class Evaluator:
     """Scores one LRM on multi-view samples: `evaluate(samples)` -> a list of `ObjectScores`.
 
-    `dtype` bfloat16 runs the LRM under autocast (planes and metrics stay float32), an `LRM`'s network weights
-    held in bfloat16 (`LRM.cast_network_weights`); `views_per_batch` views are rendered per call, each call in
-    passes of at most `max_rays` rays (None: sized to free GPU memory as `inference.max_rays_for` does, 2**16
-    on the CPU). The renderer's stratified jitter is seeded per object.
+    `input_view` None draws each object's input view from (seed, object_id) (`seeded_input_view`); a number
+    fixes it. `dtype` bfloat16 runs the LRM under autocast (planes and metrics stay float32), an `LRM`'s
+    network weights held in bfloat16 (`LRM.cast_network_weights`); `views_per_batch` views are rendered per
+    call, each call in passes of at most `max_rays` rays (None: sized to free GPU memory as
+    `inference.max_rays_for` does, 2**16 on the CPU). The renderer's stratified jitter is seeded per object.
+    With `ground_truth` each object's mesh (`mesh_resolution`^3 grid, density level `mesh_threshold`) is
+    compared with its asset's; `log` gets the warnings (default: stderr, above the progress bar).
     """
 
     def __init__(self, model: nn.Module, lpips_model: nn.Module, clip: ClipSimilarity | None = None, *,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, input_view: int = 0,
-                 input_size: int = 512, render_size: int | None = None, views_per_batch: int = 8,
-                 max_rays: int | None = None, seed: int = 0):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 input_view: int | None = None, input_size: int = 512, render_size: int | None = None,
+                 views_per_batch: int = 8, max_rays: int | None = None, seed: int = 0,
+                 ground_truth: GroundTruthMeshes | None = None, mesh_resolution: int = 128,
+                 mesh_threshold: float = 1.0, log=None):
         from vfusion3d_lightning.inference import max_rays_for
         from vfusion3d_lightning.models.lrm import LRM
 
         if views_per_batch < 1:
             raise ValueError(f"views_per_batch must be >= 1, got {views_per_batch}")
+        if mesh_resolution < 2:
+            raise ValueError(f"mesh_resolution must be >= 2 grid points per axis, got {mesh_resolution}")
         self.device, self.dtype = torch.device(device), dtype
         self.model = model.eval().to(self.device)
         if dtype != torch.float32 and isinstance(self.model, LRM):  # cast once what autocast casts every call
@@ -215,20 +309,39 @@ class Evaluator:
         self.input_view, self.input_size, self.render_size = input_view, input_size, render_size
         self.views_per_batch, self.seed = views_per_batch, seed
         self.max_rays = max_rays or max_rays_for(self.model, self.device)
+        self.ground_truth, self.mesh_resolution, self.mesh_threshold = ground_truth, mesh_resolution, mesh_threshold
+        self.log = log or tqdm_write
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def views(self, sample) -> dict:
+        """`evaluation_views` of a sample with this evaluator's input view choice and sizes."""
+        input_view = self.input_view
+        if input_view is None:
+            input_view = seeded_input_view(self.seed, sample.object_id, sample.num_views)
+        return evaluation_views(sample, input_view, self.input_size, self.render_size)
+
     @torch.no_grad()
-    def render(self, views: dict) -> torch.Tensor:
-        """`evaluation_views` output -> the N views rendered from its cameras: (N, 3, S, S) float32 in [0, 1]."""
-        cameras = views["render_cameras"][None].to(self.device)
-        size = views["target_images"].shape[-1]
-        generator = torch.Generator(self.device).manual_seed(self.seed)
+    def planes(self, views: dict) -> torch.Tensor:
+        """The LRM's planes (1, 3, C, H, W) float32 of the input view of `views`."""
         with self._autocast():
             planes = self.model(views["input_image"][None].to(self.device),
                                 views["source_camera"][None].to(self.device))
-        planes = planes.float()
+        return planes.float()
+
+    @torch.no_grad()
+    def render(self, views: dict, planes: torch.Tensor | None = None) -> torch.Tensor:
+        """`evaluation_views` output -> its novel views (`scored_views`) rendered from their cameras:
+        (N - 1, 3, S, S) float32 in [0, 1]."""
+        cameras = views["render_cameras"][views["scored_views"]][None].to(self.device)
+        size = views["target_images"].shape[-1]
+        generator = torch.Generator(self.device).manual_seed(self.seed)
+        planes = self.planes(views) if planes is None else planes
         frames = []
         for start in range(0, cameras.shape[1], self.views_per_batch):
             with self._autocast():
@@ -238,21 +351,58 @@ class Evaluator:
         return torch.cat(frames)
 
     def score(self, views: dict, rendered: torch.Tensor) -> ObjectScores:
-        """Compare renders (N, 3, S, S) with the ground truth in `views` (evaluation_views output)."""
-        target = views["target_images"].to(rendered.device)
+        """Compare renders of the novel views (N - 1, 3, S, S) with their ground truth in `views`."""
+        target = views["target_images"][views["scored_views"]].to(rendered.device)
         scores = ObjectScores(views["object_id"], **image_scores(rendered, target, self.lpips, self.views_per_batch),
-                              views=len(target))
+                              input_view=views["input_view"], views=len(target))
         if self.clip is not None:
-            novel = [i for i in range(len(rendered)) if i != views["input_view"]] or [0]
-            to_image, to_text = self.clip.similarities(views["input_image"], rendered[novel], views["prompt"])
+            to_image, to_text = self.clip.similarities(views["input_image"], rendered, views["prompt"])
             scores.clip_image = to_image.mean().item()
             scores.clip_text = math.nan if to_text is None else to_text.mean().item()
         return scores
 
+    @torch.no_grad()
+    def mesh(self, planes: torch.Tensor):
+        """The LRM's mesh (trimesh.Trimesh) of `planes` in the input camera's canonical frame, vertices in
+        [-1, 1]; raises `NoSurfaceError` when the field has no surface at the threshold."""
+        from vfusion3d_lightning.geometry.mesh import extract_mesh
+
+        return extract_mesh(self.model, planes, self.mesh_resolution, self.mesh_threshold, "coarse_to_fine")
+
+    def geometry(self, views: dict, planes: torch.Tensor, scores: ObjectScores, planes_seconds: float = 0.0) -> None:
+        """Fill `scores`' geometry fields: the mesh of `planes` (timed; `planes_seconds` the image -> planes
+        time, added to `mesh_seconds`) against the asset's mesh."""
+        from vfusion3d_lightning.geometry.mesh import NoSurfaceError
+        from vfusion3d_lightning.geometry.metrics import mesh_metrics
+
+        truth = self.ground_truth.load(views["object_id"], views["asset"])  # a missing asset fails first
+        started = time.perf_counter()
+        try:
+            mesh = self.mesh(planes)
+        except NoSurfaceError as err:
+            scores.no_surface = True
+            self.log(f"warning: {views['object_id']}: no mesh: {err} (--mesh_threshold)")
+            return
+        finally:
+            self._synchronize()
+            scores.mesh_seconds = planes_seconds + time.perf_counter() - started
+        # back into the world frame of the renders and the asset: p_world = R^T p_canonical (rows: p @ R)
+        mesh.vertices = np.asarray(mesh.vertices, np.float64) @ views["world_rotation"].numpy()
+        result = mesh_metrics(mesh, truth, thresholds=FSCORE_THRESHOLDS, seed=self.seed)
+        scores.chamfer, scores.fscore = result.chamfer, dict(result.fscore)
+
     def evaluate_sample(self, sample) -> ObjectScores:
-        """One `MultiViewSample` (all its views, with cameras) -> its scores."""
-        views = evaluation_views(sample, self.input_view, self.input_size, self.render_size)
-        return self.score(views, self.render(views))
+        """One `MultiViewSample` (all its views, with cameras) -> its scores (geometry with `ground_truth`)."""
+        views = self.views(sample)
+        self._synchronize()
+        started = time.perf_counter()
+        planes = self.planes(views)
+        self._synchronize()
+        planes_seconds = time.perf_counter() - started
+        scores = self.score(views, self.render(views, planes))
+        if self.ground_truth is not None:
+            self.geometry(views, planes, scores, planes_seconds)
+        return scores
 
     def evaluate(self, samples: Iterable, max_objects: int | None = None, total: int | None = None,
                  desc: str = "evaluate") -> list[ObjectScores]:
@@ -265,6 +415,13 @@ class Evaluator:
             total = max_objects if total is None else min(total, max_objects)
         chosen = tqdm(islice(samples, max_objects), total=total, desc=desc, unit="object")
         return [self.evaluate_sample(sample) for sample in chosen]
+
+
+def tqdm_write(line: str) -> None:
+    """A line on stderr that does not break a tqdm bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"vfusion3d-lightning: {line}", file=sys.stderr)
 
 
 def held_out_samples(pattern: str) -> Iterator:
@@ -287,14 +444,13 @@ def held_out_samples(pattern: str) -> Iterator:
 
 
 def write_csv(path: str | Path, scores: list[ObjectScores]) -> Path:
-    """One row per object: object_id, psnr, ssim, lpips, clip_image, clip_text, views."""
+    """One row per object, columns CSV_FIELDS: object_id, input_view, the image then geometry metrics,
+    mesh_seconds, no_surface, views (the number of scored, novel views)."""
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
             writer.writeheader()
-            for item in scores:
-                row = dataclasses.asdict(item)
-                writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+            writer.writerows(item.row() for item in scores)
 
     return atomic_write(path, write)
 
@@ -310,26 +466,41 @@ def mean_std(values: list[float]) -> str:
     return f"{array.mean():.{digits}f} ± {std:.{digits}f}"
 
 
-def summary_table(results: dict[str, list[ObjectScores]]) -> str:
-    """Markdown: one row per checkpoint, mean ± std over objects per metric."""
-    header = ["checkpoint", "objects", "views", *(LABELS[m] for m in METRICS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def summary_table(results: dict[str, list[ObjectScores]], geometry: bool = True) -> str:
+    """Markdown, one row per checkpoint: objects, scored views per object and mean ± std over objects of each
+    image metric; with `geometry` a second table: objects with a mesh compared, objects whose field had no
+    surface, mean ± std of Chamfer, each F-score and mesh seconds (n/a where none was measured)."""
+    header = ["checkpoint", "objects", "views", *(LABELS[m] for m in IMAGE_METRICS)]
+    lines = [_markdown_row(header), "|" + " --- |" * len(header)]
     for name, scores in results.items():
         counts = sorted({s.views for s in scores})
         views = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-        cells = [name, str(len(scores)), views, *(mean_std([getattr(s, m) for s in scores]) for m in METRICS)]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_markdown_row([name, str(len(scores)), views,
+                                    *(mean_std([s.value(m) for s in scores]) for m in IMAGE_METRICS)]))
+    if geometry:
+        header = ["checkpoint", "meshes", "no surface", *(LABELS[m] for m in GEOMETRY_METRICS), "mesh seconds"]
+        lines += ["", _markdown_row(header), "|" + " --- |" * len(header)]
+        for name, scores in results.items():
+            meshes = sum(math.isfinite(s.chamfer) for s in scores)
+            lines.append(_markdown_row([name, f"{meshes}/{len(scores)}", str(sum(s.no_surface for s in scores)),
+                                        *(mean_std([s.value(m) for s in scores]) for m in GEOMETRY_METRICS),
+                                        mean_std([s.mesh_seconds for s in scores])]))
     return "\n".join(lines) + "\n"
 
 
 def plot_distributions(results: dict[str, list[ObjectScores]], directory: str | Path) -> list[Path]:
-    """`<metric>.png` per metric with any finite value: one box (and its points) per checkpoint."""
+    """`<metric>.png` per metric with any finite value (`fscore_0.1.png` for fscore@0.1): one box (and its
+    points) per checkpoint."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     written = []
     for metric in METRICS:
-        data = {name: [v for s in scores if math.isfinite(v := getattr(s, metric))] for name, scores in results.items()}
+        data = {name: [v for s in scores if math.isfinite(v := s.value(metric))] for name, scores in results.items()}
         if not any(data.values()):
             continue
         names = [name for name in data if data[name]]
@@ -344,7 +515,8 @@ def plot_distributions(results: dict[str, list[ObjectScores]], directory: str | 
         axes.set_title(f"{LABELS[metric]} per object")
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=120)
-        written.append(atomic_write(Path(directory) / f"{metric}.png", lambda tmp: tmp.write_bytes(buffer.getvalue())))
+        file = Path(directory) / f"{metric.replace('@', '_')}.png"
+        written.append(atomic_write(file, lambda tmp: tmp.write_bytes(buffer.getvalue())))
     return written
 
 

@@ -7,15 +7,18 @@ import hashlib
 import numpy as np
 import pytest
 import trimesh
+from scipy.spatial import cKDTree
 
 from vfusion3d_lightning.data.procedural import (
     FORMATS,
     asset_parts,
     baked_vertex_colors,
     generate_asset,
+    in_file_frame,
     pattern_texture,
     write_assets,
 )
+from vfusion3d_lightning.data.render import load_asset
 
 
 def _fingerprint(asset) -> str:
@@ -102,7 +105,8 @@ def test_write_assets_writes_loadable_files(tmp_path):
         loaded = [g for g in trimesh.load(path, force="scene", process=False).dump(concatenate=False)]
         assert sum(len(g.faces) for g in loaded) == sum(len(p.faces) for p in source)
         bounds = np.array([g.bounds for g in loaded])
-        source_bounds = np.array([p.bounds for p in source])
+        # files are +y up: world (x, y, z) is file (z, x, y)
+        source_bounds = np.array([p.bounds for p in source])[:, :, [1, 2, 0]]
         np.testing.assert_allclose(
             [bounds[:, 0].min(0), bounds[:, 1].max(0)],
             [source_bounds[:, 0].min(0), source_bounds[:, 1].max(0)],
@@ -123,6 +127,27 @@ def test_write_assets_writes_loadable_files(tmp_path):
                 assert _is_textured(g) or g.visual.kind == "vertex"
     obj_files = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("asset_000001"))
     assert "asset_000001.mtl" in obj_files and any(n.endswith(".png") for n in obj_files)
+
+
+def test_files_are_y_up_and_load_back_as_generated(tmp_path):
+    """Upright assets stand along world +z; their files along +y; `load_asset` (up="y") undoes the turn exactly."""
+    asset = generate_asset(2, style="upright")
+    turned = in_file_frame(asset)
+    world = np.concatenate([p.vertices for p in asset_parts(asset)])
+    file = np.concatenate([p.vertices for p in asset_parts(turned)])
+    np.testing.assert_array_equal(file, world[:, [1, 2, 0]])
+    assert np.ptp(world[:, 2]) == np.ptp(file[:, 1])  # height along world z, file y
+    lo, hi = world.min(axis=0), world.max(axis=0)
+    expected = (world - (lo + hi) / 2) / (hi - lo).max()
+    for fmt in FORMATS:
+        (path,) = write_assets(tmp_path / fmt, 1, seed=2, formats=(fmt,), style="upright", progress=False)
+        loaded = load_asset(path)
+        assert len(loaded.vertices) == len(expected)
+        # the files round vertices (glb: float32, obj: 6 decimals)
+        np.testing.assert_allclose(loaded.bounds, [expected.min(axis=0), expected.max(axis=0)], atol=1e-5)
+        # the same points, whatever order the reader gives the parts in
+        assert cKDTree(expected).query(loaded.vertices)[0].max() < 1e-5
+        assert cKDTree(loaded.vertices).query(expected)[0].max() < 1e-5
 
 
 def test_write_assets_resumes_without_rewriting(tmp_path):

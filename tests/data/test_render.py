@@ -156,7 +156,7 @@ def test_mixed_textured_and_coloured_parts(renderer, tmp_path):
     scene.add_geometry(_red_cube(), transform=trimesh.transformations.translation_matrix([0.7, 0, 0]))
     path = tmp_path / "mixed.glb"
     scene.export(path)
-    mesh = load_asset(path)
+    mesh = load_asset(path, up="z")  # built in the +z-up world
     pose = _pose(-math.pi / 2, 0.4)
     (image,) = renderer.render(mesh, pose[None])
     # the normalised part centres: x = -+0.7 / 2.4
@@ -244,10 +244,23 @@ def test_orbit_cameras():
     # positions = the nominal orbit plus offsets within [-0.05, 0.05]^3
     nominal = spherical_to_cartesian(torch.from_numpy(cams.azimuths), torch.from_numpy(cams.elevations), 1.5)
     assert np.abs(cams.poses[:, :3, 3] - nominal.numpy()).max() <= 0.05 + 1e-6
-    # start azimuth and elevation are random across draws; same rng seed, same cameras
+    # the paper's orbit starts at azimuth 0 (the +x camera); elevation is random across draws; same seed, same cameras
+    assert cams.azimuths[0] == 0.0
+    assert np.abs(cams.poses[0, :3, 3] - [1.5 * math.cos(cams.elevations[0]), 0.0, 1.5 * math.sin(cams.elevations[0])]
+                  ).max() <= 0.05 + 1e-6
     other = orbit_cameras(np.random.default_rng(1), n_views=16)
-    assert other.azimuths[0] != cams.azimuths[0] and other.elevations[0] != cams.elevations[0]
+    assert other.azimuths[0] == 0.0 and other.elevations[0] != cams.elevations[0]
     np.testing.assert_array_equal(orbit_cameras(np.random.default_rng(0)).poses, cams.poses)
+
+
+def test_orbit_cameras_random_start_azimuth():
+    zero = orbit_cameras(np.random.default_rng(0), n_views=16)
+    spun = orbit_cameras(np.random.default_rng(0), n_views=16, random_start_azimuth=True)
+    other = orbit_cameras(np.random.default_rng(1), n_views=16, random_start_azimuth=True)
+    assert spun.azimuths[0] != 0.0 and other.azimuths[0] != spun.azimuths[0]
+    np.testing.assert_allclose(np.diff(spun.azimuths.astype(np.float64)) % (2 * math.pi), 2 * math.pi / 16, atol=1e-5)
+    # the switch moves only the azimuths: same seed, same elevation
+    np.testing.assert_array_equal(spun.elevations, zero.elevations)
 
 
 def test_orbit_elevations_cover_the_range():
@@ -297,7 +310,7 @@ def test_texture_orientation_follows_uv_convention(renderer, tmp_path, suffix):
     )
     path = tmp_path / f"quad.{suffix}"
     quad.export(path)
-    mesh = load_asset(path)
+    mesh = load_asset(path, up="z")  # built in the +z-up world
     pose = _pose(-math.pi / 2, 0.0)  # looks along +y: world +x is image right, +z is image up
     (rendered,) = renderer.render(mesh, pose[None])
     # quadrant centres of the normalised quad: top-left is red, top-right green, ...

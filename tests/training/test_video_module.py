@@ -67,7 +67,7 @@ def test_fit_tiny_config_writes_samples_resumes_and_exports(orbit_shards, tmp_pa
               "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
     with caplog.at_level(logging.INFO):
         main(["fit", "--config", TINY, *common, "--trainer.max_epochs", "1"])
-    assert "training 485,388 temporal of 1,299,216 UNet parameters" in caplog.text
+    assert "training 471,872 temporal of 1,349,384 UNet parameters" in caplog.text
     run = tmp_path / "lightning_logs" / "version_0"
     samples = sorted((run / "samples").glob("*.png"))
     assert samples and samples[0].stat().st_size > 0

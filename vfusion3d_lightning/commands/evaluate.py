@@ -1,7 +1,8 @@
-"""`vfusion3d-lightning evaluate`: novel-view metrics of LRM checkpoints on held-out multi-view shards."""
+"""`vfusion3d-lightning evaluate`: novel-view and geometry metrics of LRM checkpoints on held-out objects."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,7 @@ from vfusion3d_lightning.evaluation import (
     DEFAULT_CLIP,
     PSNR_CAP,
     Evaluator,
+    GroundTruthMeshes,
     ObjectScores,
     checkpoint_names,
     held_out_samples,
@@ -26,12 +28,15 @@ from vfusion3d_lightning.training.losses import build_lpips
 
 def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_CLIP,
              lpips_weights: Path | None = None, lpips_random_backbone: bool = False, max_objects: int | None = None,
-             input_view: int = 0, input_size: int = 512, render_size: int | None = None, views_per_batch: int = 8,
-             device: str = "auto", dtype: Literal["float32", "bfloat16"] = "float32",
-             seed: int = 0) -> dict[str, list[ObjectScores]]:
-    """Per held-out object, give one view to each LRM, render every view from its ground-truth camera and
-    compare on white by PSNR, SSIM and LPIPS (CLIP similarity too, with a CLIP model); write each checkpoint's
-    objects.csv, a side-by-side summary.md (mean ± std over objects) and box plots.
+             input_view: int | None = None, input_size: int = 512, render_size: int | None = None,
+             views_per_batch: int = 8, device: str = "auto", dtype: Literal["float32", "bfloat16"] = "float32",
+             seed: int = 0, assets: Path | None = None, geometry: bool = True, mesh_resolution: int | None = None,
+             mesh_threshold: float = 1.0) -> dict[str, list[ObjectScores]]:
+    """Per held-out object, give one view to each LRM and score two tracks. Novel views: render every other
+    view from its ground-truth camera and compare on white by PSNR, SSIM and LPIPS (CLIP similarity too, with
+    a CLIP model); the input view is not scored. Geometry (with --assets): extract the LRM's mesh and compare
+    it with the asset's by Chamfer distance and F-score after normalisation and alignment. Writes each
+    checkpoint's objects.csv, a side-by-side summary.md (mean ± std over objects) and box plots.
 
     Args:
         checkpoint: LRMs to evaluate: save_pretrained folders, weights files, registry names or LRMModule .ckpt
@@ -43,15 +48,30 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
         lpips_weights: torchvision VGG16 weights for LPIPS (default: the torch hub cache).
         lpips_random_backbone: an untrained LPIPS trunk: for tests only, its LPIPS numbers mean nothing.
         max_objects: evaluate the first N objects only.
-        input_view: the view given to the LRM.
+        input_view: the view given to the LRM, the same for every object; unset: drawn per object from
+            (seed, object id), reproducibly.
         input_size: encoder input size in pixels.
         render_size: render and compare at this size (default: the shards' resolution).
         views_per_batch: views rendered per call.
         device: `auto` (the GPU if any), `cpu`, `cuda`, `cuda:N`.
         dtype: `bfloat16` runs the LRM under autocast.
-        seed: seeds the renderer's sample jitter.
+        seed: seeds the input views, the renderer's sample jitter and the geometry metrics' point sampling.
+        assets: the held-out assets folder the shards were rendered from: the ground-truth meshes of the
+            geometry track (without it the geometry columns are n/a).
+        geometry: run the geometry track (marching cubes and alignment per object and checkpoint).
+        mesh_resolution: density grid points per axis for the mesh (auto: 256 on a GPU, 128 on a CPU).
+        mesh_threshold: density level of the surface (the released 1.0); an object with no surface there
+            scores NaN, is counted, and a warning suggests a level that has one.
     """
     out, device = Path(out), resolve_device(device)
+    if mesh_resolution is None:
+        mesh_resolution = 256 if device.startswith("cuda") else 128
+    ground_truth = None
+    if geometry and assets is None:
+        print("vfusion3d-lightning: no --assets: geometry metrics are n/a (give the held-out assets folder the "
+              "shards were rendered from, or --geometry false)", file=sys.stderr)
+    elif geometry:
+        ground_truth = GroundTruthMeshes(assets)
     total = count_samples(expand_shards(shards)) if "://" not in shards else None
     # weights of the judges first: a missing LPIPS or CLIP model fails before any LRM is loaded
     lpips_model = build_lpips(lpips_weights, lpips_random_backbone)
@@ -60,16 +80,28 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
     for name, source in zip(checkpoint_names(checkpoint), checkpoint):
         evaluator = Evaluator(LRM.from_pretrained(source), lpips_model, clip_model, device=device, dtype=DTYPES[dtype],
                               input_view=input_view, input_size=input_size, render_size=render_size,
-                              views_per_batch=views_per_batch, seed=seed)
+                              views_per_batch=views_per_batch, seed=seed, ground_truth=ground_truth,
+                              mesh_resolution=mesh_resolution, mesh_threshold=mesh_threshold)
         scores = evaluator.evaluate(held_out_samples(shards), max_objects, total, desc=name)
         if not scores:
             raise ValueError(f"no samples in {shards}")
         results[name] = scores
         print(f"{name}: {len(scores)} objects -> {write_csv(out / name / 'objects.csv', scores)}")
+        no_surface = sum(s.no_surface for s in scores)
+        if no_surface:
+            print(f"vfusion3d-lightning: warning: {name}: {no_surface} of {len(scores)} objects have no surface at "
+                  f"density {mesh_threshold:g}: their geometry metrics are NaN (see the suggested levels above; "
+                  "--mesh_threshold)", file=sys.stderr)
         del evaluator  # free the LRM before loading the next
-    table = summary_table(results)
-    note = (f"\nInput view {input_view}; means ± std over objects of per-object means over views; "
-            f"PSNR per view capped at {PSNR_CAP:g} dB; CLIP: cosine similarity, novel views only.\n")
+    table = summary_table(results, geometry)
+    chosen = f"input view {input_view}" if input_view is not None else f"input view drawn per object (seed {seed})"
+    note = (f"\nNovel views: {chosen}, not scored; means ± std over objects of per-object means over the other "
+            f"views; PSNR per view capped at {PSNR_CAP:g} dB; CLIP: cosine similarity.\n")
+    if geometry:
+        note += (f"Geometry: mesh at density {mesh_threshold:g} on a {mesh_resolution}^3 grid against the asset's, "
+                 "after unit-cube normalisation, rotation search and ICP; Chamfer and F-score thresholds in the unit "
+                 "cube's side; mesh seconds: image -> planes -> mesh."
+                 + ("" if ground_truth else " No --assets: nothing measured.") + "\n")
     atomic_write(out / "summary.md", lambda tmp: tmp.write_text(table + note))
     print(table + note)
     for path in plot_distributions(results, out / "plots"):

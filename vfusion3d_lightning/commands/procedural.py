@@ -15,6 +15,8 @@ def procedural(out: Path, count: int = 100, seed: int = 0,
                style: Literal["tumbled", "upright"] = "tumbled", progress: bool = True) -> list[Path]:
     """Write seeded procedural 3D assets (GLB, OBJ, PLY), cycling through `formats`.
 
+    Files are +y up, as glTF's specification has it, which `render` reads by default (`--up y`).
+
     Args:
         out: folder for the asset files.
         count: how many assets.

@@ -12,7 +12,8 @@ from vfusion3d_lightning.data.schema import ShardJobReport
 def render(assets: Path, out: Path, views: Literal["orbit16", "random32", "uniform32"] = "orbit16",
            resolution: int = 256, radius: float = 1.5, seed: int = 0, image_format: Literal["png", "jpg"] = "png",
            workers: int = 2, shard_size: int = 256, progress: bool = True, timeout_s: float | None = 600.0,
-           retry_failed: bool = False) -> ShardJobReport:
+           retry_failed: bool = False, up: Literal["y", "z"] = "y",
+           orbit_start: Literal["zero", "random"] = "zero") -> ShardJobReport:
     """Render each asset of a folder into multi-view shards; a rerun skips assets already in complete shards.
 
     Args:
@@ -29,8 +30,14 @@ def render(assets: Path, out: Path, views: Literal["orbit16", "random32", "unifo
         timeout_s: seconds one asset may take; one that takes longer (or kills its rendering process) is skipped
             and recorded in `render_failures.jsonl`, which reruns read to skip it. None: no limit.
         retry_failed: render the assets recorded in `render_failures.jsonl` again.
+        up: the files' up axis. `y` (glTF's by its specification, and most tools' OBJ/PLY): file +y becomes the
+            world's +z (up) and file +z (a glTF model's front) the world's +x, where the azimuth-0 camera is.
+            `z`: files already +z up, loaded unrotated.
+        orbit_start: `zero`: orbit16 starts at azimuth 0 (the +x camera) and steps 2*pi/16, as the paper's first
+            frame is the 0-azimuth view; `random`: each object's orbit starts at a random azimuth.
     """
-    settings = RenderSettings(views=views, resolution=resolution, radius=radius, seed=seed, image_format=image_format)
+    settings = RenderSettings(views=views, resolution=resolution, radius=radius, seed=seed, image_format=image_format,
+                              up=up, orbit_start=orbit_start)
     report = render_folder(assets, out, settings, workers=workers, shard_size=shard_size, progress=progress,
                            timeout_s=timeout_s, retry_failed=retry_failed)
     print(f"rendered {report.written}, already present {report.skipped_existing}, failed {len(report.failed)} "

@@ -8,6 +8,9 @@ Style "tumbled" rotates every part uniformly at random, so nothing in a view tel
 "upright" stands the parts on a flat base and turns them only about the vertical (+z) axis, as most real
 assets are modelled: the camera's elevation shows in the views (the base's outline flattens toward the
 horizon), which the elevation estimator learns from.
+
+Assets are generated in the project's +z-up world; their files are written +y up, as glTF's specification and
+most tools' OBJ/PLY have it, so `render` (file up axis "y" by default) loads them back exactly as generated.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import trimesh
 from PIL import Image
 from tqdm import tqdm
 
+from vfusion3d_lightning.data.render import Y_UP_TO_WORLD
 from vfusion3d_lightning.io import atomic_write
 
 PRIMITIVES = ("box", "sphere", "cylinder", "cone", "capsule", "torus")
@@ -251,8 +255,15 @@ def _obj_files(asset: trimesh.Trimesh | trimesh.Scene, stem: str) -> dict[str, b
     return files
 
 
+def in_file_frame(asset: trimesh.Trimesh | trimesh.Scene) -> trimesh.Trimesh | trimesh.Scene:
+    """A copy of a +z-up world asset turned into the files' +y-up frame (the inverse of what `load_asset` does)."""
+    # the transpose of an axis permutation is its exact inverse
+    return asset.copy().apply_transform(Y_UP_TO_WORLD.T)
+
+
 def asset_files(asset: trimesh.Trimesh | trimesh.Scene, stem: str, fmt: str) -> dict[str, bytes]:
-    """The files of one asset in format `fmt` ('glb', 'obj' or 'ply'), main file last: {name: bytes}."""
+    """The files of one asset in format `fmt` ('glb', 'obj' or 'ply'), +y up, main file last: {name: bytes}."""
+    asset = in_file_frame(asset)
     if fmt == "glb":
         return {f"{stem}.glb": trimesh.Scene(asset).export(file_type="glb")}
     if fmt == "obj":

@@ -23,8 +23,9 @@ import csv
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Self
 
 import torch
 from tqdm import tqdm
@@ -190,9 +191,19 @@ def parse_answer(text: str) -> bool | None:
     return None if match is None else match.group(1).lower() == "yes"
 
 
-def resolve_model(source: str | os.PathLike, local_files_only: bool = True) -> str:
+GATED_NOTE = "gated: accept its licence on huggingface.co, then `hf auth login`"
+
+
+def resolve_model(source: str | os.PathLike, local_files_only: bool = True, what: str = "LLM",
+                  default: str = DEFAULT_MODEL, default_note: str = f"the paper's, {GATED_NOTE}",
+                  option: str = "--model") -> str:
     """`source` as from_pretrained takes it: a folder with config.json, or a hub id in the local HF cache
-    (any hub id when `local_files_only` is False). FileNotFoundError says what to download and where."""
+    (any hub id when `local_files_only` is False). FileNotFoundError says what to download and where.
+
+    Args:
+        what, default, default_note, option: for the error: what the model is, the hub id to fetch, a note on
+            it (whose choice, its licence) and the argument that takes the folder.
+    """
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -202,12 +213,11 @@ def resolve_model(source: str | os.PathLike, local_files_only: bool = True) -> s
     if local_files_only and not _in_hub_cache(str(source)):
         from vfusion3d_lightning.hub import missing_weights_error
 
-        target = "checkpoints/Llama-2-13b-chat-hf"
+        target = f"checkpoints/{default.rsplit('/', 1)[-1]}"
         raise missing_weights_error(
-            f"LLM {str(source)!r} (neither a folder nor a hub id in the local Hugging Face cache)",
-            f"the paper's {DEFAULT_MODEL} (gated: accept its licence on huggingface.co, then `hf auth login`) with "
-            f"`hf download {DEFAULT_MODEL} --local-dir {target}`", target,
-            f"then pass --model {target}, or pass --allow_download true to fetch {str(source)!r} from the hub")
+            f"{what} {str(source)!r} (neither a folder nor a hub id in the local Hugging Face cache)",
+            f"{default} ({default_note}) with `hf download {default} --local-dir {target}`", target,
+            f"then pass {option} {target}, or pass --allow_download true to fetch {str(source)!r} from the hub")
     return str(source)
 
 
@@ -220,62 +230,90 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-class SingleObjectClassifier:
-    """Batched yes/no answers from a causal LM; call it on captions to get the raw continuations.
+def load_causal_lm(source: str | os.PathLike, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, local_files_only: bool = True):
+    """(model, tokenizer) with AutoModelForCausalLM / AutoTokenizer from a folder or hub id (see resolve_model),
+    the tokenizer set up for batched generation: padding on the left, so each row's last prompt token sits at
+    the end where generation starts; a tokenizer without a pad token (Llama's) pads with eos, which the
+    attention mask hides."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    The tokenizer pads on the left, so each row's last prompt token sits at the end where generation starts;
-    a tokenizer without a pad token (Llama's) pads with eos, which the attention mask hides.
-    """
+    source = resolve_model(source, local_files_only)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+    return model.to(device).eval(), prepare_tokenizer(tokenizer)
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 4,
-                 examples: Sequence[tuple[str, bool]] = EXAMPLES):
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_new_tokens, self.examples = max_new_tokens, examples
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+
+def prepare_tokenizer(tokenizer):
+    """Left padding, and a pad token (eos where the tokenizer has none), for batched generation."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@torch.no_grad()
+def generate_continuations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """prompts: N strings -> N decoded continuations (greedy, at most max_new_tokens tokens)."""
+    from transformers import GenerationConfig
+
+    batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
+    # a fresh config: a chat model's own sets temperature/top_p, which greedy decoding would warn about
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    tokens = model.generate(**batch, generation_config=config)  # (N, prompt length + new tokens)
+    new = tokens[:, batch["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+class FewShotLM:
+    """A causal LM that continues prompts greedily, in batches; subclasses build the prompts."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int):
+        self.model, self.tokenizer = model.eval(), prepare_tokenizer(tokenizer)
+        self.max_new_tokens = max_new_tokens
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, local_files_only: bool = True,
-                        **kwargs) -> SingleObjectClassifier:
-        """Load model and tokenizer with AutoModelForCausalLM / AutoTokenizer from a folder or hub id."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                        dtype: torch.dtype = torch.float32, local_files_only: bool = True, **kwargs) -> Self:
+        """Load model and tokenizer with `load_causal_lm` from a folder or hub id; kwargs go to __init__."""
+        return cls(*load_causal_lm(source, device, dtype, local_files_only), **kwargs)
 
-        source = resolve_model(source, local_files_only)
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
-        return cls(model.to(device), tokenizer, **kwargs)
+    def continue_prompts(self, prompts: Sequence[str]) -> list[str]:
+        return generate_continuations(self.model, self.tokenizer, prompts, self.max_new_tokens)
 
-    @torch.no_grad()
+
+class SingleObjectClassifier(FewShotLM):
+    """Batched yes/no answers from a causal LM; call it on captions to get the raw continuations."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 4,
+                 examples: Sequence[tuple[str, bool]] = EXAMPLES):
+        super().__init__(model, tokenizer, max_new_tokens)
+        self.examples = examples
+
     def __call__(self, captions: Sequence[str]) -> list[str]:
         """captions: N strings -> N decoded continuations (greedy, at most max_new_tokens tokens)."""
-        from transformers import GenerationConfig
-
-        batch = self.tokenizer([build_prompt(c, self.examples) for c in captions], return_tensors="pt",
-                               padding=True).to(self.model.device)
-        # a fresh config: the chat model's own sets temperature/top_p, which greedy decoding would warn about
-        config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
-                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        tokens = self.model.generate(**batch, generation_config=config)  # (N, prompt length + new tokens)
-        new = tokens[:, batch["input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return self.continue_prompts([build_prompt(c, self.examples) for c in captions])
 
 
 # ---------------------------------------------------------------------------------------------- the stage
 
 
+def read_records(path: Path, fields: Sequence[str], what: str) -> Iterator[dict]:
+    """The records of an append-only JSONL log (none if the file is missing), each checked to hold `fields`:
+    a ValueError naming the line and calling it no `what` record otherwise."""
+    if not path.is_file():
+        return
+    for number, record in read_jsonl(path, "remove the line or start a new --out"):
+        if not isinstance(record, dict) or not set(fields) <= set(record):
+            raise ValueError(f"{path}:{number}: not a {what} record (no {' and '.join(map(repr, fields))}); was "
+                             f"the file written by another tool? Start a new --out")
+        yield record
+
+
 def read_decisions(path: Path) -> dict[str, dict]:
     """comparison_key(caption) -> decision record, from a decisions JSONL file (missing: empty)."""
-    if not path.is_file():
-        return {}
-    decisions = {}
-    for number, record in read_jsonl(path, "remove the line or start a new --out"):
-        if not isinstance(record, dict) or "caption" not in record:
-            raise ValueError(f"{path}:{number}: not a decision record (no 'caption'); was the file written by "
-                             f"another tool? Start a new --out")
-        decisions[comparison_key(record["caption"])] = record
-    return decisions
+    return {comparison_key(record["caption"]): record for record in read_records(path, ["caption"], "decision")}
 
 
 def classify_pending(captions: Sequence[str], decisions_path: Path,

@@ -1,5 +1,11 @@
 """Render 3D asset files as RGBA views with a real rasteriser (moderngl, headless EGL by default).
 
+Up axis: the world is +z up, but glTF is +y up by its specification, and so are the OBJ and PLY files of the
+usual tools (Blender's default OBJ export, most model sites). `load_asset` is the one place an asset enters
+the world: with `up="y"` (the default) it maps file +y to world +z and file +z (glTF's front) to world +x,
+where the azimuth-0 camera is, so a glTF model faces the first view of an orbit; file +x goes to world +y
+(a rotation, no mirror). `up="z"` loads a file that is already +z up unrotated.
+
 Cameras follow `vfusion3d_lightning.cameras`: cam-to-world poses in the OpenGL convention (the camera looks
 along its -z, +y up), world +z up, radians, pixel intrinsics. Images have row 0 at the top, and a point at
 OpenCV camera coordinates (x, y, z) lands on pixel coordinates u = fx x / z + cx, v = fy y / z + cy, with
@@ -31,6 +37,11 @@ _GREY = np.array([128, 128, 128, 255], dtype=np.uint8)
 _WHITE = np.array([255, 255, 255, 255], dtype=np.uint8)
 _MAX_TILE = 1024  # largest side of one texture in a packed atlas
 _TILE_PAD = 2  # atlas pixels of edge padding, so linear filtering doesn't bleed between tiles
+
+
+UP_AXES = ("y", "z")
+# world = Y_UP_TO_WORLD @ file, for a +y-up file: file +y -> world +z, file +z -> world +x, file +x -> world +y
+Y_UP_TO_WORLD = np.array([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 
 
 class AssetLoadError(ValueError):
@@ -147,13 +158,26 @@ def _merge_parts(parts: list[trimesh.Trimesh]) -> trimesh.Trimesh:
     )
 
 
-def load_asset(path: str | os.PathLike) -> trimesh.Trimesh:
-    """Load a GLB/GLTF, OBJ or PLY file as one mesh, normalised to fit [-0.5, 0.5]^3.
+def to_world(mesh: trimesh.Trimesh, up: str = "y") -> trimesh.Trimesh:
+    """Turn a mesh read from a file whose up axis is `up` into the +z-up world, in place (see the module
+    docstring); returns it. Code that measures a file's geometry in the world frame goes through this."""
+    if up not in UP_AXES:
+        raise ValueError(f"up must be one of {UP_AXES} (the asset file's up axis), got {up!r}")
+    if up == "y":
+        mesh.apply_transform(Y_UP_TO_WORLD)  # a permutation of the axes: exact in floating point
+    return mesh
 
-    Scene transforms are applied and all parts merged, keeping textures (UV + image) or colours (vertex,
-    face or material; mid-grey if none). The bounding box is centred at the origin and its longest side
-    scaled to 1. Raises AssetLoadError (naming the path) for unreadable files, no faces, or NaN/inf.
+
+def load_asset(path: str | os.PathLike, up: str = "y") -> trimesh.Trimesh:
+    """Load a GLB/GLTF, OBJ or PLY file as one mesh in the +z-up world, normalised to fit [-0.5, 0.5]^3.
+
+    up: the file's up axis, "y" (glTF's, and most tools') or "z"; a +y-up file is turned as the module
+    docstring says. Scene transforms are applied and all parts merged, keeping textures (UV + image) or
+    colours (vertex, face or material; mid-grey if none). The bounding box is centred at the origin and its
+    longest side scaled to 1. Raises AssetLoadError (naming the path) for unreadable files, no faces, or NaN/inf.
     """
+    if up not in UP_AXES:
+        raise ValueError(f"up must be one of {UP_AXES} (the asset file's up axis), got {up!r}")
     path = Path(path)
     try:
         # process=False: merging vertices would mix the colours of coincident vertices
@@ -165,7 +189,7 @@ def load_asset(path: str | os.PathLike) -> trimesh.Trimesh:
         raise AssetLoadError(f"{path}: the asset has no faces")
     if not all(np.isfinite(p.vertices).all() for p in parts):
         raise AssetLoadError(f"{path}: the asset has NaN or inf vertex coordinates")
-    mesh = _merge_parts(parts)
+    mesh = to_world(_merge_parts(parts), up)
     lo, hi = mesh.vertices.min(axis=0), mesh.vertices.max(axis=0)
     if (hi - lo).max() <= 0:
         raise AssetLoadError(f"{path}: the asset is a single point (zero-size bounding box)")
@@ -229,13 +253,17 @@ def orbit_cameras(
     elevation_range: tuple[float, float] = (0.0, math.pi / 4),
     offset_noise: float = 0.05,
     resolution: int | None = None,
+    random_start_azimuth: bool = False,
 ) -> CameraSet:
-    """The VFusion3D orbit: azimuths 2*pi*i/n from a random start, one random elevation for all views,
-    fixed distance, and per view a camera-position offset uniform in [-offset_noise, offset_noise]^3.
+    """The VFusion3D orbit: azimuths 2*pi*i/n from 0 (the paper's first frame is the 0-azimuth view, at +x,
+    which a +y-up glTF model faces after `load_asset`), one random elevation for all views, fixed distance,
+    and per view a camera-position offset uniform in [-offset_noise, offset_noise]^3.
 
+    random_start_azimuth: start the orbit at a uniformly random azimuth instead of 0.
     The cameras still look at the origin. azimuths/elevations record the orbit before the offsets.
     """
-    azimuths = orbit_azimuths(n_views, float(rng.uniform(0.0, 2 * math.pi))).double().numpy()
+    start = float(rng.uniform(0.0, 2 * math.pi))  # drawn either way: a seed gives the same elevation and offsets
+    azimuths = orbit_azimuths(n_views, start if random_start_azimuth else 0.0).double().numpy()
     elevation = rng.uniform(*elevation_range)
     offsets = rng.uniform(-offset_noise, offset_noise, size=(n_views, 3))
     return _camera_set(azimuths, np.full(n_views, elevation), radius, offsets, resolution)
@@ -518,12 +546,13 @@ def _straight_rgba(premultiplied: np.ndarray) -> np.ndarray:
     return np.concatenate([np.round(np.clip(rgb, 0.0, 1.0) * 255), alpha8], axis=-1).astype(np.uint8)
 
 
-def render_asset(renderer: MeshRenderer, path: str | os.PathLike, cameras: CameraSet) -> np.ndarray:
-    """Load, normalise and render one asset file at the renderer's resolution -> (N, H, W, 4) uint8.
+def render_asset(renderer: MeshRenderer, path: str | os.PathLike, cameras: CameraSet, up: str = "y") -> np.ndarray:
+    """Load (file up axis `up`, see `load_asset`), normalise and render one asset file at the renderer's
+    resolution -> (N, H, W, 4) uint8.
 
     The cameras' intrinsics are rescaled to the renderer's square resolution when their size differs.
     """
     intrinsics = cameras.intrinsics
     if (intrinsics.width, intrinsics.height) != (renderer.resolution, renderer.resolution):
         intrinsics = scale_intrinsics(intrinsics, renderer.resolution)
-    return renderer.render(load_asset(path), cameras.poses, intrinsics)
+    return renderer.render(load_asset(path, up), cameras.poses, intrinsics)

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vfusion3d_lightning.data.render import (
+    UP_AXES,
     AssetLoadError,
     CameraSet,
     MeshRenderer,
@@ -40,6 +41,7 @@ from vfusion3d_lightning.io import atomic_write, folder_lock
 
 ASSET_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 VIEW_SETS = ("orbit16", "random32", "uniform32")
+ORBIT_STARTS = ("zero", "random")
 REPORT_NAME = "render_report.json"
 FAILURES_NAME = "render_failures.jsonl"
 IN_FLIGHT_PER_WORKER = 4  # jobs submitted, or finished but not yet written, per worker: bounds what waits in memory
@@ -54,10 +56,16 @@ class RenderSettings:
     seed: int = 0
     image_format: str = "png"
     backend: str | None = "egl"
+    up: str = "y"  # the asset files' up axis (see data/render.py)
+    orbit_start: str = "zero"  # orbit16's first azimuth: the paper's 0, or random per object
 
     def __post_init__(self) -> None:
         if self.views not in VIEW_SETS:
             raise ValueError(f"views must be one of {VIEW_SETS}, got {self.views!r}")
+        if self.up not in UP_AXES:
+            raise ValueError(f"up must be one of {UP_AXES} (the asset files' up axis), got {self.up!r}")
+        if self.orbit_start not in ORBIT_STARTS:
+            raise ValueError(f"orbit_start must be one of {ORBIT_STARTS}, got {self.orbit_start!r}")
         if self.resolution < 8:
             raise ValueError(f"resolution must be >= 8 pixels, got {self.resolution}")
 
@@ -71,7 +79,8 @@ def object_cameras(settings: RenderSettings, key: str) -> CameraSet:
     # seeded per object, so a resumed or re-ordered run gives each object the same cameras
     rng = np.random.default_rng([settings.seed, zlib.crc32(key.encode())])
     if settings.views == "orbit16":
-        return orbit_cameras(rng, 16, settings.radius, resolution=settings.resolution)
+        return orbit_cameras(rng, 16, settings.radius, resolution=settings.resolution,
+                             random_start_azimuth=settings.orbit_start == "random")
     if settings.views == "random32":
         return random_cameras(rng, 32, settings.radius, resolution=settings.resolution)
     return uniform_cameras(32, settings.radius, resolution=settings.resolution)
@@ -90,7 +99,7 @@ def _render_one(job: tuple[str, str, str, RenderSettings]) -> tuple[str, dict[st
     path, key, relative, settings = job
     try:
         cameras = object_cameras(settings, key)
-        images = render_asset(_renderer, path, cameras)
+        images = render_asset(_renderer, path, cameras, settings.up)
     except (AssetLoadError, ValueError, OSError) as err:
         return path, None, f"{type(err).__name__}: {err}"
     k = scale_intrinsics(cameras.intrinsics, settings.resolution).matrix().numpy()  # what render_asset used
@@ -98,7 +107,7 @@ def _render_one(job: tuple[str, str, str, RenderSettings]) -> tuple[str, dict[st
         key=key, object_id=key, source="3d", images=images, cam2world=cameras.poses,
         intrinsics=np.repeat(k[None], len(cameras), axis=0), elevations=cameras.elevations,
         azimuths=cameras.azimuths,
-        extra={"asset": relative, "views": settings.views, "radius": settings.radius},
+        extra={"asset": relative, "views": settings.views, "radius": settings.radius, "up": settings.up},
     )
     return path, encode_sample(sample, settings.image_format), None
 
