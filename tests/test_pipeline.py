@@ -113,11 +113,11 @@ def test_pipeline_runs_end_to_end_and_resumes_a_killed_stage(tmp_path, capsys, m
         stage = outputs[f"lrm_{'pretrain' if name == 'pretrained' else 'finetune'}"]
         assert (Path(stage[name]) / "model.safetensors").is_file()
         rows = (run_dir / "evaluate" / name / "objects.csv").read_text().splitlines()
-        assert len(rows) == 3 and rows[1].endswith(",32")  # header + 2 objects, 32 views each
+        assert len(rows) == 3 and rows[1].endswith(",31")  # header + 2 objects, 31 novel views each
         header = rows[0].split(",")
         assert all(row.split(",")[header.index("clip_text")] not in ("", "nan") for row in rows[1:])
     summary = (run_dir / "summary.md").read_text()
-    assert "| pretrained | 2 | 32 |" in summary and "| finetuned | 2 | 32 |" in summary
+    assert "| pretrained | 2 | 31 |" in summary and "| finetuned | 2 | 31 |" in summary
     gif = next(Path(p) for p in outputs["export"]["files"] if p.endswith(".gif"))
     with Image.open(gif) as video:
         assert video.n_frames == config["export"]["frames"]

@@ -237,6 +237,9 @@ class EvaluateConfig:
         render_size: render and compare at this size (default: the shards' resolution).
         input_size: encoder input size in pixels.
         views_per_batch: views rendered per call.
+        mesh_resolution: density grid size per axis of the meshes compared with the held-out assets (auto: 256 on
+            a GPU, 128 on a CPU).
+        mesh_threshold: density level of their surface (the released 1.0).
     """
 
     max_objects: int | None = None
@@ -246,6 +249,8 @@ class EvaluateConfig:
     render_size: int | None = None
     input_size: int = 512
     views_per_batch: int = 8
+    mesh_resolution: int | None = None
+    mesh_threshold: float = 1.0
 
 
 @dataclass
@@ -716,6 +721,8 @@ def stage_evaluate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     cfg = pipe.config.evaluate
     evaluate([pipe.output("lrm_pretrain", "pretrained"), pipe.output("lrm_finetune", "finetuned")],
              _shards(pipe.output("captions", "held_out32")), folder, clip=model_source(pipe, cfg.clip, "clip"),
+             assets=Path(pipe.output("assets", "held_out")), mesh_resolution=cfg.mesh_resolution,
+             mesh_threshold=cfg.mesh_threshold,
              lpips_weights=cfg.lpips_weights,
              lpips_random_backbone=cfg.lpips_random_backbone, max_objects=cfg.max_objects,
              input_size=cfg.input_size, render_size=cfg.render_size, views_per_batch=cfg.views_per_batch,
@@ -765,7 +772,7 @@ STAGES = (
     Stage("label", stage_label, ("filter", "elevation"), lambda c: c.label),
     Stage("lrm_pretrain", stage_lrm_pretrain, ("label", "render"), lambda c: c.lrm_pretrain),
     Stage("lrm_finetune", stage_lrm_finetune, ("lrm_pretrain",), lambda c: c.lrm_finetune),
-    Stage("evaluate", stage_evaluate, ("lrm_finetune", "captions"), lambda c: c.evaluate),
+    Stage("evaluate", stage_evaluate, ("lrm_finetune", "captions", "assets"), lambda c: c.evaluate),
     Stage("export", stage_export, ("lrm_finetune",), lambda c: c.export),
 )
 
