@@ -463,9 +463,13 @@ def _fitted_checkpoint(root: Path) -> str:
 # ---------------------------------------------------------------- stages
 
 
+# procedural file names: the stem is the object id, which must differ between the sets (captions are per id)
+ASSET_PREFIXES = {"train": "asset", "held_out": "held_out"}
+
+
 def stage_assets(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     from vfusion3d_lightning.commands.procedural import procedural
-    from vfusion3d_lightning.data.render_shards import find_assets
+    from vfusion3d_lightning.data.render_shards import find_assets, sample_key
 
     cfg = pipe.config.assets
     if cfg.folder:
@@ -475,11 +479,17 @@ def stage_assets(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     else:
         train, held_out = folder / "train", folder / "held_out"
         seed = pipe.config.seed
-        procedural(train, cfg.count, seed=seed * 1_000_003, style=cfg.style, progress=pipe.progress)
-        procedural(held_out, cfg.held_out, seed=seed * 1_000_003 + 500_000, style=cfg.style, progress=pipe.progress)
+        procedural(train, cfg.count, seed=seed * 1_000_003, style=cfg.style, prefix=ASSET_PREFIXES["train"],
+                   progress=pipe.progress)
+        procedural(held_out, cfg.held_out, seed=seed * 1_000_003 + 500_000, style=cfg.style,
+                   prefix=ASSET_PREFIXES["held_out"], progress=pipe.progress)
     counts = {"train_assets": len(find_assets(train)), "held_out_assets": len(find_assets(held_out))}
     if not counts["train_assets"] or not counts["held_out_assets"]:
         raise ValueError(f"no assets in {train} or {held_out}")
+    shared = {sample_key(p) for p in find_assets(train)} & {sample_key(p) for p in find_assets(held_out)}
+    if shared:  # object ids: a held-out object would take a training object's caption, and be trained on
+        raise ValueError(f"{len(shared)} held-out assets have the name of a training asset (e.g. "
+                         f"{sorted(shared)[0]!r}); rename them in {held_out}, or remove them from {train}")
     return {"train": str(train), "held_out": str(held_out), **counts}
 
 
@@ -758,7 +768,7 @@ def stage_export(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 
 STAGES = (
-    Stage("assets", stage_assets, (), lambda c: (c.seed, c.assets)),
+    Stage("assets", stage_assets, (), lambda c: (c.seed, c.assets, ASSET_PREFIXES)),
     Stage("render", stage_render, ("assets",), lambda c: (c.seed, c.render, sorted(RENDER_JOBS))),
     Stage("captions", stage_captions, ("render",), lambda c: (c.seed, c.captions)),
     Stage("prompts", stage_prompts, (), lambda c: (c.seed, c.prompts)),
