@@ -101,7 +101,7 @@ def test_pipeline_runs_end_to_end_and_resumes_a_killed_stage(tmp_path, capsys, m
     first_frames = sorted(Path(outputs["images"]["images"]).glob("*.txt"))
     videos = [decode_sample(raw) for raw in wds.WebDataset(
         [str(p) for p in complete_shards(outputs["generate"]["videos"])], shardshuffle=False)]
-    assert sorted(v.prompt for v in videos) == sorted(p.read_text() for p in first_frames)
+    assert sorted(v.prompt for v in videos) == sorted(p.read_text().strip() for p in first_frames)
     assert outputs["filter"]["kept"] + outputs["filter"]["dropped"] == 8
     labelled = [decode_sample(raw, require_cameras=True) for raw in wds.WebDataset(
         [str(p) for p in complete_shards(outputs["label"]["labelled_videos"])], shardshuffle=False)]
