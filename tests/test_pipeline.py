@@ -42,7 +42,9 @@ def small_quickstart(tmp_path: Path) -> Path:
     data["run_dir"] = str(tmp_path / "run")
     data["assets"].update(count=12, held_out=2)
     data["render"].update(resolution=48, workers=1, shard_size=4)
-    data["generate"].update(count=8, batch_size=4, shard_size=4)
+    data["prompts"].update(count=12)
+    data["images"].update(max_prompts=8, batch_size=4)
+    data["generate"].update(batch_size=4, shard_size=4)
     data["lrm_pretrain"]["overrides"]["data.init_args.samples_per_epoch"] = 8  # 6 epochs of 4 steps
     data["lrm_finetune"]["overrides"]["data.init_args.samples_per_epoch"] = 8
     data["evaluate"].update(max_objects=2)
@@ -71,13 +73,14 @@ def test_pipeline_runs_end_to_end_and_resumes_a_killed_stage(tmp_path, capsys, m
     first.kill()
     first.wait()
     before = records(run_dir)
-    assert list(before) == sorted(s.name for s in STAGES[:9])
+    training = [s.name for s in STAGES].index("lrm_pretrain")
+    assert list(before) == sorted(s.name for s in STAGES[:training])
     assert not (run_dir / "lrm_pretrain" / "stage.json").exists()
 
     assert main(["pipeline", "--config", str(config_path)]) == 0
     out = capsys.readouterr().out
-    for number, stage in enumerate(STAGES[:9], 1):
-        assert f"[{number}/13] {stage.name}: done before, skipped" in out
+    for number, stage in enumerate(STAGES[:training], 1):
+        assert f"[{number}/{len(STAGES)}] {stage.name}: done before, skipped" in out
     assert {name: text for name, text in records(run_dir).items() if name in before} == before
     # the killed training went on from its checkpoint instead of starting again
     versions = sorted((run_dir / "lrm_pretrain" / "lightning_logs").glob("version_*"))
@@ -88,7 +91,17 @@ def test_pipeline_runs_end_to_end_and_resumes_a_killed_stage(tmp_path, capsys, m
     config = yaml.safe_load(config_path.read_text())
     outputs = {s.name: json.loads((run_dir / s.name / "stage.json").read_text())["outputs"] for s in STAGES}
     assert outputs["assets"]["train_assets"] == 12 and outputs["render"]["held_out32_objects"] == 2
+    assert outputs["captions"]["captioned_objects"] == 14  # 12 training + 2 held-out assets, each captioned once
+    assert outputs["prompts"]["captions"] == 12 and outputs["images"]["written"] == 8
+    for name in ("orbit16", "held_out32"):
+        captioned = [decode_sample(raw) for raw in wds.WebDataset(
+            [str(p) for p in complete_shards(outputs["captions"][name])], shardshuffle=False)]
+        assert captioned and all(sample.prompt for sample in captioned)
     assert outputs["generate"]["generated"] == 8
+    first_frames = sorted(Path(outputs["images"]["images"]).glob("*.txt"))
+    videos = [decode_sample(raw) for raw in wds.WebDataset(
+        [str(p) for p in complete_shards(outputs["generate"]["videos"])], shardshuffle=False)]
+    assert sorted(v.prompt for v in videos) == sorted(p.read_text().strip() for p in first_frames)
     assert outputs["filter"]["kept"] + outputs["filter"]["dropped"] == 8
     labelled = [decode_sample(raw, require_cameras=True) for raw in wds.WebDataset(
         [str(p) for p in complete_shards(outputs["label"]["labelled_videos"])], shardshuffle=False)]
@@ -100,9 +113,11 @@ def test_pipeline_runs_end_to_end_and_resumes_a_killed_stage(tmp_path, capsys, m
         stage = outputs[f"lrm_{'pretrain' if name == 'pretrained' else 'finetune'}"]
         assert (Path(stage[name]) / "model.safetensors").is_file()
         rows = (run_dir / "evaluate" / name / "objects.csv").read_text().splitlines()
-        assert len(rows) == 3 and rows[1].endswith(",32")  # header + 2 objects, 32 views each
+        assert len(rows) == 3 and rows[1].endswith(",31")  # header + 2 objects, 31 novel views each
+        header = rows[0].split(",")
+        assert all(row.split(",")[header.index("clip_text")] not in ("", "nan") for row in rows[1:])
     summary = (run_dir / "summary.md").read_text()
-    assert "| pretrained | 2 | 32 |" in summary and "| finetuned | 2 | 32 |" in summary
+    assert "| pretrained | 2 | 31 |" in summary and "| finetuned | 2 | 31 |" in summary
     gif = next(Path(p) for p in outputs["export"]["files"] if p.endswith(".gif"))
     with Image.open(gif) as video:
         assert video.n_frames == config["export"]["frames"]
@@ -112,7 +127,7 @@ def test_pipeline_runs_end_to_end_and_resumes_a_killed_stage(tmp_path, capsys, m
 
     # a finished run is all skipped
     assert main(["pipeline", "--config", str(config_path)]) == 0
-    assert capsys.readouterr().out.count("done before, skipped") == 13
+    assert capsys.readouterr().out.count("done before, skipped") == len(STAGES)
 
     # a stage added in the middle runs; the finished stages around it stay valid (folders are named by stage)
     def stage_extra(pipe, folder):
@@ -123,7 +138,7 @@ def test_pipeline_runs_end_to_end_and_resumes_a_killed_stage(tmp_path, capsys, m
     monkeypatch.setattr(pipeline, "STAGES", added)
     assert main(["pipeline", "--config", str(config_path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("done before, skipped") == 13 and "[3/14] extra: done in" in out
+    assert out.count("done before, skipped") == len(STAGES) and f"[3/{len(STAGES) + 1}] extra: done in" in out
     assert (run_dir / "extra" / "made.txt").is_file()
 
 

@@ -54,8 +54,8 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "evaluate": (evaluate, "novel-view metrics (PSNR, SSIM, LPIPS, CLIP) of LRMs on held-out multi-view shards"),
     "mesh-metrics": (mesh_metrics, "Chamfer distance and F-score of a mesh against a ground-truth mesh, after "
                                    "normalisation and alignment"),
-    "pipeline": (pipeline, "the whole system end to end, resumable: assets -> renders -> video model -> videos -> "
-                           "curation -> LRM -> metrics, samples"),
+    "pipeline": (pipeline, "the whole system end to end, resumable: assets -> renders -> captions; prompts -> "
+                           "images; video model -> videos -> curation -> LRM -> metrics, samples"),
     "sweep": (sweep, "hyperparameter search over config overrides with Optuna (resumable, parallel)"),
     "weights": (weights, "list known pretrained weights and whether they are present"),
     "demo": (demo, "build an LRM with random weights and render one turntable frame to PNG"),

@@ -128,6 +128,8 @@ PAPER_NUMBERS: tuple[PaperNumber, ...] = (
     PaperNumber("orbit views", 16, DATA_ENGINE, "vfusion3d_lightning/data/render.py", "orbit_cameras.n_views"),
     PaperNumber("orbit elevation range", (0.0, math.pi / 4), DATA_ENGINE, "vfusion3d_lightning/data/render.py",
                 "orbit_cameras.elevation_range", "radians, one elevation for all views of an orbit"),
+    PaperNumber("orbit starts at azimuth 0 (not at random)", False, DATA_ENGINE, "vfusion3d_lightning/data/render.py",
+                "orbit_cameras.random_start_azimuth", "the first frame is the view at azimuth 0"),
     PaperNumber("video frames (fine-tuning)", 16, DATA_ENGINE, VIDEO, "data.init_args.num_frames"),
     PaperNumber("video frames (generation)", 16, DATA_ENGINE, PIPELINE, "generate.frames"),
     # curation and camera poses

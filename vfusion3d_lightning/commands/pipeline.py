@@ -3,9 +3,13 @@
 Stages, in the order of the system's data flow, each in the folder of the run folder named after it:
 
     assets         procedural 3D assets (or the user's folders), training and held-out
-    render         orbit16 renders (video model, elevation MLP), random32 sets (LRM fine-tune), uniform32 held out
-    video          fine-tune the video model's temporal layers on the orbits (LightningCLI fit)
-    generate       orbit videos from condition images + prompts
+    render         orbit16 renders (video model, elevation MLP), random32 sets (LRM fine-tune), orbit16 and
+                   uniform32 held out
+    captions       Cap3D captions of the assets: view captions summarised by an LLM, into the renders' prompts
+    prompts        web captions (or procedural ones) kept where an LLM answers "single object"
+    images         a first frame per prompt (the kept captions and the assets' captions) by text-to-image
+    video          fine-tune the video model's temporal layers on the captioned orbits (LightningCLI fit)
+    generate       orbit videos from the first frames + prompts
     features       DINO features of the generated videos and the orbit renders (LightningCLI predict)
     quality        the quality SVM: from a labels file, or from automatic labels (renders vs spoiled renders)
     filter         keep the videos the SVM scores as good
@@ -13,7 +17,7 @@ Stages, in the order of the system's data flow, each in the folder of the run fo
     label          elevation + orbit cameras and masks into the kept videos
     lrm_pretrain   the LRM on the labelled synthetic videos, multi-stage (LightningCLI fit)
     lrm_finetune   the LRM on 3D renders with L2 added, from the pre-trained weights (LightningCLI fit)
-    evaluate       PSNR/SSIM/LPIPS (and CLIP) of both LRMs on the held-out objects
+    evaluate       PSNR/SSIM/LPIPS and CLIP image/text similarity of both LRMs on the held-out objects
     export         turntable GIFs and meshes for sample held-out images
 
 A stage that finishes writes `stage.json` (its config, the digests of its inputs, the digest of its outputs);
@@ -22,6 +26,10 @@ folder moved to `<folder>.previous`. Folders are named by stage, not by position
 finished stages of an existing run valid. A killed stage has no record, so the rerun starts there; rendering,
 generation, feature caching, filter and label skip the shards they finished, and training resumes from its last
 checkpoint.
+
+Model sources may be `tiny-random`: a tiny randomly initialised model of that kind, built once in
+`<run_dir>/tiny-random/` (`models/tiny_random.py`), so that the quickstart runs every stage with no downloads;
+its outputs mean nothing.
 
 Each stage calls the same typed function as its command (`commands/render.py`, `generate.py`, ...), and the
 LightningCLI stages take `overrides:` in LightningCLI's dotted keys, the syntax of every command line here.
@@ -34,6 +42,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,14 +106,77 @@ class RenderConfig:
     shard_size: int = 16
 
 
+TINY_RANDOM = "tiny-random"  # a model source: a tiny random model built in the run folder (see the module doc)
+LLAMA_2_13B = "meta-llama/Llama-2-13b-chat-hf"
+
+
+@dataclass
+class CaptionsConfig:
+    """Cap3D captions of the training and held-out assets, from their renders (see the captions command).
+
+    Args:
+        captioner: image-to-text model folder or hub id in the local cache (Cap3D: BLIP-2); or `tiny-random`.
+        llm: causal LM that summarises the view captions (Cap3D: GPT-4; here the prompt filter's kind of model,
+            the paper's Llama-2-13B chat by default); or `tiny-random`.
+        views: views captioned per object (Cap3D: 8).
+        batch_size: images per captioner call.
+    """
+
+    captioner: str = "Salesforce/blip2-opt-2.7b"
+    llm: str = LLAMA_2_13B
+    views: int = 8
+    batch_size: int = 8
+
+
+@dataclass
+class PromptsConfig:
+    """Object-centric prompts: captions an LLM judges to describe a single object (see the prompts command).
+
+    Args:
+        captions: caption files (.txt a line each, .jsonl or .csv with a `caption` field); null: `count` procedural
+            web-like captions, single objects and scenes mixed (data/prompts.py).
+        count: procedural captions.
+        model: causal LM folder or hub id in the local cache (the paper: Llama-2-13B chat); or `tiny-random`.
+        batch_size: captions per generate call.
+    """
+
+    captions: list[str] | None = None
+    count: int = 96
+    model: str = LLAMA_2_13B
+    batch_size: int = 16
+
+
+@dataclass
+class ImagesConfig:
+    """A first frame per prompt, by a text-to-image model (see the images command).
+
+    Args:
+        model: a diffusers text-to-image pipeline folder or hub id in the local cache; or `tiny-random`.
+        asset_captions: prompt with the assets' captions too (the paper's prompts are web captions plus Cap3D
+            captions of 3D assets).
+        max_prompts: use the first N prompts only; null: all.
+        size: image size in pixels.
+        steps: denoising steps.
+        guidance: classifier-free guidance scale.
+        batch_size: prompts per pipeline call.
+    """
+
+    model: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    asset_captions: bool = True
+    max_prompts: int | None = None
+    size: int = 512
+    steps: int = 30
+    guidance: float = 7.5
+    batch_size: int = 4
+
+
 @dataclass
 class GenerateConfig:
     """Orbit videos from condition images and prompts.
 
     Args:
-        inputs: a folder of images (+ same-stem .txt prompts) or a .jsonl/.csv; null: first views of the renders.
-        count: videos, when the inputs are the renders' first views.
-        prompt: their prompt.
+        inputs: your own condition images instead of the images stage's: a folder of images (+ same-stem .txt
+            prompts) or a .jsonl/.csv with `image` and `prompt` fields.
         frames: frames per video.
         size: frame size in pixels.
         steps: denoising steps.
@@ -114,8 +186,6 @@ class GenerateConfig:
     """
 
     inputs: str | None = None
-    count: int = 48
-    prompt: str = "a 3D object"
     frames: int = 16
     size: int = 32
     steps: int = 4
@@ -161,12 +231,15 @@ class EvaluateConfig:
 
     Args:
         max_objects: evaluate the first N objects only.
-        clip: CLIP folder or hub id in the local cache; `none` skips the CLIP metrics.
+        clip: CLIP folder or hub id in the local cache, or `tiny-random`; `none` skips the CLIP metrics.
         lpips_weights: torchvision VGG16 weights for LPIPS (default: the torch hub cache).
         lpips_random_backbone: an untrained LPIPS trunk: for tests and demos only.
         render_size: render and compare at this size (default: the shards' resolution).
         input_size: encoder input size in pixels.
         views_per_batch: views rendered per call.
+        mesh_resolution: density grid size per axis of the meshes compared with the held-out assets (auto: 256 on
+            a GPU, 128 on a CPU).
+        mesh_threshold: density level of their surface (the released 1.0).
     """
 
     max_objects: int | None = None
@@ -176,6 +249,8 @@ class EvaluateConfig:
     render_size: int | None = None
     input_size: int = 512
     views_per_batch: int = 8
+    mesh_resolution: int | None = None
+    mesh_threshold: float = 1.0
 
 
 @dataclass
@@ -212,6 +287,9 @@ class PipelineConfig:
     device: str = "cpu"
     assets: AssetsConfig = field(default_factory=AssetsConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     video: LightningRun = field(default_factory=LightningRun)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     features: LightningRun = field(default_factory=LightningRun)
@@ -385,9 +463,13 @@ def _fitted_checkpoint(root: Path) -> str:
 # ---------------------------------------------------------------- stages
 
 
+# procedural file names: the stem is the object id, which must differ between the sets (captions are per id)
+ASSET_PREFIXES = {"train": "asset", "held_out": "held_out"}
+
+
 def stage_assets(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     from vfusion3d_lightning.commands.procedural import procedural
-    from vfusion3d_lightning.data.render_shards import find_assets
+    from vfusion3d_lightning.data.render_shards import find_assets, sample_key
 
     cfg = pipe.config.assets
     if cfg.folder:
@@ -397,22 +479,32 @@ def stage_assets(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     else:
         train, held_out = folder / "train", folder / "held_out"
         seed = pipe.config.seed
-        procedural(train, cfg.count, seed=seed * 1_000_003, style=cfg.style, progress=pipe.progress)
-        procedural(held_out, cfg.held_out, seed=seed * 1_000_003 + 500_000, style=cfg.style, progress=pipe.progress)
+        procedural(train, cfg.count, seed=seed * 1_000_003, style=cfg.style, prefix=ASSET_PREFIXES["train"],
+                   progress=pipe.progress)
+        procedural(held_out, cfg.held_out, seed=seed * 1_000_003 + 500_000, style=cfg.style,
+                   prefix=ASSET_PREFIXES["held_out"], progress=pipe.progress)
     counts = {"train_assets": len(find_assets(train)), "held_out_assets": len(find_assets(held_out))}
     if not counts["train_assets"] or not counts["held_out_assets"]:
         raise ValueError(f"no assets in {train} or {held_out}")
+    shared = {sample_key(p) for p in find_assets(train)} & {sample_key(p) for p in find_assets(held_out)}
+    if shared:  # object ids: a held-out object would take a training object's caption, and be trained on
+        raise ValueError(f"{len(shared)} held-out assets have the name of a training asset (e.g. "
+                         f"{sorted(shared)[0]!r}); rename them in {held_out}, or remove them from {train}")
     return {"train": str(train), "held_out": str(held_out), **counts}
 
+
+
+# name -> (assets, views): what each render serves is in the module doc
+RENDER_JOBS = {"orbit16": ("train", "orbit16"), "set32": ("train", "random32"), "held_out16": ("held_out", "orbit16"),
+               "held_out32": ("held_out", "uniform32")}
 
 
 def stage_render(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     from vfusion3d_lightning.commands.render import render
 
     cfg, seed = pipe.config.render, pipe.config.seed
-    jobs = {"orbit16": ("train", "orbit16"), "set32": ("train", "random32"), "held_out32": ("held_out", "uniform32")}
     outputs: dict[str, Any] = {}
-    for name, (assets, views) in jobs.items():
+    for name, (assets, views) in RENDER_JOBS.items():
         report = render(Path(pipe.output("assets", assets)), folder / name, views=views, resolution=cfg.resolution,
                         seed=seed, workers=cfg.workers, shard_size=cfg.shard_size, progress=pipe.progress)
         if report.failed:
@@ -421,6 +513,70 @@ def stage_render(pipe: Pipeline, folder: Path) -> dict[str, Any]:
         outputs[f"{name}_objects"] = report.written + report.skipped_existing
     return outputs
 
+
+def model_source(pipe: Pipeline, source: str, kind: str) -> str:
+    """`source` as given, or for `tiny-random` the folder of a tiny random model of `kind`, built once."""
+    if source != TINY_RANDOM:
+        return source
+    from vfusion3d_lightning.data.prompts import procedural_caption_words
+    from vfusion3d_lightning.models import tiny_random
+
+    folder = pipe.run_dir / TINY_RANDOM / kind
+    seed = pipe.config.seed
+    builders = {"llm": lambda: tiny_random.build_tiny_llm(folder, seed, words=procedural_caption_words()),
+                "captioner": lambda: tiny_random.build_tiny_captioner(folder, seed),
+                "text_to_image": lambda: tiny_random.build_tiny_text_to_image(folder, seed),
+                "clip": lambda: tiny_random.build_tiny_clip(folder, seed)}
+    return str(builders[kind]())
+
+
+def stage_captions(pipe: Pipeline, folder: Path) -> dict[str, Any]:
+    from vfusion3d_lightning.commands.captions import captions
+
+    cfg = pipe.config.captions
+    names = ("orbit16", "held_out16", "held_out32")
+    report = captions([Path(pipe.output("render", name)) for name in names], folder,
+                      captioner=model_source(pipe, cfg.captioner, "captioner"), llm=model_source(pipe, cfg.llm, "llm"),
+                      views=cfg.views, batch_size=cfg.batch_size, device=pipe.config.device, progress=pipe.progress)
+    return {**{name: str(folder / name) for name in names}, "prompts_file": str(folder / "prompts.txt"),
+            "captioned_objects": report["objects"]}
+
+
+def stage_prompts(pipe: Pipeline, folder: Path) -> dict[str, Any]:
+    from vfusion3d_lightning.commands.prompts import prompts
+    from vfusion3d_lightning.data.prompts import PROMPTS_FILE, procedural_captions
+
+    cfg = pipe.config.prompts
+    sources = [Path(f) for f in cfg.captions or []]
+    if not sources:
+        sources = [folder / "web_captions.txt"]
+        text = "".join(f"{caption}\n" for caption in procedural_captions(cfg.count, pipe.config.seed))
+        atomic_write(sources[0], lambda tmp: tmp.write_text(text, "utf-8"))
+    report = prompts(sources, model_source(pipe, cfg.model, "llm"), folder, batch_size=cfg.batch_size,
+                     device=pipe.config.device)
+    return {"prompts_file": str(folder / PROMPTS_FILE), "captions": report["captions"]["read"],
+            "single_object": report["single_object"], "not_single_object": report["not_single_object"],
+            "unparsed": report["unparsed"]}
+
+
+def stage_images(pipe: Pipeline, folder: Path) -> dict[str, Any]:
+    from vfusion3d_lightning.commands.images import images
+
+    cfg = pipe.config.images
+    sources = [pipe.output("prompts", "prompts_file")]
+    if cfg.asset_captions:
+        sources.append(pipe.output("captions", "prompts_file"))
+    # the web prompts and the assets' captions taken in turn, so that max_prompts keeps both kinds
+    lists = [Path(source).read_text("utf-8").splitlines() for source in sources]
+    merged = [line for row in zip_longest(*lists) for line in row if line]
+    prompts_file = folder / "prompts.txt"
+    atomic_write(prompts_file, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in merged), "utf-8"))
+    report = images(prompts_file, model_source(pipe, cfg.model, "text_to_image"), folder / "images",
+                    steps=cfg.steps, guidance=cfg.guidance, size=cfg.size, batch_size=cfg.batch_size,
+                    seed=pipe.config.seed, max_prompts=cfg.max_prompts, device=pipe.config.device,
+                    progress=pipe.progress)
+    return {"images": str(folder / "images"), "prompts": report["prompts"],
+            "written": report["written"] + report["skipped_existing"]}
 
 
 def _samples(folder: str, select=None) -> list:
@@ -435,36 +591,18 @@ def _shards(folder: str) -> str:
 
 
 def stage_video(pipe: Pipeline, folder: Path) -> dict[str, Any]:
-    orbits = _shards(pipe.output("render", "orbit16"))
-    _lightning("fit", pipe.config.video, folder, {"data.init_args.train_shards": orbits,
-                                                   "data.init_args.val_shards": orbits}, resume=True)
+    # captioned orbits: the image+text backbone learns from both; validation on held-out objects
+    _lightning("fit", pipe.config.video, folder, {
+        "data.init_args.train_shards": _shards(pipe.output("captions", "orbit16")),
+        "data.init_args.val_shards": _shards(pipe.output("captions", "held_out16"))}, resume=True)
     return {"video_checkpoint": _fitted_checkpoint(folder)}
-
-
-def _condition_images(pipe: Pipeline, folder: Path) -> Path:
-    """First views of the training orbits on white, with the prompt beside each (the quickstart's inputs)."""
-    from PIL import Image
-
-    from vfusion3d_lightning.io import on_white, to_uint8_images
-
-    cfg = pipe.config.generate
-    inputs = folder / "inputs"
-    inputs.mkdir(exist_ok=True)
-    renders = _samples(pipe.output("render", "orbit16"), select=lambda n: [0])
-    for i in range(cfg.count):  # more videos than renders: another seed per round
-        sample = renders[i % len(renders)]
-        stem = f"{sample.key}_{i // len(renders)}"
-        picture = to_uint8_images(on_white(sample.images)[0])
-        atomic_write(inputs / f"{stem}.png", lambda tmp, p=picture: Image.fromarray(p).save(tmp, format="PNG"))
-        atomic_write(inputs / f"{stem}.txt", lambda tmp: tmp.write_text(cfg.prompt))
-    return inputs
 
 
 def stage_generate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     from vfusion3d_lightning.commands.generate import generate
 
     cfg = pipe.config.generate
-    source = cfg.inputs or _condition_images(pipe, folder)
+    source = cfg.inputs or pipe.output("images", "images")
     report = generate(pipe.output("video", "video_checkpoint"), Path(source), folder / "videos", frames=cfg.frames,
                       size=cfg.size, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size,
                       shard_size=cfg.shard_size, seed=pipe.config.seed, border_ratio=None, background="white",
@@ -592,7 +730,10 @@ def stage_evaluate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
     cfg = pipe.config.evaluate
     evaluate([pipe.output("lrm_pretrain", "pretrained"), pipe.output("lrm_finetune", "finetuned")],
-             _shards(pipe.output("render", "held_out32")), folder, clip=cfg.clip, lpips_weights=cfg.lpips_weights,
+             _shards(pipe.output("captions", "held_out32")), folder, clip=model_source(pipe, cfg.clip, "clip"),
+             assets=Path(pipe.output("assets", "held_out")), mesh_resolution=cfg.mesh_resolution,
+             mesh_threshold=cfg.mesh_threshold,
+             lpips_weights=cfg.lpips_weights,
              lpips_random_backbone=cfg.lpips_random_backbone, max_objects=cfg.max_objects,
              input_size=cfg.input_size, render_size=cfg.render_size, views_per_batch=cfg.views_per_batch,
              device=pipe.config.device, seed=pipe.config.seed)
@@ -627,10 +768,13 @@ def stage_export(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 
 STAGES = (
-    Stage("assets", stage_assets, (), lambda c: (c.seed, c.assets)),
-    Stage("render", stage_render, ("assets",), lambda c: (c.seed, c.render)),
-    Stage("video", stage_video, ("render",), lambda c: c.video),
-    Stage("generate", stage_generate, ("video",), lambda c: (c.seed, c.generate)),
+    Stage("assets", stage_assets, (), lambda c: (c.seed, c.assets, ASSET_PREFIXES)),
+    Stage("render", stage_render, ("assets",), lambda c: (c.seed, c.render, sorted(RENDER_JOBS))),
+    Stage("captions", stage_captions, ("render",), lambda c: (c.seed, c.captions)),
+    Stage("prompts", stage_prompts, (), lambda c: (c.seed, c.prompts)),
+    Stage("images", stage_images, ("prompts", "captions"), lambda c: (c.seed, c.images)),
+    Stage("video", stage_video, ("captions",), lambda c: c.video),
+    Stage("generate", stage_generate, ("video", "images"), lambda c: (c.seed, c.generate)),
     Stage("features", stage_features, ("generate", "render"), lambda c: c.features),
     Stage("quality", stage_quality, ("features",), lambda c: c.quality),
     Stage("filter", stage_filter, ("quality", "generate"), lambda c: c.quality.threshold),
@@ -638,7 +782,7 @@ STAGES = (
     Stage("label", stage_label, ("filter", "elevation"), lambda c: c.label),
     Stage("lrm_pretrain", stage_lrm_pretrain, ("label", "render"), lambda c: c.lrm_pretrain),
     Stage("lrm_finetune", stage_lrm_finetune, ("lrm_pretrain",), lambda c: c.lrm_finetune),
-    Stage("evaluate", stage_evaluate, ("lrm_finetune",), lambda c: c.evaluate),
+    Stage("evaluate", stage_evaluate, ("lrm_finetune", "captions", "assets"), lambda c: c.evaluate),
     Stage("export", stage_export, ("lrm_finetune",), lambda c: c.export),
 )
 
@@ -648,6 +792,8 @@ STAGES = (
 
 def pipeline(run_dir: str = "outputs/pipeline", seed: int = 0, device: str = "cpu",
              assets: AssetsConfig = AssetsConfig(), render: RenderConfig = RenderConfig(),
+             captions: CaptionsConfig = CaptionsConfig(), prompts: PromptsConfig = PromptsConfig(),
+             images: ImagesConfig = ImagesConfig(),
              video: LightningRun = LightningRun(), generate: GenerateConfig = GenerateConfig(),
              features: LightningRun = LightningRun(), quality: QualityConfig = QualityConfig(),
              elevation: LightningRun = LightningRun(), label: LabelConfig = LabelConfig(),
@@ -665,6 +811,9 @@ def pipeline(run_dir: str = "outputs/pipeline", seed: int = 0, device: str = "cp
             trainer config says.
         assets: the training and held-out 3D assets.
         render: orbit16, random32 and uniform32 renders.
+        captions: Cap3D captions of the assets from their renders.
+        prompts: web captions kept where an LLM answers "single object".
+        images: a first frame per prompt by text-to-image.
         video: the video model's LightningCLI run (temporal layers).
         generate: orbit videos from condition images + prompts.
         features: the DINO features' LightningCLI predict run.
@@ -677,7 +826,8 @@ def pipeline(run_dir: str = "outputs/pipeline", seed: int = 0, device: str = "cp
         export: turntables and meshes of sample held-out images.
         progress: show progress bars.
     """
-    config = PipelineConfig(run_dir=run_dir, seed=seed, device=device, assets=assets, render=render, video=video,
+    config = PipelineConfig(run_dir=run_dir, seed=seed, device=device, assets=assets, render=render,
+                            captions=captions, prompts=prompts, images=images, video=video,
                             generate=generate, features=features, quality=quality, elevation=elevation, label=label,
                             lrm_pretrain=lrm_pretrain, lrm_finetune=lrm_finetune, evaluate=evaluate, export=export)
     for name, run in (("video", video), ("features", features), ("quality.run", quality.run),

@@ -280,8 +280,10 @@ def write_assets(
     formats: Iterable[str] = FORMATS,
     progress: bool = True,
     style: str = "tumbled",
+    prefix: str = "asset",
 ) -> list[Path]:
-    """Write `count` assets as `asset_{i:06d}.{fmt}`, formats cycling, asset i from seed `seed + i` in `style`.
+    """Write `count` assets as `{prefix}_{i:06d}.{fmt}`, formats cycling, asset i from seed `seed + i` in `style`.
+    Sets that are used together (training and held out) need distinct prefixes: the file stem is the object id.
 
     Resumable: an asset whose main file exists is skipped. Every file is written atomically; for OBJ the
     MTL and PNGs go first. Returns the main file paths, in index order.
@@ -299,7 +301,7 @@ def write_assets(
     paths = []
     for i in tqdm(range(count), desc="procedural assets", disable=not progress):
         fmt = formats[i % len(formats)]
-        path = out / f"asset_{i:06d}.{fmt}"
+        path = out / f"{prefix}_{i:06d}.{fmt}"
         if not path.exists():
             for name, data in asset_files(generate_asset(seed + i, style), path.stem, fmt).items():
                 atomic_write(out / name, lambda tmp, data=data: tmp.write_bytes(data))

@@ -55,6 +55,40 @@ _ANSWER = re.compile(r"\s*\W*\s*(yes|no)\b", re.IGNORECASE)
 _TRAILING_PUNCTUATION = re.compile(r"[\s.,;:!?…'\"]+$")
 
 
+# ---------------------------------------------------------------------------------------------- procedural
+
+_COLOURS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple", "grey", "pink")
+_MATERIALS = ("wooden", "ceramic", "metal", "plastic", "glass", "leather", "knitted", "stone", "rubber", "paper")
+_OBJECTS = ("chair", "teapot", "lamp", "vase", "robot", "backpack", "mug", "sneaker", "guitar", "clock", "toy car",
+            "helmet", "kettle", "stool", "bucket", "trophy", "lantern", "rocking horse", "bottle", "basket")
+_SCENES = ("two {a}s on a shelf in a shop", "a kitchen with a {a} and a table", "people sitting around a {a}",
+           "a street at night with a {a}", "a {a} and a {b} on a desk", "a living room with a sofa and a {a}",
+           "children playing with a {a} in a garden", "a market stall full of {a}s")
+
+
+def procedural_captions(count: int, seed: int = 0) -> list[str]:
+    """`count` seeded web-like captions for demos and tests: about two in three describe one object ("a red
+    wooden chair"), the rest scenes, groups and places that the single-object filter exists to drop."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 26])
+    captions = []
+    for _ in range(count):
+        a, b = (str(o) for o in rng.choice(_OBJECTS, 2, replace=False))
+        if rng.random() < 2 / 3:
+            captions.append(f"a {rng.choice(_COLOURS)} {rng.choice(_MATERIALS)} {a}")
+        else:
+            captions.append(str(rng.choice(_SCENES)).format(a=a, b=b))
+    return captions
+
+
+def procedural_caption_words() -> list[str]:
+    """Every word `procedural_captions` can use, in a fixed order (a tiny random LLM's vocabulary)."""
+    plurals = [f"{name}s" for name in _OBJECTS]
+    text = " ".join((*_COLOURS, *_MATERIALS, *_OBJECTS, *plurals, *_SCENES))
+    return list(dict.fromkeys(text.replace("{a}s", "").replace("{a}", "").replace("{b}", "").split()))
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 
