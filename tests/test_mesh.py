@@ -6,6 +6,7 @@ import pytest
 import torch
 import trimesh
 
+from vfusion3d_lightning.cameras import Y_UP_TO_WORLD
 from vfusion3d_lightning.geometry.isosurface import nearest_vertex_distance
 from vfusion3d_lightning.geometry.mesh import (
     SURFACES,
@@ -172,6 +173,9 @@ def test_export_round_trips(sphere, tmp_path, suffix):
     assert path.exists() and sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp left over
     loaded = trimesh.load(path, force="mesh")
     assert len(loaded.faces) == len(mesh.faces)
+    # +y up in the file, as viewers and `render` read it: turned back into the world, the same place
+    back = loaded.copy().apply_transform(Y_UP_TO_WORLD)
+    assert np.allclose(back.bounds, mesh.bounds, atol=1e-5)
     if suffix in (".glb", ".ply"):
         colours = np.asarray(loaded.visual.vertex_colors)
         assert len(colours) == len(loaded.vertices)

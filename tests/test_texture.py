@@ -6,6 +6,7 @@ import torch
 import trimesh
 from PIL import Image
 
+from vfusion3d_lightning.cameras import Y_UP_TO_WORLD
 from vfusion3d_lightning.geometry.mesh import export_mesh, extract_mesh
 from vfusion3d_lightning.geometry.texture import (
     bake_texture,
@@ -136,7 +137,7 @@ def test_textured_meshes_export_and_load_back(sphere, tmp_path, suffix):
     if suffix == ".obj":
         assert sorted(p.name for p in tmp_path.iterdir()) == ["mesh.mtl", "mesh.obj", "mesh.png"]
         assert "Kd 1.0" in (tmp_path / "mesh.mtl").read_text()  # viewers multiply the texture by Kd
-    loaded = trimesh.load(path, force="mesh")
+    loaded = trimesh.load(path, force="mesh").apply_transform(Y_UP_TO_WORLD)  # the file is +y up
     material = loaded.visual.material
     picture = material.baseColorTexture if suffix == ".glb" else material.image
     assert picture.size == (128, 128) and loaded.visual.uv.shape == (len(loaded.vertices), 2)

@@ -15,11 +15,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SOURCE_CAMERA_DIM = 16
 RENDER_CAMERA_DIM = 25
 WORLD_UP = (0.0, 0.0, 1.0)
+# Mesh files are +y up (glTF's specification; most OBJ/PLY tools): world = Y_UP_TO_WORLD @ file, file +y -> world
+# +z, file +z (a glTF model's front) -> world +x (the azimuth-0 camera), file +x -> world +y. Files are read with
+# it (data/render.py `to_world`) and written with its transpose (procedural assets, exported meshes).
+Y_UP_TO_WORLD = np.array([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 
 
 @dataclass(frozen=True)

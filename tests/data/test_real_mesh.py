@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import trimesh
 
+from vfusion3d_lightning.cameras import Y_UP_TO_WORLD
 from vfusion3d_lightning.cli import main
-from vfusion3d_lightning.data.render import Y_UP_TO_WORLD, MeshRenderer, load_asset
+from vfusion3d_lightning.data.render import MeshRenderer, load_asset
 from vfusion3d_lightning.data.schema import complete_shards, read_samples
 
 MESHES = Path(__file__).resolve().parents[1] / "fixtures" / "meshes"

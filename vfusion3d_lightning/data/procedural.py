@@ -24,7 +24,7 @@ import trimesh
 from PIL import Image
 from tqdm import tqdm
 
-from vfusion3d_lightning.data.render import Y_UP_TO_WORLD
+from vfusion3d_lightning.cameras import Y_UP_TO_WORLD
 from vfusion3d_lightning.io import atomic_write
 
 PRIMITIVES = ("box", "sphere", "cylinder", "cone", "capsule", "torus")

@@ -27,6 +27,7 @@ from PIL import Image
 
 from vfusion3d_lightning.cameras import (
     DEFAULT_INTRINSICS,
+    Y_UP_TO_WORLD,
     Intrinsics,
     look_at,
     orbit_azimuths,
@@ -40,8 +41,6 @@ _TILE_PAD = 2  # atlas pixels of edge padding, so linear filtering doesn't bleed
 
 
 UP_AXES = ("y", "z")
-# world = Y_UP_TO_WORLD @ file, for a +y-up file: file +y -> world +z, file +z -> world +x, file +x -> world +y
-Y_UP_TO_WORLD = np.array([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 
 
 class AssetLoadError(ValueError):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vfusion3d_lightning.cameras import Y_UP_TO_WORLD
 from vfusion3d_lightning.geometry.isosurface import surface_nets
 from vfusion3d_lightning.io import atomic_write
 
@@ -249,7 +250,8 @@ def extract_mesh(
 
 
 def export_mesh(mesh, path: str | Path) -> Path:
-    """Write `mesh` as .glb, .obj or .ply (by suffix), each file atomically (see `io.atomic_write`). A textured
+    """Write `mesh` (in the +z-up world) as a +y-up .glb, .obj or .ply (by suffix), as glTF's specification and
+    viewers have it and `render` reads by default; each file atomically (see `io.atomic_write`). A textured
     mesh (`texture.bake_texture`) goes to .glb with its texture inside, or to .obj beside a .mtl and the .png
     they name (written first, so the .obj never points at a missing file); .ply keeps only vertex colours.
     Returns the mesh file's path."""
@@ -257,6 +259,7 @@ def export_mesh(mesh, path: str | Path) -> Path:
     suffix = path.suffix.lower()
     if suffix not in MESH_FORMATS:
         raise ValueError(f"unsupported mesh format {path.suffix!r} for {path}; use one of {list(MESH_FORMATS)}")
+    mesh = mesh.copy().apply_transform(Y_UP_TO_WORLD.T)  # world +z -> file +y; the input camera's side -> front
     if suffix == ".obj":
         from trimesh.exchange.obj import export_obj
         from trimesh.visual.material import PBRMaterial, SimpleMaterial
@@ -264,7 +267,6 @@ def export_mesh(mesh, path: str | Path) -> Path:
         material = getattr(mesh.visual, "material", None)
         if isinstance(material, PBRMaterial) and material.baseColorTexture is not None:
             # trimesh would write Kd 0.4, which viewers multiply the texture by: white keeps its colours
-            mesh = mesh.copy()
             mesh.visual.material = SimpleMaterial(image=material.baseColorTexture, diffuse=(255, 255, 255, 255),
                                                   ambient=(255, 255, 255, 255), specular=(0, 0, 0, 255),
                                                   name=path.stem)
