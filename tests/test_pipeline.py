@@ -2,7 +2,9 @@
 at seeded random moments and resumed each time, ending byte for byte as an uninterrupted run."""
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -200,7 +202,7 @@ def fingerprint(run_dir: Path) -> dict[str, str]:
     """A digest of every shard, feature table, exported weight, image, mesh and metrics table of a run, by path:
     bytes, except that the run folder's name and Lightning's log version (a resumed fit logs anew) are taken out of
     the provenance records inside shards (JSON) and feature tables (metadata). Training logs and checkpoints (which
-    hold times and restarts) are left out."""
+    hold times and restarts) are left out, and so are CSV columns of seconds."""
     def plain(text: str) -> bytes:
         return re.sub(r"version_\d+", "version_N", text.replace(str(run_dir), "RUN")).encode()
 
@@ -221,8 +223,10 @@ def fingerprint(run_dir: Path) -> dict[str, str]:
                 digest.update(plain(json.dumps(table.metadata(), sort_keys=True)))
                 for key in sorted(table.keys()):
                     digest.update(key.encode() + table.get_tensor(key).tobytes())
-        elif path.suffix == ".csv":
-            digest.update(plain(path.read_text()))
+        elif path.suffix == ".csv":  # without timings (evaluate's mesh_seconds)
+            rows = list(csv.reader(io.StringIO(path.read_text())))
+            keep = [i for i, name in enumerate(rows[0] if rows else []) if not name.endswith("seconds")]
+            digest.update(plain("\n".join(",".join(row[i] for i in keep) for row in rows)))
         else:
             digest.update(path.read_bytes())
         found[relative] = digest.hexdigest()

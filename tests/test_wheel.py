@@ -179,6 +179,11 @@ def test_the_installed_command_lists_weights_trains_a_shipped_config_by_name_and
     run("procedural", "--out", "outputs/tiny/assets", "--count", "4", "--progress", "false")
     run("render", "--assets", "outputs/tiny/assets", "--out", "outputs/tiny/set32", "--views", "random32",
         "--resolution", "48", "--workers", "1", "--progress", "false")
+    # tiny.yaml validates on held-out objects
+    run("procedural", "--out", "outputs/tiny/held_out_assets", "--count", "1", "--seed", "1000000", "--prefix",
+        "held_out", "--progress", "false")
+    run("render", "--assets", "outputs/tiny/held_out_assets", "--out", "outputs/tiny/held_out32", "--views",
+        "uniform32", "--resolution", "48", "--workers", "1", "--progress", "false")
     # `lrm/tiny` is no file here: the shipped config of that name is read (data paths relative to this folder)
     run("fit", "--config", "lrm/tiny", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
         "--trainer.check_val_every_n_epoch", "1", "--data.init_args.num_workers", "0")
