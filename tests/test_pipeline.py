@@ -42,7 +42,7 @@ def small_quickstart(tmp_path: Path) -> Path:
         run["config"] = str((QUICKSTART.parent / run["config"]).resolve())
         run["overrides"] = {**run.get("overrides", {}), **QUIET}
     data["run_dir"] = str(tmp_path / "run")
-    data["assets"].update(count=12, held_out=2)
+    data["assets"].update(count=12, held_out=1, real=["bunny"])  # 1 procedural + 1 real held out
     data["render"].update(resolution=48, workers=1, shard_size=4)
     data["prompts"].update(count=12)
     data["images"].update(max_prompts=8, batch_size=4)

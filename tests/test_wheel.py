@@ -25,7 +25,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"vfusion3d_lightning.presets.configs": "configs", "vfusion3d_lightning.presets.callbacks": "callbacks",
-          "vfusion3d_lightning.presets.checkpoints": "checkpoints"}
+          "vfusion3d_lightning.presets.checkpoints": "checkpoints",
+          "vfusion3d_lightning.presets.eval_sets": "eval_sets"}
 
 
 def source_copy(destination: Path) -> Path:
@@ -147,6 +148,8 @@ def test_the_wheel_holds_the_package_and_its_presets_only(built_wheel):
                                                             for f in ("__init__.py", "registry.yaml", "README.md")}
     assert "vfusion3d_lightning/presets/configs/lrm/network/tiny.yaml" in shipped
     assert "vfusion3d_lightning/presets/callbacks/vfusion3d_stages.yaml" in shipped
+    assert {"real.yaml", "gso.txt", "omniobject3d.txt", "real/real_bunny.glb"} <= {
+        n.removeprefix("vfusion3d_lightning/presets/eval_sets/") for n in shipped}
 
 
 def test_pyproject_lists_every_package_of_the_tree():
@@ -179,9 +182,10 @@ def test_the_installed_command_lists_weights_trains_a_shipped_config_by_name_and
     run("procedural", "--out", "outputs/tiny/assets", "--count", "4", "--progress", "false")
     run("render", "--assets", "outputs/tiny/assets", "--out", "outputs/tiny/set32", "--views", "random32",
         "--resolution", "48", "--workers", "1", "--progress", "false")
-    # tiny.yaml validates on held-out objects
+    # tiny.yaml validates on held-out objects: a procedural one and a real one, which ships in the wheel
     run("procedural", "--out", "outputs/tiny/held_out_assets", "--count", "1", "--seed", "1000000", "--prefix",
         "held_out", "--progress", "false")
+    assert "1 objects written" in run("eval-set", "--out", "outputs/tiny/held_out_assets", "--objects", "[nut]")
     run("render", "--assets", "outputs/tiny/held_out_assets", "--out", "outputs/tiny/held_out32", "--views",
         "uniform32", "--resolution", "48", "--workers", "1", "--progress", "false")
     # `lrm/tiny` is no file here: the shipped config of that name is read (data paths relative to this folder)

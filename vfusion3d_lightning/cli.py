@@ -20,6 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from vfusion3d_lightning.commands.app import app
 from vfusion3d_lightning.commands.captions import captions
 from vfusion3d_lightning.commands.demo import demo
+from vfusion3d_lightning.commands.eval_set import eval_set
 from vfusion3d_lightning.commands.evaluate import evaluate
 from vfusion3d_lightning.commands.filter import filter_videos
 from vfusion3d_lightning.commands.generate import generate
@@ -51,6 +52,8 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "infer": (infer, "image(s) -> turntable video and mesh"),
     "text-to-3d": (text_to_3d, "a prompt -> an image (text-to-image model) -> turntable video and mesh"),
     "app": (app, "a local web page: upload an image, see and download its turntable video and mesh (Gradio)"),
+    "eval-set": (eval_set, "real held-out meshes as +y-up GLB: our registry set, or our list from your GSO / "
+                           "OmniObject3D copy"),
     "evaluate": (evaluate, "novel-view metrics (PSNR, SSIM, LPIPS, CLIP) of LRMs on held-out multi-view shards"),
     "mesh-metrics": (mesh_metrics, "Chamfer distance and F-score of a mesh against a ground-truth mesh, after "
                                    "normalisation and alignment"),

@@ -470,25 +470,47 @@ def _markdown_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+SET_PREFIXES = ("real", "gso", "omniobject3d")  # file-name prefixes `eval-set` gives its sets
+
+
+def object_set(object_id: str) -> str:
+    """The evaluation set of an object, by the prefix `eval-set` gave its file: real, gso, omniobject3d, or
+    other (procedural and users' own assets)."""
+    prefix = object_id.split("_", 1)[0]
+    return prefix if prefix in SET_PREFIXES and "_" in object_id else "other"
+
+
+def _by_set(name: str, scores: list[ObjectScores]) -> list[tuple[str, list[ObjectScores]]]:
+    """The checkpoint's row, then one row per evaluation set when the objects come from several."""
+    sets = sorted({object_set(s.object_id) for s in scores})
+    rows = [(name, scores)]
+    if len(sets) > 1:
+        rows += [(f"{name}: {label}", [s for s in scores if object_set(s.object_id) == label]) for label in sets]
+    return rows
+
+
 def summary_table(results: dict[str, list[ObjectScores]], geometry: bool = True) -> str:
-    """Markdown, one row per checkpoint: objects, scored views per object and mean ± std over objects of each
-    image metric; with `geometry` a second table: objects with a mesh compared, objects whose field had no
-    surface, mean ± std of Chamfer, each F-score and mesh seconds (n/a where none was measured)."""
+    """Markdown, one row per checkpoint (and per evaluation set, `object_set`, when the objects come from
+    several): objects, scored views per object and mean ± std over objects of each image metric; with
+    `geometry` a second table: objects with a mesh compared, objects whose field had no surface, mean ± std of
+    Chamfer, each F-score and mesh seconds (n/a where none was measured)."""
     header = ["checkpoint", "objects", "views", *(LABELS[m] for m in IMAGE_METRICS)]
     lines = [_markdown_row(header), "|" + " --- |" * len(header)]
-    for name, scores in results.items():
-        counts = sorted({s.views for s in scores})
-        views = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-        lines.append(_markdown_row([name, str(len(scores)), views,
-                                    *(mean_std([s.value(m) for s in scores]) for m in IMAGE_METRICS)]))
+    for name, all_scores in results.items():
+        for label, scores in _by_set(name, all_scores):
+            counts = sorted({s.views for s in scores})
+            views = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+            lines.append(_markdown_row([label, str(len(scores)), views,
+                                        *(mean_std([s.value(m) for s in scores]) for m in IMAGE_METRICS)]))
     if geometry:
         header = ["checkpoint", "meshes", "no surface", *(LABELS[m] for m in GEOMETRY_METRICS), "mesh seconds"]
         lines += ["", _markdown_row(header), "|" + " --- |" * len(header)]
-        for name, scores in results.items():
-            meshes = sum(math.isfinite(s.chamfer) for s in scores)
-            lines.append(_markdown_row([name, f"{meshes}/{len(scores)}", str(sum(s.no_surface for s in scores)),
-                                        *(mean_std([s.value(m) for s in scores]) for m in GEOMETRY_METRICS),
-                                        mean_std([s.mesh_seconds for s in scores])]))
+        for name, all_scores in results.items():
+            for label, scores in _by_set(name, all_scores):
+                meshes = sum(math.isfinite(s.chamfer) for s in scores)
+                lines.append(_markdown_row([label, f"{meshes}/{len(scores)}", str(sum(s.no_surface for s in scores)),
+                                            *(mean_std([s.value(m) for s in scores]) for m in GEOMETRY_METRICS),
+                                            mean_std([s.mesh_seconds for s in scores])]))
     return "\n".join(lines) + "\n"
 
 

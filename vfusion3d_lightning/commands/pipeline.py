@@ -81,6 +81,10 @@ class AssetsConfig:
         held_out_folder: your held-out assets (evaluation and samples); needed with `folder`.
         count: procedural training assets.
         held_out: procedural held-out assets.
+        real: real meshes added to the procedural held-out set, by name from our registry set (`eval-set`;
+            bunny, teapot, ant and nut ship with the package, the others are fetched from their registries).
+            Their geometry scores are the ones to compare; with your own held_out_folder, run `eval-set --out`
+            into it instead.
         style: procedural style: `upright` assets show their elevation in views, `tumbled` ones do not.
     """
 
@@ -88,6 +92,7 @@ class AssetsConfig:
     held_out_folder: str | None = None
     count: int = 100
     held_out: int = 8
+    real: list[str] = field(default_factory=list)
     style: Literal["upright", "tumbled"] = "upright"
 
 
@@ -469,12 +474,17 @@ ASSET_PREFIXES = {"train": "asset", "held_out": "held_out"}
 
 def stage_assets(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     from vfusion3d_lightning.commands.procedural import procedural
+    from vfusion3d_lightning.data.eval_sets import REAL_PREFIX, install_real
     from vfusion3d_lightning.data.render_shards import find_assets, sample_key
 
     cfg = pipe.config.assets
     if cfg.folder:
         if not cfg.held_out_folder:
             raise ValueError("assets.folder needs assets.held_out_folder too (held-out objects for evaluation)")
+        if cfg.real:
+            raise ValueError("assets.real adds registry meshes to the procedural held-out set; with your own "
+                             f"held_out_folder, install them there: vfusion3d-lightning eval-set --out "
+                             f"{cfg.held_out_folder} --objects {' '.join(cfg.real)}")
         train, held_out = Path(cfg.folder), Path(cfg.held_out_folder)
     else:
         train, held_out = folder / "train", folder / "held_out"
@@ -483,6 +493,12 @@ def stage_assets(pipe: Pipeline, folder: Path) -> dict[str, Any]:
                    progress=pipe.progress)
         procedural(held_out, cfg.held_out, seed=seed * 1_000_003 + 500_000, style=cfg.style,
                    prefix=ASSET_PREFIXES["held_out"], progress=pipe.progress)
+        wanted = {f"{REAL_PREFIX}_{name}.glb" for name in cfg.real}
+        for stale in held_out.glob(f"{REAL_PREFIX}_*.glb"):  # our own folder: objects dropped from the list go
+            if stale.name not in wanted:
+                stale.unlink()
+        if cfg.real:
+            install_real(held_out, cfg.real, progress=pipe.progress)
     counts = {"train_assets": len(find_assets(train)), "held_out_assets": len(find_assets(held_out))}
     if not counts["train_assets"] or not counts["held_out_assets"]:
         raise ValueError(f"no assets in {train} or {held_out}")
