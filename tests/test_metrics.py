@@ -329,6 +329,14 @@ def test_no_surface_at_the_threshold_is_nan_counted_and_suggests_a_level(samples
     assert scores.row()["no_surface"] == "true" and scores.row()["fscore@0.1"] == "nan"
 
 
+def test_no_threshold_meshes_each_object_at_its_median_density(samples, assets, lpips_model):
+    """mesh_threshold None (the quickstart's): a level every field has, where a fixed one may have none."""
+    evaluator = Evaluator(FixedPlanes(), lpips_model, input_size=SIZE, ground_truth=GroundTruthMeshes(assets),
+                          mesh_resolution=24, mesh_threshold=None)
+    scores = evaluator.evaluate_sample(samples[3])
+    assert not scores.no_surface and 0 < scores.chamfer < 0.2 and scores.fscore[0.5] == 1.0
+
+
 def test_an_object_without_its_asset_is_refused(tmp_path, samples):
     trimesh.creation.box().export(tmp_path / "box.ply")
     meshes = GroundTruthMeshes(tmp_path)

@@ -118,8 +118,12 @@ def test_pipeline_runs_end_to_end_and_resumes_a_killed_stage(tmp_path, capsys, m
         assert len(rows) == 3 and rows[1].endswith(",31")  # header + 2 objects, 31 novel views each
         header = rows[0].split(",")
         assert all(row.split(",")[header.index("clip_text")] not in ("", "nan") for row in rows[1:])
+        bunny = next(row.split(",") for row in rows[1:] if row.startswith("real_bunny,"))  # the real mesh
+        assert float(bunny[header.index("chamfer")]) > 0 and 0 <= float(bunny[header.index("fscore@0.1")]) <= 1
     summary = (run_dir / "summary.md").read_text()
     assert "| pretrained | 2 | 31 |" in summary and "| finetuned | 2 | 31 |" in summary
+    # geometry columns, and a row per evaluation set: the real mesh apart from the procedural one
+    assert "Chamfer" in summary and "F-score@0.1" in summary and "| finetuned: real | 1/1 | 0 |" in summary
     gif = next(Path(p) for p in outputs["export"]["files"] if p.endswith(".gif"))
     with Image.open(gif) as video:
         assert video.n_frames == config["export"]["frames"]

@@ -292,7 +292,7 @@ class Evaluator:
                  input_view: int | None = None, input_size: int = 512, render_size: int | None = None,
                  views_per_batch: int = 8, max_rays: int | None = None, seed: int = 0,
                  ground_truth: GroundTruthMeshes | None = None, mesh_resolution: int = 128,
-                 mesh_threshold: float = 1.0, log=None):
+                 mesh_threshold: float | None = 1.0, log=None):
         from vfusion3d_lightning.inference import max_rays_for
         from vfusion3d_lightning.models.lrm import LRM
 
@@ -364,10 +364,14 @@ class Evaluator:
     @torch.no_grad()
     def mesh(self, planes: torch.Tensor):
         """The LRM's mesh (trimesh.Trimesh) of `planes` in the input camera's canonical frame, vertices in
-        [-1, 1]; raises `NoSurfaceError` when the field has no surface at the threshold."""
-        from vfusion3d_lightning.geometry.mesh import extract_mesh
+        [-1, 1]; raises `NoSurfaceError` when the field has no surface at the threshold (None: the grid's
+        median density, a level every field has)."""
+        from vfusion3d_lightning.geometry.mesh import density_grid, extract_mesh
 
-        return extract_mesh(self.model, planes, self.mesh_resolution, self.mesh_threshold, "coarse_to_fine")
+        threshold = self.mesh_threshold
+        if threshold is None:
+            threshold = float(density_grid(self.model, planes, self.mesh_resolution).median())
+        return extract_mesh(self.model, planes, self.mesh_resolution, threshold, "coarse_to_fine")
 
     def geometry(self, views: dict, planes: torch.Tensor, scores: ObjectScores, planes_seconds: float = 0.0) -> None:
         """Fill `scores`' geometry fields: the mesh of `planes` (timed; `planes_seconds` the image -> planes

@@ -31,7 +31,7 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
              input_view: int | None = None, input_size: int = 512, render_size: int | None = None,
              views_per_batch: int = 8, device: str = "auto", dtype: Literal["float32", "bfloat16"] = "float32",
              seed: int = 0, assets: Path | None = None, geometry: bool = True, mesh_resolution: int | None = None,
-             mesh_threshold: float = 1.0) -> dict[str, list[ObjectScores]]:
+             mesh_threshold: float | None = 1.0) -> dict[str, list[ObjectScores]]:
     """Per held-out object, give one view to each LRM and score two tracks. Novel views: render every other
     view from its ground-truth camera and compare on white by PSNR, SSIM and LPIPS (CLIP similarity too, with
     a CLIP model); the input view is not scored. Geometry (with --assets): extract the LRM's mesh and compare
@@ -61,7 +61,9 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
         geometry: run the geometry track (marching cubes and alignment per object and checkpoint).
         mesh_resolution: density grid points per axis for the mesh (auto: 256 on a GPU, 128 on a CPU).
         mesh_threshold: density level of the surface (the released 1.0); an object with no surface there
-            scores NaN, is counted, and a warning suggests a level that has one.
+            scores NaN, is counted, and a warning suggests a level that has one. null: each object's grid
+            median, for LRMs not trained to the released density scale (the quickstart's); say so with the
+            numbers.
     """
     out, device = Path(out), resolve_device(device)
     if mesh_resolution is None:
@@ -98,7 +100,8 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
     note = (f"\nNovel views: {chosen}, not scored; means ± std over objects of per-object means over the other "
             f"views; PSNR per view capped at {PSNR_CAP:g} dB; CLIP: cosine similarity.\n")
     if geometry:
-        note += (f"Geometry: mesh at density {mesh_threshold:g} on a {mesh_resolution}^3 grid against the asset's, "
+        level = f"density {mesh_threshold:g}" if mesh_threshold is not None else "each object's median density"
+        note += (f"Geometry: mesh at {level} on a {mesh_resolution}^3 grid against the asset's, "
                  "after unit-cube normalisation, rotation search and ICP; Chamfer and F-score thresholds in the unit "
                  "cube's side; mesh seconds: image -> planes -> mesh."
                  + ("" if ground_truth else " No --assets: nothing measured.") + "\n")

@@ -244,7 +244,7 @@ class EvaluateConfig:
         views_per_batch: views rendered per call.
         mesh_resolution: density grid size per axis of the meshes compared with the held-out assets (auto: 256 on
             a GPU, 128 on a CPU).
-        mesh_threshold: density level of their surface (the released 1.0).
+        mesh_threshold: density level of their surface (the released 1.0); null: each object's grid median.
     """
 
     max_objects: int | None = None
@@ -255,7 +255,7 @@ class EvaluateConfig:
     input_size: int = 512
     views_per_batch: int = 8
     mesh_resolution: int | None = None
-    mesh_threshold: float = 1.0
+    mesh_threshold: float | None = 1.0
 
 
 @dataclass
