@@ -1080,10 +1080,10 @@ def sweep(configs: list[str], out: str, monitor: str, mode: Literal["min", "max"
         progress: show a progress bar.
         variants: instead of grid and space, named sets of overrides, each one trial on top of `configs` and
             `overrides` (a variant's value of a key wins; folder `trial-NNN_<name>`), e.g. {multistage: {},
-            no_opacity: {model.init_args.opacity_weight: 0.0}}; the first is the reference: OUT/comparison.csv and .md give
-            every variant's val/* metrics at its last validation and their difference from the first's, and
-            OUT/comparison.png (a bar chart per metric) and OUT/curves.png (each metric against the step, a line
-            per variant) plot them. Runs every variant once, as the grid sampler does.
+            no_opacity: {model.init_args.opacity_weight: 0.0}}; the first is the reference: OUT/comparison.csv
+            and .md give every variant's val/* metrics at its last validation and their difference from the
+            first's, and OUT/comparison.png (a bar chart per metric) and OUT/curves.png (each metric against the
+            step, a line per variant) plot them. Runs every variant once, as the grid sampler does.
 
     Returns:
         A summary: the study name, counts of trials by state, the best trial and the results file.
