@@ -1038,11 +1038,11 @@ class _Scheduler:
 
 def sweep(configs: list[str], out: str, monitor: str, mode: Literal["min", "max"] = "min",
           grid: dict[str, list[Any]] | None = None, space: dict[str, dict[str, Any]] | None = None,
-          overrides: dict[str, Any] | None = None, sampler: Literal["grid", "random", "tpe"] = "grid",
+          overrides: dict | None = None, sampler: Literal["grid", "random", "tpe"] = "grid",
           n_trials: int | None = None, n_jobs: int = 1, storage: str | None = None, study_name: str = "sweep",
           pruner: Literal["none", "median", "hyperband"] = "none", pruner_args: dict[str, Any] | None = None,
           seed: int = 0, timeout: float | None = None, dry_run: bool = False,
-          progress: bool = True, variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+          progress: bool = True, variants: dict[str, dict] | None = None) -> dict[str, Any]:
     """Search hyperparameters of a LightningCLI config with Optuna: each trial is one `fit` in its own process
     and folder, the trials are ranked by a logged validation metric, and a rerun resumes the study.
 
@@ -1059,7 +1059,9 @@ def sweep(configs: list[str], out: str, monitor: str, mode: Literal["min", "max"
             or int, by default int when low and high are ints), or {choices: [...]} for a categorical param,
             e.g. {model.init_args.lr: {low: 1.0e-5, high: 1.0e-3, log: true}}.
         overrides: config key -> value fixed for every trial, e.g. {trainer.max_epochs: 2}; a key ending in
-            `+` appends to a list (trainer.callbacks+).
+            `+` appends to a list (trainer.callbacks+). (Typed `dict`, not `dict[str, Any]`, here and in
+            variants: jsonargparse would build the objects of `class_path` values of `Any`, such as a
+            trainer.callbacks list, where the trials' LightningCLI needs their YAML.)
         sampler: grid (every combination of `grid`), random or tpe (Optuna's TPESampler); random and tpe need
             n_trials.
         n_trials: trials the study should have done (COMPLETE or PRUNED, counting earlier runs) or running;
