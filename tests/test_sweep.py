@@ -8,6 +8,7 @@ to the study as the trial's callbacks would), so they take a second; the real on
 import csv
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -707,3 +708,43 @@ def test_the_shipped_ablation_sweeps_name_every_paper_variant_and_check_against_
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == len(variants) + 1 and all(f"trial-{i:03d}_{v}" in printed[i] for i, v in
                                                    enumerate(variants))
+
+
+@pytest.mark.slow
+def test_the_tiny_paper_ablation_sweep_runs_end_to_end(tmp_path, shards):
+    """configs/sweeps/paper_ablations_tiny.yaml as shipped, its trials cut to one step and one validation on 32-px
+    data (five `fit` processes, two at a time: most of the time is their start)."""
+    from PIL import Image
+
+    arguments = shipped_sweep("paper_ablations_tiny")
+    overrides = {**fast(shards), "trainer.max_epochs": 1, "model.init_args.val_render_size": 16}
+    overrides.pop("model.init_args.lpips_weight")  # LPIPS is the recipe's loss: keep it
+    arguments.update(out=str(tmp_path / "ablations"), overrides=overrides, n_jobs=2, progress=False)
+    result = sweep(**arguments)
+    assert result["complete"] == 5 and not result["failed_now"]
+    out = tmp_path / "ablations"
+    names = ["multistage", "random_resolution", "lpips_mse", "no_opacity", "no_restart"]
+    comparison = csv_rows(out / "comparison.csv")
+    assert [row["variant"] for row in comparison] == names and {row["status"] for row in comparison} == {"COMPLETE"}
+    metrics = ["val/psnr", "val/lpips", "val/ssim"]
+    for row in comparison:
+        assert all(math.isfinite(float(row[m])) and math.isfinite(float(row[f"Δ {m}"])) for m in metrics), row
+        assert row["step"] == "1"
+    assert all(float(comparison[0][f"Δ {m}"]) == 0 for m in metrics)
+    for name in ("comparison.png", "curves.png", "ranking.png"):
+        with Image.open(out / name) as image:
+            image.verify()
+    # each variant ran what it names
+    def config(variant):
+        (folder,) = out.glob(f"trial-*_{variant}")
+        return yaml.safe_load(next(folder.glob("lightning_logs/version_*/config.yaml")).read_text())
+
+    callbacks = {name: [c["class_path"].rsplit(".", 1)[1] for c in config(name)["trainer"]["callbacks"]]
+                 for name in names}
+    assert callbacks["multistage"][:2] == ["ResolutionStages", "LRRestartAtStage"]
+    assert "RandomResolution" in callbacks["random_resolution"] and "ResolutionStages" not in callbacks[
+        "random_resolution"]
+    assert "ResolutionStages" in callbacks["no_restart"] and "LRRestartAtStage" not in callbacks["no_restart"]
+    assert config("lpips_mse")["model"]["init_args"]["l2_weight"] == 1.0
+    assert config("no_opacity")["model"]["init_args"]["opacity_weight"] == 0.0
+    assert config("multistage")["model"]["init_args"]["l2_weight"] == 0.0

@@ -769,6 +769,20 @@ def write_results(rows: list[dict[str, Any]], keys: list[str], monitor: str, mod
     return text
 
 
+def bar_limits(values: list[float]) -> tuple[tuple[float, float], bool]:
+    """The value axis of a bar chart, and whether it starts elsewhere than 0: where the values are close, bars
+    from 0 would all look the same."""
+    low, high = min(values), max(values)
+    zoom = (low > 0 or high < 0) and (high - low) < 0.25 * max(abs(low), abs(high))
+    if zoom:
+        spread = (high - low) or 0.1 * abs(high)
+        if low > 0:
+            return (low - 0.6 * spread, high + 0.35 * spread), True
+        return (low - 0.35 * spread, high + 0.6 * spread), True
+    low, high = min(0.0, low), max(0.0, high)
+    return (low - 0.02 * (high - low), high + 0.15 * (high - low or 1.0)), False
+
+
 def plot_ranking(rows: list[dict[str, Any]], keys: list[str], monitor: str, mode: str, path: Path) -> Path:
     """A horizontal bar chart of the monitored value per trial, best at the top (pruned trials hatched)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -799,15 +813,8 @@ def plot_ranking(rows: list[dict[str, Any]], keys: list[str], monitor: str, mode
         axes.set_yticks(range(len(shown)), labels, fontsize=8)
         axes.invert_yaxis()  # best at the top
         axes.bar_label(bars, [f"{v:.4g}" for v in values], padding=3, fontsize=7)
-        low, high = min(values), max(values)
-        zoom = (low > 0 or high < 0) and (high - low) < 0.25 * max(abs(low), abs(high))
-        if zoom:  # close values: from 0 every bar would look the same
-            spread = (high - low) or 0.1 * abs(high)
-            axes.set_xlim(low - 0.6 * spread, high + 0.35 * spread) if low > 0 else \
-                axes.set_xlim(low - 0.35 * spread, high + 0.6 * spread)
-        else:
-            low, high = min(0.0, low), max(0.0, high)
-            axes.set_xlim(low - 0.02 * (high - low), high + 0.15 * (high - low or 1.0))
+        limits, zoom = bar_limits(values)
+        axes.set_xlim(*limits)
         if any(row["status"] == "PRUNED" for row in shown):
             axes.legend(handles=[Patch(color="tab:green", label="best"), Patch(color="tab:blue", label="complete"),
                                  Patch(facecolor="tab:gray", hatch="//", label="pruned")], fontsize=8,
@@ -891,7 +898,7 @@ def write_comparison(rows: list[dict[str, Any]], names: list[str], monitor: str,
     for row in cells:
         shown = [_cell(cell, 4) for cell in row]
         for i in range(4, len(row), 2):  # differences with their sign
-            shown[i] = "" if row[i] is None else "0" if row[i] == 0 else f"{row[i]:+.3g}"
+            shown[i] = "" if row[i] is None else _signed(row[i])
         lines.append(f"| {' | '.join(shown)} |")
     text = (f"Each variant's val/* metrics at its last validation (step), and Δ = that minus the reference, "
             f"`{reference['variant']}` (the first variant). {monitor}: {better} is better. results.md ranks the "
@@ -918,31 +925,44 @@ def _panels(count: int, width: float, height: float):
 
 
 def plot_comparison(entries: list[dict[str, Any]], metrics: list[str], monitor: str, mode: str, path: Path) -> Path:
-    """A bar chart per metric: each variant's value at its last validation, the reference (first) variant in
-    green with a dashed line at its value; a variant without a value has no bar."""
-    figure, axes = _panels(len(metrics), 4.6, 0.9 + 0.42 * len(entries))
+    """A bar chart per metric: each variant's value at its last validation (labelled with its difference from
+    the reference), the reference (first) variant in green with a dashed line at its value; a variant without a
+    value has no bar. Close values get an axis that does not start at 0 (said under the panel)."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _panels(len(metrics), 5.2, 0.9 + 0.42 * len(entries))
     labels = [entry["variant"] for entry in entries]
     for ax, metric in zip(axes, metrics):
         values = [entry["metrics"].get(metric) for entry in entries]
         shown = [i for i, value in enumerate(values) if value is not None]
         colours = ["tab:green" if i == 0 else "tab:blue" for i in shown]
         bars = ax.barh(shown, [values[i] for i in shown], color=colours, height=0.7)
-        ax.bar_label(bars, [f"{values[i]:.4g}" for i in shown], padding=3, fontsize=7)
+        texts = [f"{values[i]:.4g}" + (f" ({_signed(values[i] - values[0])})" if i and values[0] is not None
+                                       else "") for i in shown]
+        ax.bar_label(bars, texts, padding=3, fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set_ylim(len(labels) - 0.5, -0.5)  # the first variant at the top
         if values[0] is not None:
             ax.axvline(values[0], color="tab:green", linestyle="--", linewidth=1)
+        zoom = False
         if shown:
-            low, high = min(0.0, *(values[i] for i in shown)), max(0.0, *(values[i] for i in shown))
-            ax.set_xlim(low - 0.02 * (high - low or 1.0), high + 0.25 * (high - low or 1.0))
+            (low, high), zoom = bar_limits([values[i] for i in shown])
+            ax.set_xlim(low, high + 0.3 * (high - low))  # room for the labels
         note = f" ({'lower' if mode == 'min' else 'higher'} is better)" if metric == monitor else ""
         ax.set_title(metric + note, fontsize=9)
+        ax.set_xlabel("axis not from 0" if zoom else "", fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.tick_params(axis="x", labelsize=7)
         ax.grid(axis="x", alpha=0.3)
     if not metrics:
         axes[0].text(0.5, 0.5, "no variant has a validation yet", ha="center", va="center",
                      transform=axes[0].transAxes)
     figure.suptitle(f"variants at their last validation (reference: {entries[0]['variant']}, green)", fontsize=10)
     return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110))
+
+
+def _signed(difference: float) -> str:
+    return "±0" if difference == 0 else f"{difference:+.2g}"
 
 
 def _variant_colour(index: int) -> str:
@@ -954,6 +974,8 @@ def _variant_colour(index: int) -> str:
 
 def plot_curves(entries: list[dict[str, Any]], metrics: list[str], path: Path) -> Path:
     """Each metric against the training step, a line per variant (its validations as points)."""
+    from matplotlib.ticker import MaxNLocator
+
     figure, axes = _panels(len(metrics), 4.6, 3.2)
     for ax, metric in zip(axes, metrics):
         for index, entry in enumerate(entries):
@@ -961,10 +983,12 @@ def plot_curves(entries: list[dict[str, Any]], metrics: list[str], path: Path) -
                       if metric in values and step is not None]
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, marker="o", markersize=3, linewidth=2.2 if index == 0 else 1.2,
-                        color=_variant_colour(index), label=entry["variant"])
+                # the reference wide and under the others: a variant on the same values leaves it showing
+                ax.plot(steps, values, marker="o", markersize=8 if index == 0 else 3.5, linewidth=3 if index == 0
+                        else 1.2, color=_variant_colour(index), label=entry["variant"], zorder=1 if index == 0 else 2)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("training step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     if metrics:
