@@ -8,6 +8,7 @@ to the study as the trial's callbacks would), so they take a second; the real on
 import csv
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -595,3 +596,155 @@ def test_a_real_four_trial_study_runs_two_at_a_time_and_resumes(tmp_path, shards
     table = (out / "results.csv").read_bytes()
     assert sweep([TINY], str(out), "val/lpips", **kwargs)["complete"] == 4
     assert (out / "results.csv").read_bytes() == table
+
+
+# ------------------------------------------------------------------------------------ variants (ablations)
+
+
+VARIANTS = {"base": {}, "low": {LR: 0.1}, "high": {LR: 0.3}}
+
+
+def test_variants_run_one_named_trial_each_and_compare_with_the_first(tmp_path, fake_fit):
+    from PIL import Image
+
+    out = tmp_path / "sweep"
+    fake_fit.behaviour = staticmethod(lambda params: 2 if params[LR] == 0.3 else [params[LR] * (3 - e) for e in
+                                                                                 range(2)])
+    result = sweep([TINY], str(out), "val/l", variants=VARIANTS, overrides={LR: 0.2}, progress=False)
+    assert (result["complete"], result["failed_now"]) == (2, ["trial-002_high"])
+    # the base variant gets the overrides alone; another variant's value of a key comes after them (and wins)
+    assert [_lrs([c]) for c in fake_fit.launched] == [[0.2], [0.2, 0.1], [0.2, 0.3]]
+    assert [c[c.index(f"--{LR}=0.2") + 1].startswith("--trainer.default_root_dir=") for c in fake_fit.launched] == [
+        True, False, False]
+    rows = csv_rows(out / "results.csv")
+    assert [(r["trial"], r["variant"], r["status"]) for r in rows] == [("trial-001_low", "low", "COMPLETE"), (
+        "trial-000_base", "base", "COMPLETE"), ("trial-002_high", "high", "FAIL")]
+    comparison = csv_rows(out / "comparison.csv")
+    assert list(comparison[0]) == ["variant", "status", "step", "val/l", "Δ val/l", "val/p", "Δ val/p"]
+    assert [(r["variant"], r["status"], r["step"]) for r in comparison] == [
+        ("base", "COMPLETE", "2"), ("low", "COMPLETE", "2"), ("high", "FAIL", "")]
+    # the last validation (epoch 1: 2 x lr), not the best, and minus the first variant's
+    assert [float(comparison[i]["val/l"]) for i in (0, 1)] == pytest.approx([0.4, 0.2])
+    assert [float(comparison[i]["Δ val/l"]) for i in (0, 1)] == pytest.approx([0.0, -0.2])
+    assert float(comparison[1]["Δ val/p"]) == pytest.approx(-0.4) and comparison[2]["val/l"] == ""
+    markdown = (out / "comparison.md").read_text()
+    assert "`base` (the first variant)" in markdown and "| low | COMPLETE | 2 | 0.2 | -0.2 | 0.4 | -0.4 |" in markdown
+    for name in ("comparison.png", "curves.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 400 and image.height > 200
+
+    fake_fit.launched = []
+    fake_fit.behaviour = staticmethod(lambda params: [params[LR] * (3 - e) for e in range(3)])
+    result = sweep([TINY], str(out), "val/l", variants=VARIANTS, overrides={LR: 0.2}, progress=False)
+    assert [_lrs([c]) for c in fake_fit.launched] == [[0.2, 0.3]] and result["complete"] == 3  # only the failed one
+    comparison = csv_rows(out / "comparison.csv")
+    assert [(r["variant"], r["status"], r["step"]) for r in comparison][2] == ("high", "COMPLETE", "3")
+    assert float(comparison[2]["Δ val/l"]) == pytest.approx(0.3 - 0.4)
+    fake_fit.launched = []
+    sweep([TINY], str(out), "val/l", variants=VARIANTS, overrides={LR: 0.2}, progress=False)
+    assert fake_fit.launched == []  # every variant done
+    with pytest.raises(ValueError, match="another search space.*variants"):
+        sweep([TINY], str(out), "val/l", variants={**VARIANTS, "high": {LR: 0.4}}, overrides={LR: 0.2},
+              progress=False)
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"grid": {LR: [1]}}, "variants replace grid and space"),
+    ({"sampler": "random", "n_trials": 2}, "drop sampler random"),
+    ({"variants": {}}, "give a mapping of names to overrides"),
+    ({"variants": {"no opacity": {}}}, "'no opacity' is not a usable name"),
+    ({"variants": {"a": [1]}}, "variants a: expected a mapping"),
+    ({"variants": {"a": {"trainer.default_root_dir": "x"}}}, "variants a: trainer.default_root_dir cannot be set"),
+    ({"variants": {"a": {"model lr": 1}}}, "not a dotted config key"),
+])
+def test_malformed_variants_are_refused(kwargs, says):
+    kwargs = {"grid": None, "space": None, "overrides": None, "n_trials": None, "sampler": "grid",
+              "variants": VARIANTS, **kwargs}
+    with pytest.raises(ValueError, match=says):
+        sweep_module.search_space(kwargs["sampler"], kwargs["grid"], kwargs["space"], kwargs["overrides"],
+                                  kwargs["n_trials"], kwargs["variants"])
+
+
+def test_a_misspelt_key_of_a_variant_fails_before_any_trial_runs(tmp_path, no_training):
+    with pytest.raises(ValueError, match="variants b: 'model.init_args.lrr' is not a key .*did you mean "
+                                         "model.init_args.lr\\?"):
+        sweep([TINY], str(tmp_path / "sweep"), "val/l", variants={"a": {}, "b": {"model.init_args.lrr": 1}})
+    assert not (tmp_path / "sweep").exists()
+
+
+SWEEPS = ROOT / "configs" / "sweeps"
+
+
+def shipped_sweep(name: str) -> dict:
+    """A shipped sweep file's arguments as the CLI hands them to `sweep`, its configs this tree's files (the
+    presets may resolve to another checkout's folder in an editable install)."""
+    from vfusion3d_lightning.cli import build_parser
+
+    parser = build_parser()
+    arguments = vars(parser.instantiate(parser.parse_args(["sweep", "--config", str(SWEEPS / f"{name}.yaml")]))
+                     ["sweep"])
+    arguments.pop("config")
+    # a trainer.callbacks list stays YAML for the trials' LightningCLI: the sweep's parser builds no callback
+    for changes in [arguments["overrides"] or {}, *arguments["variants"].values()]:
+        assert json.loads(json.dumps(changes)) == changes
+    for config in arguments["configs"]:  # shipped configs' names, which a wheel install finds too
+        assert Path(sweep_module.config_file(config)).is_file() and not Path(config).exists()
+    arguments["configs"] = [str(ROOT / "configs" / f"{config}.yaml") for config in arguments["configs"]]
+    return arguments
+
+
+@pytest.mark.parametrize("name, variants", [
+    ("paper_ablations_tiny", ["multistage", "random_resolution", "lpips_mse", "no_opacity", "no_restart"]),
+    ("paper_ablations_small_gpu", ["multistage", "random_resolution", "lpips_mse", "no_opacity", "no_restart"]),
+    ("paper_finetune_views_tiny", ["finetune_32_views", "finetune_16_views"]),
+    ("paper_finetune_views_small_gpu", ["finetune_32_views", "finetune_16_views"]),
+])
+def test_the_shipped_ablation_sweeps_name_every_paper_variant_and_check_against_their_configs(name, variants,
+                                                                                             no_training, capsys):
+    arguments = shipped_sweep(name)
+    assert list(arguments["variants"]) == variants and arguments["variants"][variants[0]] in ({}, {
+        "data.init_args.views_per_object": 32})
+    sweep(**{**arguments, "dry_run": True})  # every key and value of every variant checked by LightningCLI's parser
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(variants) + 1 and all(f"trial-{i:03d}_{v}" in printed[i] for i, v in
+                                                   enumerate(variants))
+
+
+@pytest.mark.slow
+def test_the_tiny_paper_ablation_sweep_runs_end_to_end(tmp_path, shards):
+    """configs/sweeps/paper_ablations_tiny.yaml as shipped, its trials cut to one step and one validation on 32-px
+    data (five `fit` processes, two at a time: most of the time is their start)."""
+    from PIL import Image
+
+    arguments = shipped_sweep("paper_ablations_tiny")
+    overrides = {**fast(shards), "trainer.max_epochs": 1, "model.init_args.val_render_size": 16}
+    overrides.pop("model.init_args.lpips_weight")  # LPIPS is the recipe's loss: keep it
+    arguments.update(out=str(tmp_path / "ablations"), overrides=overrides, n_jobs=2, progress=False)
+    result = sweep(**arguments)
+    assert result["complete"] == 5 and not result["failed_now"]
+    out = tmp_path / "ablations"
+    names = ["multistage", "random_resolution", "lpips_mse", "no_opacity", "no_restart"]
+    comparison = csv_rows(out / "comparison.csv")
+    assert [row["variant"] for row in comparison] == names and {row["status"] for row in comparison} == {"COMPLETE"}
+    metrics = ["val/psnr", "val/lpips", "val/ssim"]
+    for row in comparison:
+        assert all(math.isfinite(float(row[m])) and math.isfinite(float(row[f"Δ {m}"])) for m in metrics), row
+        assert row["step"] == "1"
+    assert all(float(comparison[0][f"Δ {m}"]) == 0 for m in metrics)
+    for name in ("comparison.png", "curves.png", "ranking.png"):
+        with Image.open(out / name) as image:
+            image.verify()
+    # each variant ran what it names
+    def config(variant):
+        (folder,) = out.glob(f"trial-*_{variant}")
+        return yaml.safe_load(next(folder.glob("lightning_logs/version_*/config.yaml")).read_text())
+
+    callbacks = {name: [c["class_path"].rsplit(".", 1)[1] for c in config(name)["trainer"]["callbacks"]]
+                 for name in names}
+    assert callbacks["multistage"][:2] == ["ResolutionStages", "LRRestartAtStage"]
+    assert "RandomResolution" in callbacks["random_resolution"] and "ResolutionStages" not in callbacks[
+        "random_resolution"]
+    assert "ResolutionStages" in callbacks["no_restart"] and "LRRestartAtStage" not in callbacks["no_restart"]
+    assert config("lpips_mse")["model"]["init_args"]["l2_weight"] == 1.0
+    assert config("no_opacity")["model"]["init_args"]["opacity_weight"] == 0.0
+    assert config("multistage")["model"]["init_args"]["l2_weight"] == 0.0

@@ -230,3 +230,40 @@ def test_clear_errors_for_bad_configuration(tmp_path, shard_factory):
                          rank=0, world_size=2)
     with pytest.raises(ValueError, match="1 shards cannot feed 2 rank"):
         next(iter(stream))
+
+
+def _view_indices(batch: dict) -> set[int]:
+    """The views a batch holds, from the red channel (7 x the view index) at the centre, inside the object."""
+    red = torch.cat([batch["input_image"][:, None, 0], batch["target_images"][:, :, 0]], dim=1)[..., 4, 4]  # centre
+    return set((red * 255 / 7).round().long().flatten().tolist())
+
+
+def test_views_per_object_trains_on_a_fixed_strided_subset_and_validates_on_every_view(tmp_path, shard_factory,
+                                                                                       sample_factory):
+    from vfusion3d_lightning.data.datamodules import object_views
+
+    assert object_views(32, 16) == list(range(0, 32, 2)) and object_views(32, None) == list(range(32))
+    assert object_views(32, 32) == list(range(32)) and object_views(24, 8) == list(range(0, 24, 3))
+    shard_factory(tmp_path, n_shards=1, per_shard=4, n_views=32, size=8)
+    pattern = str(tmp_path / "shard-000000.tar")
+
+    def seen(views_per_object, train=True):
+        dm = MultiViewDataModule(pattern, val_shards=pattern, batch_size=2, num_workers=0, num_supervision_views=4,
+                                 input_size=8, supervision_size=8, views_per_object=views_per_object)
+        views = set()
+        for epoch in range(12):  # each pass draws other views
+            loader = dm.train_dataloader() if train else dm.val_dataloader()
+            loader.progress = lambda epoch=epoch: (epoch, 0)
+            for batch in loader:
+                views |= _view_indices(batch)
+        return views
+
+    assert seen(16) == set(range(0, 32, 2))  # every even view, and no other
+    assert seen(32) == seen(None) == set(range(32))
+    assert len(seen(16, train=False) - set(range(0, 32, 2))) > 0  # validation: every view, odd ones too
+    with pytest.raises(ValueError, match="views_per_object 3 leaves too few views for one input and 4 supervision"):
+        MultiViewDataModule(pattern, num_supervision_views=4, views_per_object=3)
+    views = LRMViews(4, True, 8, 8, views_per_object=16)
+    with pytest.raises(SampleError, match="'few': has 8 views, fewer than views_per_object 16"):
+        decode_sample(encode_sample(sample_factory("few", n_views=8, size=8)),
+                      select=lambda n: views.select(n, np.random.default_rng(0)))

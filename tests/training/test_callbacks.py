@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
-from vfusion3d_lightning.training.callbacks import CameraNoise, LRRestartAtStage, ResolutionStages
+from vfusion3d_lightning.training.callbacks import CameraNoise, LRRestartAtStage, RandomResolution, ResolutionStages
 
 
 def test_resolution_stages_follow_the_paper_schedule():
@@ -30,6 +30,51 @@ def test_lr_restart_needs_resolution_stages():
 
 class _Trainer:
     global_step, global_rank = 7, 0
+
+
+class _Module:
+    render_size = 0
+
+    def log(self, *args, **kwargs):
+        pass
+
+
+def _drawn_sizes(callback, steps, accumulate=1):
+    module, sizes = _Module(), []
+    for step in steps:
+        for batch_idx in range(accumulate):
+            trainer = _StepTrainer(0, step, accumulate)
+            callback.on_train_batch_start(trainer, module, None, step * accumulate + batch_idx)
+            sizes.append(module.render_size)
+    return sizes
+
+
+def test_random_resolution_covers_the_list_and_draws_the_same_sizes_after_a_resume():
+    sizes = [24, 32, 48]
+    drawn = _drawn_sizes(RandomResolution(sizes, seed=3), range(300))
+    counts = {size: drawn.count(size) for size in sizes}
+    assert set(drawn) == set(sizes) and min(counts.values()) > 60, counts  # ~100 each: uniform over the list
+    assert drawn != sorted(drawn) and len(set(drawn[:10])) > 1  # drawn per step, not one stage after another
+    # a resumed run: a fresh callback, another global RNG state, starting at step 150
+    torch.manual_seed(1234)
+    assert _drawn_sizes(RandomResolution(sizes, seed=3), range(150, 300)) == drawn[150:]
+    assert _drawn_sizes(RandomResolution(sizes, seed=4), range(300)) != drawn  # the seed matters
+    # every rank draws the same size (the key has no rank); micro-batches of one step draw their own
+    module = _Module()
+    RandomResolution(sizes, seed=3).on_train_batch_start(_StepTrainer(5, 7, 1), module, None, 7)
+    assert module.render_size == drawn[7]
+    accumulated = _drawn_sizes(RandomResolution(sizes, seed=3), range(100), accumulate=2)
+    assert accumulated[0::2] == drawn[:100] and accumulated[1::2] != accumulated[0::2]
+
+
+def test_random_resolution_refuses_a_second_schedule():
+    module = L.LightningModule()
+    with pytest.raises(ValueError, match="non-empty list of positive sizes"):
+        RandomResolution([])
+    for other in (ResolutionStages(), LRRestartAtStage(192)):
+        trainer = L.Trainer(callbacks=[RandomResolution(), other], logger=False, enable_checkpointing=False)
+        with pytest.raises(ValueError, match=f"{type(other).__name__} in the same trainer"):
+            trainer.callbacks[0].setup(trainer, module, "fit")
 
 
 def test_camera_noise_is_seeded_and_bounded():

@@ -32,6 +32,21 @@ checkpoints and config.yaml, stdout.log, stderr.log, error.txt when it failed), 
 params, state and command), `results.csv` / `results.md` (the trials ranked by the best `monitor` value over
 their validations, with the other val/* metrics, status and run folder) and `ranking.png` (that ranking as a
 bar chart).
+
+Ablations are a `variants` sweep instead of grid/space: named sets of overrides, one trial each
+(`trial-001_no_opacity`), compared with the first (configs/sweeps/paper_ablations_tiny.yaml):
+
+    configs: [lrm/tiny]
+    out: outputs/sweeps/ablations
+    monitor: val/lpips
+    variants:
+      multistage: {}                                    # the reference: the configs as they are
+      no_opacity: {model.init_args.opacity_weight: 0.0}
+
+It writes, besides the above, `comparison.csv` / `comparison.md` (each variant's val/* metrics at its last
+validation and their difference from the first variant's), `comparison.png` (a bar chart per metric) and
+`curves.png` (each metric against the training step, a line per variant). Study, resume and retries work as
+for a grid (the variant's name is the trial's one param).
 """
 
 from __future__ import annotations
@@ -74,6 +89,10 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 _MAX_NAME = 120
 _STDERR_TAIL = 60  # lines of a failed trial's stderr copied into error.txt
 _PLOT_MAX = 60  # trials shown in ranking.png
+VARIANT = "variant"  # the one param of a `variants` sweep: the variant's name
+COMPARISON_CSV, COMPARISON_MD = "comparison.csv", "comparison.md"
+COMPARISON_PNG, CURVES_PNG = "comparison.png", "curves.png"
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 # ---------------------------------------------------------------------------------------------- values, names
@@ -142,21 +161,37 @@ def _params_key(params: dict[str, Any]) -> str:
 class SearchSpace:
     """What a sweep varies: `grid` (key -> values, the values of categorical params; lists and dicts are kept
     as their JSON text, which the CLI reads the same) and `space` (key -> {type, low, high, log, step} or
-    {type: categorical, choices}), in the order given."""
+    {type: categorical, choices}), in the order given; or `variants` (name -> overrides), each trial one named
+    set of overrides, whose only param is `variant` (the name)."""
 
     grid: dict[str, list[Any]] = field(default_factory=dict)
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[str]:
-        return [*self.grid, *self.space]
+        return [VARIANT] if self.variants else [*self.grid, *self.space]
 
     def points(self) -> list[dict[str, Any]]:
-        """The grid's combinations, in order (the last key varies fastest)."""
+        """The grid's combinations, in order (the last key varies fastest); or the variants, in order."""
+        if self.variants:
+            return [{VARIANT: name} for name in self.variants]
         return [dict(zip(self.grid, combo)) for combo in itertools.product(*self.grid.values())]
+
+    def overrides_of(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial's params as config overrides: a variant's overrides, else the params themselves."""
+        return dict(self.variants[params[VARIANT]]) if self.variants else dict(params)
+
+    def trial_name(self, number: int, params: dict[str, Any]) -> str:
+        """The trial's folder name: `trial-007_lr=0.0001` (`trial_name`), or `trial-002_no_opacity` for a variant."""
+        if self.variants:
+            return f"trial-{number:03d}_{params[VARIANT]}"
+        return trial_name(number, params, short_names(self.keys))
 
     def suggest(self, trial) -> dict[str, Any]:
         """The trial's params (enqueued ones come back as fixed; others are drawn by the study's sampler)."""
+        if self.variants:
+            return {VARIANT: trial.suggest_categorical(VARIANT, list(self.variants))}
         params = {key: trial.suggest_categorical(key, values) for key, values in self.grid.items()}
         for key, spec in self.space.items():
             if spec["type"] == "categorical":
@@ -170,7 +205,10 @@ class SearchSpace:
         return params
 
     def samples(self) -> list[dict[str, Any]]:
-        """A few params that together use every grid value and each range's ends (to check them)."""
+        """A few params that together use every grid value and each range's ends, or every variant (to check
+        them)."""
+        if self.variants:
+            return self.points()
         count = max([len(values) for values in self.grid.values()] + [2 if self.space else 1])
         samples = []
         for i in range(count):
@@ -182,7 +220,8 @@ class SearchSpace:
         return samples
 
     def to_json(self) -> dict[str, Any]:
-        return {"grid": self.grid, "space": self.space}
+        # no `variants` key in a grid or space sweep: studies made before variants existed still match
+        return {"variants": self.variants} if self.variants else {"grid": self.grid, "space": self.space}
 
 
 def _encode(value: Any) -> Any:
@@ -267,9 +306,12 @@ def _checked_values(where: str, values: list[Any]) -> list[Any]:
 
 
 def search_space(sampler: str, grid: dict[str, list[Any]] | None, space: dict[str, dict[str, Any]] | None,
-                 overrides: dict[str, Any] | None, n_trials: int | None) -> SearchSpace:
+                 overrides: dict[str, Any] | None, n_trials: int | None,
+                 variants: dict[str, dict[str, Any]] | None = None) -> SearchSpace:
     """The checked search space of a sweep's arguments; conflicting or malformed arguments are errors."""
     grid, space, overrides = dict(grid or {}), dict(space or {}), dict(overrides or {})
+    if variants is not None:
+        return variant_space(sampler, grid, space, overrides, n_trials, variants)
     for where, keys in (("grid", grid), ("space", space), ("overrides", overrides)):
         for key in keys:
             base = key.removesuffix("+") if where == "overrides" else key
@@ -295,6 +337,43 @@ def search_space(sampler: str, grid: dict[str, list[Any]] | None, space: dict[st
         raise ValueError(f"n_trials must be at least 1, got {n_trials}")
     return SearchSpace({key: _checked_values(f"grid {key}", values) for key, values in grid.items()},
                        normalize_space(space))
+
+
+def variant_space(sampler: str, grid: dict[str, list[Any]], space: dict[str, dict[str, Any]],
+                  overrides: dict[str, Any], n_trials: int | None,
+                  variants: dict[str, dict[str, Any]]) -> SearchSpace:
+    """The search space of a `variants` sweep: each variant a name (a folder name's part) and a mapping of config
+    overrides applied after `overrides` (a variant's value of a key wins); the first is the reference the
+    comparison table measures the others by."""
+    if grid or space:
+        raise ValueError("variants replace grid and space: give either variants (named sets of overrides) or "
+                         "grid/space, not both")
+    if sampler != "grid":
+        raise ValueError(f"variants run every variant once, as the grid sampler does; drop sampler {sampler} "
+                         "(or set it to grid)")
+    if not isinstance(variants, dict) or not variants:
+        raise ValueError("variants: give a mapping of names to overrides, e.g. {baseline: {}, no_opacity: "
+                         "{model.init_args.opacity_weight: 0.0}}")
+    if n_trials is not None and n_trials < 1:
+        raise ValueError(f"n_trials must be at least 1, got {n_trials}")
+    checked = {}
+    for name, changes in variants.items():
+        if not isinstance(name, str) or not _VARIANT_NAME.fullmatch(name) or len(name) > _MAX_NAME:
+            raise ValueError(f"variants: {name!r} is not a usable name: letters, digits, `_`, `.` and `-` only "
+                             "(it names the trial's folder)")
+        if changes is None:
+            changes = {}
+        if not isinstance(changes, dict):
+            raise ValueError(f"variants {name}: expected a mapping of config keys to values (or {{}} for none), "
+                             f"got {changes!r}")
+        for key in [*overrides, *changes]:
+            base = key.removesuffix("+") if isinstance(key, str) else key
+            if not isinstance(key, str) or not _KEY.fullmatch(base):
+                raise ValueError(f"variants {name}: {key!r} is not a dotted config key such as model.init_args.lr")
+            if base in RESERVED:
+                raise ValueError(f"variants {name}: {base} cannot be set: {RESERVED[base]}")
+        checked[name] = dict(changes)
+    return SearchSpace(variants=checked)
 
 
 # ---------------------------------------------------------------------------------------------- checking keys
@@ -335,11 +414,18 @@ def check_overrides(configs: list[str], overrides: dict[str, Any], space: Search
         except argparse.ArgumentError as err:
             raise ValueError(f"LightningCLI rejects {what} on {' + '.join(map(str, configs))}:\n{err}") from None
 
-    # a class_path override changes which init_args exist: apply those first
-    class_paths = {key: value for key, value in overrides.items() if key.endswith("class_path")}
-    namespace = parse(override_args(class_paths), f"the overrides {class_paths}" if class_paths else "the configs")
-    known = _config_keys(namespace)
-    for where, keys in (("overrides", list(overrides)), ("grid", list(space.grid)), ("space", list(space.space))):
+    def known_keys(changes: dict[str, Any]) -> list[str]:
+        # a class_path override changes which init_args exist: apply those first
+        class_paths = {key: value for key, value in changes.items() if key.endswith("class_path")}
+        namespace = parse(override_args(class_paths), f"the overrides {class_paths}" if class_paths else "the configs")
+        return _config_keys(namespace)
+
+    known = known_keys(overrides)
+    checks = [("overrides", list(overrides), known), ("grid", list(space.grid), known),
+              ("space", list(space.space), known)]
+    checks += [(f"variants {name}", list(changes), known_keys({**overrides, **changes}))
+               for name, changes in space.variants.items()]
+    for where, keys, known in checks:
         for key in keys:
             base_key = key.removesuffix("+")
             if base_key in known:
@@ -349,8 +435,10 @@ def check_overrides(configs: list[str], overrides: dict[str, Any], space: Search
             raise ValueError(f"{where}: {base_key!r} is not a key of the config {' + '.join(map(str, configs))}"
                              f"{hint} (`vfusion3d-lightning fit --config ... --print_config` shows every key)")
     for params in space.samples():
-        parse(override_args(overrides) + override_args(params),
-              f"the values {json.dumps(params)} (with the overrides {json.dumps(overrides)})")
+        changes = space.overrides_of(params)
+        what = (f"variant {params[VARIANT]} ({json.dumps(changes)})" if space.variants
+                else f"the values {json.dumps(params)}")
+        parse(override_args(overrides) + override_args(changes), f"{what} (with the overrides {json.dumps(overrides)})")
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -460,6 +548,19 @@ def _tail(path: Path, lines: int) -> str:
         handle.seek(max(0, path.stat().st_size - 64 * 1024))
         text = handle.read().decode("utf-8", errors="replace")
     return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
+
+
+def config_file(config: str | os.PathLike) -> str:
+    """A config of `configs`: a YAML file's path, or the name of a shipped config (`lrm/tiny`), as `fit --config`
+    takes them; the shipped sweeps name their configs so, which works in a wheel install too."""
+    if Path(config).is_file():
+        return str(config)
+    from vfusion3d_lightning.presets import shipped_config
+
+    try:
+        return str(shipped_config(str(config)))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"configs: {config}: no such file, nor a shipped config ({err})") from None
 
 
 def trial_command(configs: list[str], overrides: dict[str, Any], params: dict[str, Any], folder: Path,
@@ -668,6 +769,20 @@ def write_results(rows: list[dict[str, Any]], keys: list[str], monitor: str, mod
     return text
 
 
+def bar_limits(values: list[float]) -> tuple[tuple[float, float], bool]:
+    """The value axis of a bar chart, and whether it starts elsewhere than 0: where the values are close, bars
+    from 0 would all look the same."""
+    low, high = min(values), max(values)
+    zoom = (low > 0 or high < 0) and (high - low) < 0.25 * max(abs(low), abs(high))
+    if zoom:
+        spread = (high - low) or 0.1 * abs(high)
+        if low > 0:
+            return (low - 0.6 * spread, high + 0.35 * spread), True
+        return (low - 0.35 * spread, high + 0.6 * spread), True
+    low, high = min(0.0, low), max(0.0, high)
+    return (low - 0.02 * (high - low), high + 0.15 * (high - low or 1.0)), False
+
+
 def plot_ranking(rows: list[dict[str, Any]], keys: list[str], monitor: str, mode: str, path: Path) -> Path:
     """A horizontal bar chart of the monitored value per trial, best at the top (pruned trials hatched)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -698,15 +813,8 @@ def plot_ranking(rows: list[dict[str, Any]], keys: list[str], monitor: str, mode
         axes.set_yticks(range(len(shown)), labels, fontsize=8)
         axes.invert_yaxis()  # best at the top
         axes.bar_label(bars, [f"{v:.4g}" for v in values], padding=3, fontsize=7)
-        low, high = min(values), max(values)
-        zoom = (low > 0 or high < 0) and (high - low) < 0.25 * max(abs(low), abs(high))
-        if zoom:  # close values: from 0 every bar would look the same
-            spread = (high - low) or 0.1 * abs(high)
-            axes.set_xlim(low - 0.6 * spread, high + 0.35 * spread) if low > 0 else \
-                axes.set_xlim(low - 0.35 * spread, high + 0.6 * spread)
-        else:
-            low, high = min(0.0, low), max(0.0, high)
-            axes.set_xlim(low - 0.02 * (high - low), high + 0.15 * (high - low or 1.0))
+        limits, zoom = bar_limits(values)
+        axes.set_xlim(*limits)
         if any(row["status"] == "PRUNED" for row in shown):
             axes.legend(handles=[Patch(color="tab:green", label="best"), Patch(color="tab:blue", label="complete"),
                                  Patch(facecolor="tab:gray", hatch="//", label="pruned")], fontsize=8,
@@ -738,6 +846,158 @@ def write_trials_file(study, description: dict[str, Any], storage: str, out: Pat
                        "command": ["vfusion3d-lightning", *command]})
     plan = {"study_name": study.study_name, "storage": redact(storage), **description, "trials": trials}
     _write_text(out / TRIALS_FILE, json.dumps(plan, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- variants
+
+
+def variant_results(rows: list[dict[str, Any]], names: list[str], out: Path) -> list[dict[str, Any]]:
+    """One entry per variant, in `names`' order: its trial (a COMPLETE one if any, else its latest), status,
+    validation history [(step, {val/* metric: value})] from the trial's sweep_result.json, and the metrics and
+    step of its last validation (empty when it has none)."""
+    entries = []
+    for name in names:
+        mine = sorted((row for row in rows if row["params"].get(VARIANT) == name), key=lambda row: row["number"])
+        done = [row for row in mine if row["status"] == "COMPLETE"]
+        row = (done or mine or [None])[-1]
+        result = load_result(out / row["trial"]) if row else None
+        history = [(entry.get("step"), {k: v for k, v in entry["metrics"].items() if k.startswith("val/")
+                                        and _finite(v)}) for entry in (result or {}).get("history", [])]
+        history = [(step, metrics) for step, metrics in history if metrics]
+        last_step, last = history[-1] if history else (None, {})
+        entries.append({"variant": name, "trial": row and row["trial"], "status": row["status"] if row else "NOT RUN",
+                        "history": history, "step": last_step, "metrics": last})
+    return entries
+
+
+def write_comparison(rows: list[dict[str, Any]], names: list[str], monitor: str, mode: str, out: Path) -> str:
+    """OUT/comparison.csv and .md (each variant's val/* metrics at its last validation, and minus the first
+    variant's), OUT/comparison.png (a bar chart per metric) and OUT/curves.png (each metric against the training
+    step, a line per variant); atomic. Returns the Markdown table."""
+    entries = variant_results(rows, names, out)
+    reference = entries[0]
+    metrics = sorted(set().union(*(entry["metrics"] for entry in entries)),
+                     key=lambda metric: (metric != monitor, metric))  # the monitor first
+    header = ["variant", "status", "step"]
+    for metric in metrics:
+        header += [metric, f"Δ {metric}"]
+    cells = []
+    for entry in entries:
+        row = [entry["variant"], entry["status"], entry["step"]]
+        for metric in metrics:
+            value, base = entry["metrics"].get(metric), reference["metrics"].get(metric)
+            row += [value, value - base if value is not None and base is not None else None]
+        cells.append(row)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows([["" if cell is None else cell for cell in row] for row in cells])
+    _write_text(out / COMPARISON_CSV, buffer.getvalue())
+    better = "lower" if mode == "min" else "higher"
+    lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+    for row in cells:
+        shown = [_cell(cell, 4) for cell in row]
+        for i in range(4, len(row), 2):  # differences with their sign
+            shown[i] = "" if row[i] is None else _signed(row[i])
+        lines.append(f"| {' | '.join(shown)} |")
+    text = (f"Each variant's val/* metrics at its last validation (step), and Δ = that minus the reference, "
+            f"`{reference['variant']}` (the first variant). {monitor}: {better} is better. results.md ranks the "
+            "same trials by their best validation instead.\n\n" + "\n".join(lines))
+    _write_text(out / COMPARISON_MD, text + "\n")
+    plot_comparison(entries, metrics, monitor, mode, out / COMPARISON_PNG)
+    plot_curves(entries, metrics, out / CURVES_PNG)
+    return text
+
+
+def _panels(count: int, width: float, height: float):
+    """A figure of `count` panels, up to 3 a row; returns (figure, list of axes)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = min(3, max(1, count))
+    rows = (max(1, count) + columns - 1) // columns
+    figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False).flatten().tolist()
+    for extra in axes[count:]:
+        extra.set_visible(False)
+    return figure, axes[:max(1, count)]
+
+
+def plot_comparison(entries: list[dict[str, Any]], metrics: list[str], monitor: str, mode: str, path: Path) -> Path:
+    """A bar chart per metric: each variant's value at its last validation (labelled with its difference from
+    the reference), the reference (first) variant in green with a dashed line at its value; a variant without a
+    value has no bar. Close values get an axis that does not start at 0 (said under the panel)."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _panels(len(metrics), 5.2, 0.9 + 0.42 * len(entries))
+    labels = [entry["variant"] for entry in entries]
+    for ax, metric in zip(axes, metrics):
+        values = [entry["metrics"].get(metric) for entry in entries]
+        shown = [i for i, value in enumerate(values) if value is not None]
+        colours = ["tab:green" if i == 0 else "tab:blue" for i in shown]
+        bars = ax.barh(shown, [values[i] for i in shown], color=colours, height=0.7)
+        texts = [f"{values[i]:.4g}" + (f" ({_signed(values[i] - values[0])})" if i and values[0] is not None
+                                       else "") for i in shown]
+        ax.bar_label(bars, texts, padding=3, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # the first variant at the top
+        if values[0] is not None:
+            ax.axvline(values[0], color="tab:green", linestyle="--", linewidth=1)
+        zoom = False
+        if shown:
+            (low, high), zoom = bar_limits([values[i] for i in shown])
+            ax.set_xlim(low, high + 0.3 * (high - low))  # room for the labels
+        note = f" ({'lower' if mode == 'min' else 'higher'} is better)" if metric == monitor else ""
+        ax.set_title(metric + note, fontsize=9)
+        ax.set_xlabel("axis not from 0" if zoom else "", fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    if not metrics:
+        axes[0].text(0.5, 0.5, "no variant has a validation yet", ha="center", va="center",
+                     transform=axes[0].transAxes)
+    figure.suptitle(f"variants at their last validation (reference: {entries[0]['variant']}, green)", fontsize=10)
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110))
+
+
+def _signed(difference: float) -> str:
+    return "±0" if difference == 0 else f"{difference:+.2g}"
+
+
+def _variant_colour(index: int) -> str:
+    """Green for the reference (the first variant), the others' colours never green."""
+    others = ["tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive",
+              "tab:cyan"]
+    return "tab:green" if index == 0 else others[(index - 1) % len(others)]
+
+
+def plot_curves(entries: list[dict[str, Any]], metrics: list[str], path: Path) -> Path:
+    """Each metric against the training step, a line per variant (its validations as points)."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _panels(len(metrics), 4.6, 3.2)
+    for ax, metric in zip(axes, metrics):
+        for index, entry in enumerate(entries):
+            points = [(step, values[metric]) for step, values in entry["history"]
+                      if metric in values and step is not None]
+            if points:
+                steps, values = zip(*points)
+                # the reference wide and under the others: a variant on the same values leaves it showing
+                ax.plot(steps, values, marker="o", markersize=8 if index == 0 else 3.5, linewidth=3 if index == 0
+                        else 1.2, color=_variant_colour(index), label=entry["variant"], zorder=1 if index == 0 else 2)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    if metrics:
+        axes[0].legend(fontsize=7)
+    else:
+        axes[0].text(0.5, 0.5, "no variant has a validation yet", ha="center", va="center",
+                     transform=axes[0].transAxes)
+    figure.suptitle(f"validation curves (reference: {entries[0]['variant']}, green)", fontsize=10)
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110))
 
 
 # ---------------------------------------------------------------------------------------------- the command
@@ -802,11 +1062,11 @@ class _Scheduler:
 
 def sweep(configs: list[str], out: str, monitor: str, mode: Literal["min", "max"] = "min",
           grid: dict[str, list[Any]] | None = None, space: dict[str, dict[str, Any]] | None = None,
-          overrides: dict[str, Any] | None = None, sampler: Literal["grid", "random", "tpe"] = "grid",
+          overrides: dict | None = None, sampler: Literal["grid", "random", "tpe"] = "grid",
           n_trials: int | None = None, n_jobs: int = 1, storage: str | None = None, study_name: str = "sweep",
           pruner: Literal["none", "median", "hyperband"] = "none", pruner_args: dict[str, Any] | None = None,
           seed: int = 0, timeout: float | None = None, dry_run: bool = False,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, variants: dict[str, dict] | None = None) -> dict[str, Any]:
     """Search hyperparameters of a LightningCLI config with Optuna: each trial is one `fit` in its own process
     and folder, the trials are ranked by a logged validation metric, and a rerun resumes the study.
 
@@ -823,7 +1083,9 @@ def sweep(configs: list[str], out: str, monitor: str, mode: Literal["min", "max"
             or int, by default int when low and high are ints), or {choices: [...]} for a categorical param,
             e.g. {model.init_args.lr: {low: 1.0e-5, high: 1.0e-3, log: true}}.
         overrides: config key -> value fixed for every trial, e.g. {trainer.max_epochs: 2}; a key ending in
-            `+` appends to a list (trainer.callbacks+).
+            `+` appends to a list (trainer.callbacks+). (Typed `dict`, not `dict[str, Any]`, here and in
+            variants: jsonargparse would build the objects of `class_path` values of `Any`, such as a
+            trainer.callbacks list, where the trials' LightningCLI needs their YAML.)
         sampler: grid (every combination of `grid`), random or tpe (Optuna's TPESampler); random and tpe need
             n_trials.
         n_trials: trials the study should have done (COMPLETE or PRUNED, counting earlier runs) or running;
@@ -842,18 +1104,21 @@ def sweep(configs: list[str], out: str, monitor: str, mode: Literal["min", "max"
         dry_run: check the configs and keys, print the grid's trial commands (or the sweep's fixed part), and
             run nothing.
         progress: show a progress bar.
+        variants: instead of grid and space, named sets of overrides, each one trial on top of `configs` and
+            `overrides` (a variant's value of a key wins; folder `trial-NNN_<name>`), e.g. {multistage: {},
+            no_opacity: {model.init_args.opacity_weight: 0.0}}; the first is the reference: OUT/comparison.csv
+            and .md give every variant's val/* metrics at its last validation and their difference from the
+            first's, and OUT/comparison.png (a bar chart per metric) and OUT/curves.png (each metric against the
+            step, a line per variant) plot them. Runs every variant once, as the grid sampler does.
 
     Returns:
         A summary: the study name, counts of trials by state, the best trial and the results file.
     """
     import optuna
 
-    configs = [str(config) for config in configs]
     if not configs:
         raise ValueError("give at least one LightningCLI config in configs")
-    for config in configs:
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"configs: {config}: no such file")
+    configs = [config_file(config) for config in configs]
     if n_jobs < 1:
         raise ValueError(f"n_jobs must be at least 1, got {n_jobs}")
     if mode not in ("min", "max"):
@@ -862,20 +1127,19 @@ def sweep(configs: list[str], out: str, monitor: str, mode: Literal["min", "max"
 
     make_pruner(pruner, pruner_args)  # checks name and arguments
     overrides = dict(overrides or {})
-    space_ = search_space(sampler, grid, space, overrides, n_trials)
+    space_ = search_space(sampler, grid, space, overrides, n_trials, variants)
     check_overrides(configs, overrides, space_)
     out_dir = Path(out)
     description = json.loads(json.dumps({"configs": configs, "overrides": overrides, "sampler": sampler,
                                          **space_.to_json(), "monitor": monitor, "mode": mode}, default=str))
-    names = short_names(space_.keys)
 
     if dry_run:
         if sampler == "grid":
             points = space_.points()[:n_trials]
             for number, params in enumerate(points):
-                folder = out_dir / trial_name(number, params, names)
-                command = trial_command(configs, overrides, params, folder, study_name, number, monitor, pruner,
-                                        pruner_args)
+                folder = out_dir / space_.trial_name(number, params)
+                command = trial_command(configs, overrides, space_.overrides_of(params), folder, study_name, number,
+                                        monitor, pruner, pruner_args)
                 print(shlex.join(["vfusion3d-lightning", *command]))
             print(f"{len(points)} trials (numbers as in a new study); nothing was run")
         else:
@@ -912,6 +1176,8 @@ def sweep(configs: list[str], out: str, monitor: str, mode: Literal["min", "max"
         rows = results_rows(study.get_trials(deepcopy=False), monitor, mode)
         text = write_results(rows, space_.keys, monitor, mode, out_dir)
         write_trials_file(study, description, storage, out_dir)
+        if space_.variants:
+            write_comparison(rows, list(space_.variants), monitor, mode, out_dir)
         return rows, text
 
     def heartbeat() -> None:
@@ -931,10 +1197,10 @@ def sweep(configs: list[str], out: str, monitor: str, mode: Literal["min", "max"
             if picked is None:
                 return False
             trial, params = picked
-            name = trial_name(trial.number, params, names)
+            name = space_.trial_name(trial.number, params)
             folder = out_dir / name
-            command = trial_command(configs, overrides, params, folder, study_name, trial.number, monitor, pruner,
-                                    pruner_args)
+            command = trial_command(configs, overrides, space_.overrides_of(params), folder, study_name,
+                                    trial.number, monitor, pruner, pruner_args)
             gpu = gpus[slot % len(gpus)] if gpus else None
             for key, value in {"folder": name, "host": HOST, "pid": os.getpid(), "heartbeat": time.time(),
                                "command": command, "gpu": gpu}.items():
@@ -1005,8 +1271,13 @@ def sweep(configs: list[str], out: str, monitor: str, mode: Literal["min", "max"
     print(text)
     counts = {state: sum(row["status"] == state for row in rows) for state in ("COMPLETE", "PRUNED", "FAIL")}
     best = next((row for row in rows if row["status"] == "COMPLETE" and _finite(row["monitor"])), None)
+    if space_.variants:
+        print("\n" + (out_dir / COMPARISON_MD).read_text())
+    written = [out_dir / name for name in ("results.csv", "results.md", "ranking.png")]
+    written += [out_dir / name for name in (COMPARISON_CSV, COMPARISON_MD, COMPARISON_PNG, CURVES_PNG)
+                if space_.variants]
     print(f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed trial(s) in study "
-          f"{study_name!r} -> {out_dir / 'results.csv'}, {out_dir / 'results.md'}, {out_dir / 'ranking.png'}"
+          f"{study_name!r} -> {', '.join(map(str, written))}"
           + (f"; {len(failed)} failed in this run (rerun the same command to retry them)" if failed else ""))
     return {"study": study_name, "storage": redact(storage), "trials": len(rows), **{k.lower(): v for k, v in
             counts.items()}, "failed_now": failed, "best": best and {"trial": best["trial"], "value": best["monitor"],

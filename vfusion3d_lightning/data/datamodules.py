@@ -396,6 +396,24 @@ def normalized_intrinsics(k: np.ndarray, width: int, height: int) -> torch.Tenso
     return torch.from_numpy(scale @ k.astype(np.float32))
 
 
+def object_views(num_views: int, views_per_object: int | None) -> list[int]:
+    """The views of an object with `num_views` that a run limited to `views_per_object` uses: evenly strided in
+    stored order (`linspace(0, num_views, views_per_object)`, rounded down), so 16 of 32 are views 0, 2, 4, ..., 30.
+    Of `random32` renders these are 16 of the random views; of `uniform32` renders (4 rings of 8) 4 views 90 degrees
+    apart on every ring: either way they still surround the object. None: every view.
+
+    Raises:
+        ValueError: the object has fewer views than `views_per_object` (the sample is skipped, or raises, as the
+            data module's `on_error` says).
+    """
+    if views_per_object is None:
+        return list(range(num_views))
+    if num_views < views_per_object:
+        raise ValueError(f"has {num_views} views, fewer than views_per_object {views_per_object}; render more views "
+                         "per object or lower views_per_object")
+    return np.linspace(0, num_views, views_per_object, endpoint=False).astype(int).tolist()
+
+
 class ViewTransform(ABC):
     """Turns a decoded sample into tensors; `select` first names the views worth decoding."""
 
@@ -413,21 +431,29 @@ class LRMViews(ViewTransform):
     Views with an exact alpha (3D renders) are composited on white; views whose alpha is an estimated mask
     (`has_estimated_masks`: labelled generated videos) keep their RGB as generated, on white already, in the input
     image and the targets, and the mask goes to `target_masks` only (the opacity loss), as in VFusion3D; with
-    `composite_estimated_masks` they are composited through the estimate too.
+    `composite_estimated_masks` they are composited through the estimate too. With `views_per_object`, an object's
+    views are drawn from that fixed subset of its views only (`object_views`).
     """
 
     def __init__(self, num_supervision_views: int, include_input_view: bool, input_size: int, supervision_size: int,
-                 composite_estimated_masks: bool = False):
+                 composite_estimated_masks: bool = False, views_per_object: int | None = None):
         self.k, self.include_input = num_supervision_views, include_input_view
         self.input_size, self.supervision_size = input_size, supervision_size
         self.composite_estimated_masks = composite_estimated_masks
+        needed = self.k if self.include_input else self.k + 1
+        if views_per_object is not None and views_per_object < needed:
+            raise ValueError(f"views_per_object {views_per_object} leaves too few views for one input and {self.k} "
+                             f"supervision views ({needed} needed); raise it or lower num_supervision_views")
+        self.views_per_object = views_per_object
 
     def select(self, num_views: int, rng: np.random.Generator) -> list[int]:
-        """The input view first, then the supervision views that are not the input view."""
+        """The input view first, then the supervision views that are not the input view, all drawn from
+        `object_views(num_views, views_per_object)`."""
         needed = self.k if self.include_input else self.k + 1
         if num_views < needed:
             raise ValueError(f"has {num_views} views; {needed} are needed for one input and {self.k} supervision views")
-        return rng.permutation(num_views)[:needed].tolist()
+        candidates = object_views(num_views, self.views_per_object)
+        return [candidates[i] for i in rng.permutation(len(candidates))[:needed].tolist()]
 
     def __call__(self, sample: MultiViewSample, rng: np.random.Generator) -> dict:
         # views arrive as chosen by `select`: the input view is view 0
@@ -478,9 +504,11 @@ class _ShardDataModule(L.LightningDataModule):
 
     def __init__(self, transform: ViewTransform, train_shards: str,
                  val_shards: str | None, batch_size: int, num_workers: int, samples_per_epoch: int | None,
-                 val_samples: int | None, shuffle_buffer: int, seed: int, on_error: OnError):
+                 val_samples: int | None, shuffle_buffer: int, seed: int, on_error: OnError,
+                 val_transform: ViewTransform | None = None):
         super().__init__()
         self.transform = transform
+        self.val_transform = val_transform or transform
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -509,7 +537,8 @@ class _ShardDataModule(L.LightningDataModule):
         if per_rank == 0:
             raise ValueError(f"{total} samples over {world} rank(s) cannot fill a batch of {self.batch_size}; "
                              "lower batch_size or add samples")
-        dataset = ShardStream(urls, self.transform, samples_per_rank=per_rank, rank=rank, world_size=world,
+        transform = self.transform if train else self.val_transform
+        dataset = ShardStream(urls, transform, samples_per_rank=per_rank, rank=rank, world_size=world,
                               shuffle=train, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
                               require_cameras=self.require_cameras, on_error=self.on_error)
         # persistent workers would keep a stale epoch; drop_last keeps batch counts equal on every rank
@@ -542,6 +571,10 @@ class MultiViewDataModule(_ShardDataModule):
     Args:
         composite_estimated_masks: composite generated videos' images on white through their estimated masks
             too (whitening object pixels a mask misses); default False, as the paper.
+        views_per_object: train on this fixed subset of each object's views only (`object_views`: evenly strided,
+            16 of 32 renders are views 0, 2, ..., 30), for the paper's comparison of fine-tuning on 16 and 32 views
+            per object from one 32-view render; None (default) uses every view. Validation always uses every view,
+            so runs that differ in it are validated alike.
     """
 
     require_cameras = True
@@ -550,11 +583,11 @@ class MultiViewDataModule(_ShardDataModule):
                  num_supervision_views: int = 4, include_input_view: bool = True, input_size: int = 512,
                  supervision_size: int = 384, samples_per_epoch: int | None = None, val_samples: int | None = None,
                  shuffle_buffer: int = 100, seed: int = 0, on_error: OnError = "skip",
-                 composite_estimated_masks: bool = False):
-        super().__init__(LRMViews(num_supervision_views, include_input_view, input_size, supervision_size,
-                                  composite_estimated_masks),
+                 composite_estimated_masks: bool = False, views_per_object: int | None = None):
+        views = (num_supervision_views, include_input_view, input_size, supervision_size, composite_estimated_masks)
+        super().__init__(LRMViews(*views, views_per_object=views_per_object),
                          train_shards, val_shards, batch_size, num_workers, samples_per_epoch, val_samples,
-                         shuffle_buffer, seed, on_error)
+                         shuffle_buffer, seed, on_error, val_transform=LRMViews(*views))
 
 
 class VideoDataModule(_ShardDataModule):

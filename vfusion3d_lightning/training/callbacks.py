@@ -1,5 +1,6 @@
 """Training callbacks: the paper's multi-stage schedule (render resolution by epoch, an LR restart at a stage
-switch), camera noise, and what a sweep trial reports back (its result file, Optuna pruning)."""
+switch), the LRM baseline's random render resolution per step, camera noise, and what a sweep trial reports
+back (its result file, Optuna pruning)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from vfusion3d_lightning.cameras import add_camera_noise
 from vfusion3d_lightning.io import atomic_write, run_log_dir
-from vfusion3d_lightning.training.seeding import step_generator
+from vfusion3d_lightning.training.seeding import draw_seed, run_seed, step_generator
 
 SWEEP_RESULT_FILE = "sweep_result.json"
 SWEEP_STORAGE_ENV = "VFUSION3D_SWEEP_STORAGE"  # the sweep gives its trials the study's RDB URL here, not in argv
@@ -53,6 +54,42 @@ class ResolutionStages(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         # per batch, not per epoch: a run resumed mid-epoch gets no epoch-start hook for that epoch
         pl_module.render_size = self.resolution_at(trainer.current_epoch)
+        pl_module.log("train/render_size", float(pl_module.render_size), on_step=True, on_epoch=False)
+
+
+class RandomResolution(Callback):
+    """The LRM baseline that VFusion3D's multi-stage schedule is compared with: one stage, each training step
+    rendering at a resolution drawn uniformly from `resolutions`.
+
+    A callback of its own rather than a mode of `ResolutionStages`: that one's stages, epochs and `end_epoch_of`
+    (which `LRRestartAtStage` reads) mean nothing here, and an LR restart "after 192" has no stage to follow, so
+    the pair refuses to run with this one instead of restarting at a made-up epoch.
+
+    The draw is `draw_seed(seed, 0, global step, micro-batch, "render_size")`, not the global RNG: a resumed run
+    draws the same sizes at the same steps, and every DDP rank the same size (rank 0 in the key), so no rank waits
+    for another's larger render. seed None takes the run's `seed_everything` seed."""
+
+    def __init__(self, resolutions: list[int] = [128, 192, 256, 320, 384],  # noqa: B006 (LightningCLI prints it)
+                 seed: int | None = None):
+        if not resolutions or min(resolutions) < 1:
+            raise ValueError(f"resolutions must be a non-empty list of positive sizes, got {resolutions}")
+        self.resolutions, self.seed = list(resolutions), seed
+
+    def resolution_at(self, step: int, micro_batch: int = 0) -> int:
+        """The render size of the training batch `micro_batch` of optimizer step `step`."""
+        draw = draw_seed(run_seed(self.seed), 0, step, micro_batch, "render_size")
+        return self.resolutions[draw % len(self.resolutions)]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        clash = [type(c).__name__ for c in trainer.callbacks if isinstance(c, (ResolutionStages, LRRestartAtStage))]
+        if clash:
+            raise ValueError(f"RandomResolution draws the render size of every step; {', '.join(clash)} in the same "
+                             "trainer would set it too: keep one schedule (the random-resolution baseline has no "
+                             "stages and no LR restart)")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+        pl_module.render_size = self.resolution_at(trainer.global_step, batch_idx % accumulate)
         pl_module.log("train/render_size", float(pl_module.render_size), on_step=True, on_epoch=False)
 
 
