@@ -5,14 +5,18 @@ pretrained base."""
 import csv
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vfusion3d_lightning.cli import main
+from vfusion3d_lightning.data.datamodules import VideoDataModule
 from vfusion3d_lightning.models.video import VideoDiffusionModel
 from vfusion3d_lightning.training import VideoDiffusionModule
+from vfusion3d_lightning.training.seeding import step_global_rng
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "video" / "tiny.yaml")
@@ -88,6 +92,53 @@ def test_fit_tiny_config_writes_samples_resumes_and_exports(orbit_shards, tmp_pa
     name = next(n for n in resumed["ema"]["shadow"])
     assert torch.equal(dict(model.unet.named_parameters())[name].detach(), resumed["ema"]["shadow"][name])
     assert not torch.equal(resumed["state_dict"][f"model.unet.{name}"], resumed["ema"]["shadow"][name])
+
+
+def fit_to_step_4(root: Path, shards: str, ckpt_path: Path | None = None) -> dict:
+    """The tiny I2VGen-XL-style fine-tune of configs/video/tiny.yaml, 2 epochs of 2 steps, a checkpoint every step;
+    -> the step-4 checkpoint."""
+    L.seed_everything(0)
+    module = VideoDiffusionModule(model="tiny-i2vgen-xl", lr=1e-3, warmup_steps=2, condition_dropout=0.1,
+                                  ema_decay=0.99, sample_every_n_epochs=0)
+    # the UNet's own dropout (in its temporal convolutions) is what a resumed run must draw alike
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.model.unet.modules())
+    data = VideoDataModule(shards, val_shards=shards, batch_size=2, num_workers=1, num_frames=16, frame_size=32,
+                           samples_per_epoch=4, val_samples=2)
+    trainer = L.Trainer(default_root_dir=root, max_epochs=2, accelerator="cpu", logger=False, gradient_clip_val=1.0,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_train_steps=1,
+                                                   filename="{step}")])
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return torch.load(root / "ckpt" / "step=4.ckpt", map_location="cpu", weights_only=True)
+
+
+def test_a_resumed_i2vgen_xl_fine_tune_ends_as_an_uninterrupted_one(orbit_shards, tmp_path):
+    whole = fit_to_step_4(tmp_path / "whole", orbit_shards)
+    # resumed mid-second-epoch, after the global RNG has moved differently (no steps, one fewer validation)
+    resumed = fit_to_step_4(tmp_path / "resumed", orbit_shards, tmp_path / "whole" / "ckpt" / "step=3.ckpt")
+    assert resumed["global_step"] == whole["global_step"] == 4
+    differ = [k for k, v in whole["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])]
+    assert not differ, f"{len(differ)} of {len(whole['state_dict'])} tensors differ, e.g. {differ[:3]}"
+    moments = [(whole_state, resumed["optimizer_states"][0]["state"][index])
+               for index, whole_state in whole["optimizer_states"][0]["state"].items()]
+    assert moments and all(torch.equal(a[key], b[key]) for a, b in moments for key in a)
+    assert all(torch.equal(v, resumed["ema"]["shadow"][k]) for k, v in whole["ema"]["shadow"].items())
+
+
+def test_step_global_rng_repeats_a_step_and_leaves_the_global_rng_as_it_was():
+    def draws(rank: int, step: int) -> torch.Tensor:
+        trainer = SimpleNamespace(global_rank=rank, global_step=step, accumulate_grad_batches=1)
+        with step_global_rng(trainer, 0, 0, "dropout"):
+            return torch.nn.functional.dropout(torch.ones(64), 0.5)
+
+    torch.manual_seed(1)
+    first = draws(0, 5)
+    after = torch.rand(4)
+    torch.manual_seed(2)  # another global state: the same draws, and the state goes on as it would have
+    assert torch.equal(draws(0, 5), first)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(4), after)
+    assert not torch.equal(draws(1, 5), first) and not torch.equal(draws(0, 6), first)
 
 
 def test_checkpoints_over_a_pretrained_base_hold_only_trained_weights(tmp_path):

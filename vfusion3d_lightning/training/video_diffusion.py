@@ -25,7 +25,7 @@ from vfusion3d_lightning.models.video import (
 from vfusion3d_lightning.training.ema import ParameterEMA
 from vfusion3d_lightning.training.media import log_image
 from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
-from vfusion3d_lightning.training.seeding import run_seed, step_generator
+from vfusion3d_lightning.training.seeding import run_seed, step_generator, step_global_rng
 
 
 class VideoDiffusionModule(L.LightningModule):
@@ -37,8 +37,8 @@ class VideoDiffusionModule(L.LightningModule):
     (random weights, see models/video/architectures.py), a registry name, a local diffusers folder or cached hub
     id of a public video model. `export(dir)` writes a save_pretrained folder; `VideoDiffusionModel.from_pretrained`
     also reads this module's `.ckpt` directly (with its EMA weights). `seed` seeds the training step's draws (noise,
-    noise level, condition dropout) per rank, step and micro-batch (`training.seeding`); None takes the run's
-    `seed_everything` seed.
+    noise level, condition dropout, and the UNet's dropout layers) per rank, step and micro-batch
+    (`training.seeding`); None takes the run's `seed_everything` seed.
     """
 
     def __init__(
@@ -107,9 +107,11 @@ class VideoDiffusionModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # noise, noise levels, condition dropout: drawn per rank and per step, not from the global RNG that every
         # DDP rank seeds alike and a resumed run restarts
-        generator = step_generator(self._trainer, run_seed(self.hparams.get("seed")), batch_idx, "diffusion",
-                                   self.device)
-        loss = self._loss(batch, generator, dropout=self.hparams.condition_dropout)
+        seed = run_seed(self.hparams.get("seed"))
+        generator = step_generator(self._trainer, seed, batch_idx, "diffusion", self.device)
+        # the UNet's own dropout (I2VGen-XL's temporal convolutions) draws from the global RNG: seed it likewise
+        with step_global_rng(self._trainer, seed, batch_idx, "dropout", self.device):
+            loss = self._loss(batch, generator, dropout=self.hparams.condition_dropout)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
