@@ -120,6 +120,9 @@ def test_pipeline_runs_end_to_end_and_resumes_a_killed_stage(tmp_path, capsys, m
         assert all(row.split(",")[header.index("clip_text")] not in ("", "nan") for row in rows[1:])
     summary = (run_dir / "summary.md").read_text()
     assert "| pretrained | 2 | 31 |" in summary and "| finetuned | 2 | 31 |" in summary
+    report = Path(outputs["evaluate"]["report"])  # the evaluate stage's page, listed in the run's summary
+    assert report == run_dir / "evaluate" / "report.html" and f"- report: {report}" in summary
+    assert all((report.parent / src).is_file() for src in re.findall(r'<img [^>]*src="([^"]+)"', report.read_text()))
     gif = next(Path(p) for p in outputs["export"]["files"] if p.endswith(".gif"))
     with Image.open(gif) as video:
         assert video.n_frames == config["export"]["frames"]
