@@ -17,7 +17,7 @@ from vfusion3d_lightning.commands.evaluate import evaluate
 from vfusion3d_lightning.data.procedural import write_assets
 from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
 from vfusion3d_lightning.data.schema import ShardWriter
-from vfusion3d_lightning.evaluation import evaluation_views, held_out_samples, seeded_input_view
+from vfusion3d_lightning.evaluation import evaluation_views, held_out_samples, seeded_input_view, turntable_cameras
 from vfusion3d_lightning.evaluation_report import MESH_SIZE, TRUTH_VIEWS, TURNTABLE_FRAMES, folder_name
 from vfusion3d_lightning.geometry.mesh import density_grid, suggest_threshold
 from vfusion3d_lightning.io import on_white, to_uint8_images
@@ -156,6 +156,21 @@ def test_report_off_and_a_bad_cap(data, tmp_path):
     with pytest.raises(ValueError, match="report_objects must be >= 0, got -1"):
         evaluate([str(folder)], str(data / "shards"), tmp_path / "bad", report_objects=-1, **KWARGS)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("input_view", [0, 9, 20, 31])  # one per ring of the rig, -15 to 75 degrees up
+def test_the_turntable_starts_at_the_input_view_and_circles_the_worlds_up_axis(data, input_view):
+    sample = next(iter(held_out_samples(str(data / "shards"))))
+    views = evaluation_views(sample, input_view, 56)
+    cameras = turntable_cameras(views, 12)
+    torch.testing.assert_close(cameras[0], views["render_cameras"][input_view], atol=1e-4, rtol=0)
+    positions = cameras[:, :16].unflatten(-1, (4, 4))[:, :3, 3].double()
+    world = positions @ views["world_rotation"]  # p_world = R^T p: rows p @ R
+    radius = float(np.linalg.norm(sample.cam2world[input_view][:3, 3]))
+    torch.testing.assert_close(world.norm(dim=1), torch.full((12,), radius, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(world[:, 2], world[:1, 2].expand(12), atol=1e-4, rtol=0)  # one height
+    steps = torch.atan2(world[:, 1], world[:, 0]).diff().remainder(2 * np.pi)
+    torch.testing.assert_close(steps, torch.full((11,), 2 * np.pi / 12, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
 @pytest.fixture

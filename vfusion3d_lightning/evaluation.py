@@ -239,6 +239,23 @@ def evaluation_views(sample, input_view: int = 0, input_size: int = 512, render_
             "asset": sample.extra.get("asset")}
 
 
+def turntable_cameras(views: dict, frames: int = 24) -> torch.Tensor:
+    """Render cameras (frames, 25) in the frame of `evaluation_views` output `views`: an orbit about the world's up
+    axis through the input camera (its distance, elevation and intrinsics; frame 0 is the input view), made in
+    the world and moved into that frame (p_canonical = R p_world) as the ground-truth cameras were."""
+    from vfusion3d_lightning.cameras import orbit_poses
+
+    rotation = views["world_rotation"].float()
+    source = views["render_cameras"][views["input_view"]]
+    distance = source[:16].view(4, 4)[:3, 3].norm().item()
+    x, y, z = rotation[0].tolist()  # the input camera's direction in the world: R^T (1, 0, 0)
+    elevation = max(-1.4, min(1.4, math.asin(max(-1.0, min(1.0, z)))))  # orbit_poses needs |elevation| < pi/2
+    poses = orbit_poses(frames, elevation, distance, math.atan2(y, x))
+    to_views = torch.eye(4)
+    to_views[:3, :3] = rotation
+    return torch.cat([(to_views @ poses).flatten(1), source[16:].expand(frames, 9)], dim=1)
+
+
 class GroundTruthMeshes:
     """The held-out assets that `render` rendered, found per sample: by the relative path the sample records
     (`extra["asset"]`), else by object id (the sample key `render` makes of the file name). Loaded with the
@@ -376,23 +393,9 @@ class Evaluator:
 
         return extract_mesh(self.model, planes, self.mesh_resolution, self.mesh_threshold, "coarse_to_fine")
 
-    def turntable(self, views: dict, planes: torch.Tensor, frames: int = 24, size: int | None = None,
-                  elevation: float = math.radians(20)) -> torch.Tensor:
-        """Frames (frames, 3, size, size) in [0, 1] of an orbit about the world's up axis at the input camera's
-        distance and intrinsics, starting at its azimuth: cameras built in the world and moved into the frame
-        of `views` (p_canonical = R p_world), as the ground-truth cameras were."""
-        from vfusion3d_lightning.cameras import orbit_poses
-
-        rotation = views["world_rotation"].float()
-        source = views["render_cameras"][views["input_view"]]
-        distance = source[:16].view(4, 4)[:3, 3].norm().item()
-        forward = rotation[0]  # the input camera's direction in the world: R^T (1, 0, 0)
-        poses = orbit_poses(frames, elevation, distance, math.atan2(forward[1].item(), forward[0].item()))
-        to_views = torch.eye(4)
-        to_views[:3, :3] = rotation
-        poses = to_views @ poses
-        cameras = torch.cat([poses.flatten(1), source[16:].expand(frames, 9)], dim=1)
-        return self.render(views, planes, cameras, size)
+    def turntable(self, views: dict, planes: torch.Tensor, frames: int = 24, size: int | None = None) -> torch.Tensor:
+        """Frames (frames, 3, size, size) in [0, 1] from `turntable_cameras(views, frames)`."""
+        return self.render(views, planes, turntable_cameras(views, frames), size)
 
     def geometry(self, views: dict, planes: torch.Tensor, scores: ObjectScores, planes_seconds: float = 0.0):
         """Fill `scores`' geometry fields: the mesh of `planes` (timed; `planes_seconds` the image -> planes

@@ -3,9 +3,9 @@
 Top: the summary tables (`evaluation.summary_tables`, the numbers of summary.md) and the box plots. Then per
 held-out object (the first `max_objects`), one row of ground truth (the input view given to the LRM and
 `TRUTH_VIEWS` scored views spread over the rig) and per checkpoint one row of its renders from the same
-cameras, a turntable (animated WebP: plays in any browser, unlike H.264 in some builds), the extracted mesh seen
-from two sides (the renderer of the data, `data.render.MeshRenderer`) with a link to the mesh file, and that
-object's metrics.
+cameras, a turntable through the input view (animated WebP: it plays in any browser, where H.264 may not),
+the extracted mesh seen from two sides (the renderer of the data, `data.render.MeshRenderer`) with a link to
+the mesh file, and that object's metrics.
 
 Pictures are written as each object is evaluated (`Report.hook` is the `Evaluator`'s `on_object`), so memory
 holds one object's images at a time; everything sits under `<out>/report/` and the page links it by relative
@@ -176,6 +176,9 @@ class Report:
         total = max((len(s) for s in results.values()), default=0)
         body = [f"<h1>Evaluation report: {len(results)} checkpoint{'s' * (len(results) != 1)}, {total} objects</h1>",
                 *(_table(rows) for rows in summary_tables(results, geometry)),
+                "<p class=note>Per object: " + ", ".join(
+                    f'<a href="{html.escape(name)}/objects.csv">{html.escape(name)}/objects.csv</a>'
+                    for name in results) + "</p>",
                 "".join(f"<p class=note>{html.escape(line)}</p>" for line in note.strip().splitlines()),
                 '<div class="plots">' + "".join(
                     f'<img src="{html.escape(_relative(p, self.out))}" alt="{html.escape(p.stem)}">'
@@ -243,24 +246,26 @@ def _metrics(scores: ObjectScores, metrics: list[str]) -> str:
 
 
 STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; background: #fafafa; }
+body { font: 14px/1.4 system-ui, sans-serif; margin: 16px 24px; color: #222; background: #fafafa; }
 h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; } h3 { font-size: 15px; margin: 0 0 8px; }
 table.summary { border-collapse: collapse; margin: 12px 0; background: #fff; }
 table.summary th, table.summary td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 table.summary th:first-child, table.summary td:first-child { text-align: left; }
 table.summary th { background: #eee; }
 p.note { color: #555; margin: 4px 0; max-width: 1100px; }
-.plots img { height: 260px; margin: 8px 8px 0 0; border: 1px solid #ddd; background: #fff; }
+.plots img { height: 220px; margin: 8px 8px 0 0; border: 1px solid #ddd; background: #fff; }
 section.object { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 12px; margin: 16px 0;
   overflow-x: auto; }
 .prompt { font-weight: normal; color: #555; font-style: italic; }
 table.views { border-collapse: collapse; }
 table.views th { font-weight: 600; font-size: 12px; color: #555; padding: 2px 6px; text-align: center; }
-table.views th.rowname { text-align: right; vertical-align: middle; max-width: 140px; word-break: break-all; }
+table.views th.rowname { text-align: right; vertical-align: middle; min-width: 80px; max-width: 140px;
+  overflow-wrap: anywhere; }
 table.views td { padding: 4px; text-align: center; vertical-align: middle; }
 td.blank { color: #999; font-size: 12px; }
-img.view { width: 128px; height: 128px; image-rendering: auto; border: 1px solid #e4e4e4; background: #fff; }
-img.mesh { width: 256px; height: 128px; border: 1px solid #e4e4e4; }
+img.view { width: 120px; height: 120px; image-rendering: auto; border: 1px solid #e4e4e4; background: #fff; }
+img.mesh { width: 240px; height: 120px; border: 1px solid #e4e4e4; }
 table.metrics { border-collapse: collapse; font-size: 12px; }
-table.metrics td { padding: 0 6px; text-align: right; } table.metrics td:first-child { text-align: left; color: #555; }
+table.metrics td { padding: 0 6px; text-align: right; white-space: nowrap; }
+table.metrics td:first-child { text-align: left; color: #555; }
 """
