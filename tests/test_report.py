@@ -149,6 +149,12 @@ def test_the_truth_pictures_are_the_shards_views(report, data):
 
 def test_report_off_and_a_bad_cap(data, tmp_path):
     folder = tiny_lrm().save_pretrained(tmp_path / "tiny")
+    (tmp_path / "again" / "report" / "old").mkdir(parents=True)  # an earlier run's pictures
+    (tmp_path / "again" / "report" / "old" / "view_00.png").write_bytes(b"stale")
+    evaluate([str(folder)], str(data / "shards"), tmp_path / "again", geometry=False, max_objects=1, **KWARGS)
+    files = sorted(p.relative_to(tmp_path / "again").as_posix() for p in (tmp_path / "again").rglob("*"))
+    assert "report/old" not in files and not [f for f in files if ".partial" in f]  # replaced, nothing left over
+    assert "report.html" in files and len([f for f in files if f.startswith("report/checkpoints/tiny/")]) == 6
     evaluate([str(folder)], str(data / "shards"), tmp_path / "off", geometry=False, max_objects=1, report=False,
              **KWARGS)
     assert (tmp_path / "off" / "summary.md").is_file()
@@ -191,5 +197,9 @@ def test_the_report_shows_every_picture_in_a_browser(report, browser, tmp_path):
     assert len(images) == plots + 2 * (1 + TRUTH_VIEWS + (TRUTH_VIEWS + 2) + (TRUTH_VIEWS + 1))
     assert browser.execute_script("return document.querySelectorAll('script').length") == 0
     assert browser.title == "VFusion3D evaluation"
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= 1400  # the grid fits
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1400, height + 150)  # the whole page in one screenshot, to look at
     browser.save_screenshot(str(tmp_path / "report.png"))
-    assert (tmp_path / "report.png").stat().st_size > 10_000
+    with Image.open(tmp_path / "report.png") as shot:
+        assert shot.height >= height and len(shot.convert("L").getcolors(2**16) or []) > 50  # not a blank page

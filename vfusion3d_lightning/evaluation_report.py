@@ -8,17 +8,22 @@ the extracted mesh seen from two sides (the renderer of the data, `data.render.M
 the mesh file, and that object's metrics.
 
 Pictures are written as each object is evaluated (`Report.hook` is the `Evaluator`'s `on_object`), so memory
-holds one object's images at a time; everything sits under `<out>/report/` and the page links it by relative
-paths: no network resources, the style inside the page. Every string from the data (object ids, prompts,
-checkpoint names) goes through `html.escape`.
+holds one object's images at a time. They go to a hidden `.report.partial-*` folder in `<out>` that replaces
+`<out>/report/` when the page is written: an evaluation that fails leaves `<out>` as it was, one that is killed
+leaves a folder that `io.remove_partials` clears. The page links the pictures by relative paths: no network
+resources, the style inside the page. Every string from the data (object ids, prompts, checkpoint names) goes
+through `html.escape`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import math
 import re
+import shutil
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -27,7 +32,7 @@ import torch
 from PIL import Image
 
 from vfusion3d_lightning.evaluation import GEOMETRY_METRICS, IMAGE_METRICS, LABELS, ObjectScores, summary_tables
-from vfusion3d_lightning.io import atomic_write, to_uint8_images
+from vfusion3d_lightning.io import PARTIAL, atomic_write, to_uint8_images
 
 TRUTH_VIEWS = 4  # scored views shown per object, spread over the rig
 MAX_SIZE = 256  # pictures larger than this are shrunk: the page shows hundreds of them
@@ -101,10 +106,12 @@ class Shown:
 
 
 class Report:
-    """Collects an `evaluate` run's pictures under `<out>/report/` and writes `<out>/report.html`.
+    """Collects an `evaluate` run's pictures for `<out>/report/` and writes `<out>/report.html`.
 
     `hook(name)` is the `Evaluator.on_object` of checkpoint `name`: it writes the pictures of that checkpoint's
-    first `max_objects` objects as they are scored and counts the rest. `write(...)` writes the page."""
+    first `max_objects` objects as they are scored (into a staging folder) and counts the rest. `write(...)`
+    puts them in place and writes the page; `close()` releases the mesh renderer and removes the pictures of a
+    run that did not get as far as `write`."""
 
     def __init__(self, out: str | Path, max_objects: int = 16):
         if max_objects < 0:
@@ -113,6 +120,17 @@ class Report:
         self.shown: list[Shown] = []
         self.counted: dict[str, int] = {}
         self._renderer = None
+        self._staging: Path | None = None
+        self._made_out = False
+
+    @property
+    def staging(self) -> Path:
+        """`<out>/.report.partial-*/`, made at the first picture: its `report/` replaces `<out>/report/`."""
+        if self._staging is None:
+            self._made_out = not self.out.exists()
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._staging = Path(tempfile.mkdtemp(dir=self.out, prefix=f".report{PARTIAL}-"))
+        return self._staging
 
     def hook(self, checkpoint: str):
         self.counted[checkpoint] = 0
@@ -132,16 +150,16 @@ class Report:
         scored = views["scored_views"].tolist()
         chosen = [scored[int(i)] for i in np.linspace(0, len(scored) - 1, min(TRUTH_VIEWS, len(scored))).round()]
         if index == len(self.shown):  # the first checkpoint to reach this object
-            folder = Path("report") / "ground-truth" / name
-            truth = {views["input_view"]: write_png(self.out / folder / "input.png", views["input_image"])}
-            truth |= {v: write_png(self.out / folder / f"view_{v:02d}.png", views["target_images"][v]) for v in chosen}
+            folder = self.staging / "report" / "ground-truth" / name
+            truth = {views["input_view"]: write_png(folder / "input.png", views["input_image"])}
+            truth |= {v: write_png(folder / f"view_{v:02d}.png", views["target_images"][v]) for v in chosen}
             self.shown.append(Shown(views["object_id"], views["prompt"], views["input_view"],
-                                    {v: str(p.relative_to(self.out)) for v, p in truth.items()}))
+                                    {v: _relative(p, self.staging) for v, p in truth.items()}))
         shown = self.shown[index]
         if shown.object_id != views["object_id"]:
             raise RuntimeError(f"object {index} is {views['object_id']!r} for {checkpoint} but {shown.object_id!r} "
                                "for the checkpoint before: the shards changed during the evaluation")
-        folder = self.out / "report" / "checkpoints" / checkpoint / name
+        folder = self.staging / "report" / "checkpoints" / checkpoint / name
         files = {v: write_png(folder / f"view_{v:02d}.png", rendered[scored.index(v)]) for v in chosen}
         frames = evaluator.turntable(views, planes, TURNTABLE_FRAMES, min(rendered.shape[-1], MAX_SIZE))
         files["turntable"] = write_turntable(folder / "turntable.webp", frames)
@@ -152,7 +170,7 @@ class Report:
             forward = views["world_rotation"][0].tolist()  # the input camera's direction in the world
             azimuth = math.atan2(forward[1], forward[0])
             files["mesh"] = write_png(folder / "mesh.png", mesh_views(self.renderer, mesh, azimuth), 2 * MESH_SIZE)
-        shown.checkpoints[checkpoint] = {"files": {k: str(p.relative_to(self.out)) for k, p in files.items()},
+        shown.checkpoints[checkpoint] = {"files": {k: _relative(p, self.staging) for k, p in files.items()},
                                          "scores": scores}
 
     @property
@@ -167,6 +185,25 @@ class Report:
         if self._renderer is not None:
             self._renderer.close()
             self._renderer = None
+        if self._staging is not None:  # a run that failed before `write`: no trace of it
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+            if self._made_out:
+                with contextlib.suppress(OSError):  # only if nothing else was written there
+                    self.out.rmdir()
+
+    def _put_in_place(self) -> None:
+        """The staged pictures become `<out>/report/` (an earlier run's is removed: the page is the index)."""
+        final = self.out / "report"
+        if final.exists():
+            old = Path(tempfile.mkdtemp(dir=self.out, prefix=f".report{PARTIAL}-old-"))
+            final.rename(old / "report")
+            shutil.rmtree(old)
+        if self._staging is not None:
+            if (self._staging / "report").exists():
+                (self._staging / "report").rename(final)
+            shutil.rmtree(self._staging)
+            self._staging = None
 
     def write(self, results: dict[str, list[ObjectScores]], geometry: bool, note: str, plots: list[Path],
               meshes: bool = False) -> Path:
@@ -191,6 +228,7 @@ class Report:
         body += [self._object(item, list(results), metrics, meshes) for item in self.shown]
         page = (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>VFusion3D evaluation</title>"
                 f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+        self._put_in_place()
         return atomic_write(self.out / "report.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
     def _object(self, item: Shown, checkpoints: list[str], metrics: list[str], meshes: bool) -> str:

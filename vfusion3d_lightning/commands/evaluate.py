@@ -87,8 +87,8 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
         for name, source in zip(checkpoint_names(checkpoint), checkpoint):
             evaluator = Evaluator(LRM.from_pretrained(source), lpips_model, clip_model, device=device,
                                   dtype=DTYPES[dtype], input_view=input_view, input_size=input_size,
-                                  render_size=render_size,
-                                  views_per_batch=views_per_batch, seed=seed, ground_truth=ground_truth,
+                                  render_size=render_size, views_per_batch=views_per_batch, seed=seed,
+                                  ground_truth=ground_truth,
                                   mesh_resolution=mesh_resolution, mesh_threshold=mesh_threshold,
                                   on_object=pages.hook(name) if pages else None)
             scores = evaluator.evaluate(held_out_samples(shards), max_objects, total, desc=name)
@@ -102,9 +102,10 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
                       f"density {mesh_threshold:g}: their geometry metrics are NaN (see the suggested levels above; "
                       "--mesh_threshold)", file=sys.stderr)
             del evaluator  # free the LRM before loading the next
-    finally:
+    except BaseException:
         if pages:
-            pages.close()  # the mesh renderer's OpenGL context
+            pages.close()  # the mesh renderer's OpenGL context, and the pictures of a run that failed
+        raise
     table = summary_table(results, geometry)
     chosen = f"input view {input_view}" if input_view is not None else f"input view drawn per object (seed {seed})"
     note = (f"\nNovel views: {chosen}, not scored; means ± std over objects of per-object means over the other "
@@ -121,4 +122,5 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
         print(f"plot -> {path}")
     if pages:
         print(f"report -> {pages.write(results, geometry, note, plots, meshes=ground_truth is not None)}")
+        pages.close()
     return results
