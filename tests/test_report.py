@@ -13,6 +13,7 @@ import trimesh
 from PIL import Image
 from test_metrics import SIZE, tiny_lrm
 
+from vfusion3d_lightning.cli import main
 from vfusion3d_lightning.commands.evaluate import evaluate
 from vfusion3d_lightning.data.procedural import write_assets
 from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
@@ -155,8 +156,10 @@ def test_report_off_and_a_bad_cap(data, tmp_path):
     files = sorted(p.relative_to(tmp_path / "again").as_posix() for p in (tmp_path / "again").rglob("*"))
     assert "report/old" not in files and not [f for f in files if ".partial" in f]  # replaced, nothing left over
     assert "report.html" in files and len([f for f in files if f.startswith("report/checkpoints/tiny/")]) == 6
-    evaluate([str(folder)], str(data / "shards"), tmp_path / "off", geometry=False, max_objects=1, report=False,
-             **KWARGS)
+    assert main(["evaluate", "--checkpoint+", str(folder), "--shards", str(data / "shards"), "--out",
+                 str(tmp_path / "off"), "--geometry", "false", "--max_objects", "1", "--report", "false",
+                 "--clip", "none", "--lpips_random_backbone", "true", "--input_size", "56", "--render_size",
+                 str(RENDER), "--device", "cpu"]) == 0
     assert (tmp_path / "off" / "summary.md").is_file()
     assert not (tmp_path / "off" / "report.html").exists() and not (tmp_path / "off" / "report").exists()
     with pytest.raises(ValueError, match="report_objects must be >= 0, got -1"):
