@@ -124,6 +124,9 @@ def test_pipeline_runs_end_to_end_and_resumes_a_killed_stage(tmp_path, capsys, m
     assert "| pretrained | 2 | 31 |" in summary and "| finetuned | 2 | 31 |" in summary
     # geometry columns, and a row per evaluation set: the real mesh apart from the procedural one
     assert "Chamfer" in summary and "F-score@0.1" in summary and "| finetuned: real | 1/1 | 0 |" in summary
+    report = Path(outputs["evaluate"]["report"])  # the evaluate stage's page, listed in the run's summary
+    assert report == run_dir / "evaluate" / "report.html" and f"- report: {report}" in summary
+    assert all((report.parent / src).is_file() for src in re.findall(r'<img [^>]*src="([^"]+)"', report.read_text()))
     gif = next(Path(p) for p in outputs["export"]["files"] if p.endswith(".gif"))
     with Image.open(gif) as video:
         assert video.n_frames == config["export"]["frames"]

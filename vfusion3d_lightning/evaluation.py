@@ -239,6 +239,23 @@ def evaluation_views(sample, input_view: int = 0, input_size: int = 512, render_
             "asset": sample.extra.get("asset")}
 
 
+def turntable_cameras(views: dict, frames: int = 24) -> torch.Tensor:
+    """Render cameras (frames, 25) in the frame of `evaluation_views` output `views`: an orbit about the world's up
+    axis through the input camera (its distance, elevation and intrinsics; frame 0 is the input view), made in
+    the world and moved into that frame (p_canonical = R p_world) as the ground-truth cameras were."""
+    from vfusion3d_lightning.cameras import orbit_poses
+
+    rotation = views["world_rotation"].float()
+    source = views["render_cameras"][views["input_view"]]
+    distance = source[:16].view(4, 4)[:3, 3].norm().item()
+    x, y, z = rotation[0].tolist()  # the input camera's direction in the world: R^T (1, 0, 0)
+    elevation = max(-1.4, min(1.4, math.asin(max(-1.0, min(1.0, z)))))  # orbit_poses needs |elevation| < pi/2
+    poses = orbit_poses(frames, elevation, distance, math.atan2(y, x))
+    to_views = torch.eye(4)
+    to_views[:3, :3] = rotation
+    return torch.cat([(to_views @ poses).flatten(1), source[16:].expand(frames, 9)], dim=1)
+
+
 class GroundTruthMeshes:
     """The held-out assets that `render` rendered, found per sample: by the relative path the sample records
     (`extra["asset"]`), else by object id (the sample key `render` makes of the file name). Loaded with the
@@ -285,6 +302,8 @@ class Evaluator:
     `inference.max_rays_for` does, 2**16 on the CPU). The renderer's stratified jitter is seeded per object.
     With `ground_truth` each object's mesh (`mesh_resolution`^3 grid, density level `mesh_threshold`) is
     compared with its asset's; `log` gets the warnings (default: stderr, above the progress bar).
+    `on_object(evaluator, views, planes, rendered, scores, mesh)` is called after each object is scored (the
+    report's pictures: `evaluation_report.Report.hook`), mesh the world-frame mesh or None.
     """
 
     def __init__(self, model: nn.Module, lpips_model: nn.Module, clip: ClipSimilarity | None = None, *,
@@ -292,7 +311,7 @@ class Evaluator:
                  input_view: int | None = None, input_size: int = 512, render_size: int | None = None,
                  views_per_batch: int = 8, max_rays: int | None = None, seed: int = 0,
                  ground_truth: GroundTruthMeshes | None = None, mesh_resolution: int = 128,
-                 mesh_threshold: float | None = 1.0, log=None):
+                 mesh_threshold: float | None = 1.0, log=None, on_object=None):
         from vfusion3d_lightning.inference import max_rays_for
         from vfusion3d_lightning.models.lrm import LRM
 
@@ -311,6 +330,7 @@ class Evaluator:
         self.max_rays = max_rays or max_rays_for(self.model, self.device)
         self.ground_truth, self.mesh_resolution, self.mesh_threshold = ground_truth, mesh_resolution, mesh_threshold
         self.log = log or tqdm_write
+        self.on_object = on_object
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -335,11 +355,15 @@ class Evaluator:
         return planes.float()
 
     @torch.no_grad()
-    def render(self, views: dict, planes: torch.Tensor | None = None) -> torch.Tensor:
+    def render(self, views: dict, planes: torch.Tensor | None = None, cameras: torch.Tensor | None = None,
+               size: int | None = None) -> torch.Tensor:
         """`evaluation_views` output -> its novel views (`scored_views`) rendered from their cameras:
-        (N - 1, 3, S, S) float32 in [0, 1]."""
-        cameras = views["render_cameras"][views["scored_views"]][None].to(self.device)
-        size = views["target_images"].shape[-1]
+        (N - 1, 3, S, S) float32 in [0, 1]; or the given render `cameras` (V, 25) in the frame of `views`, at
+        `size` (default S)."""
+        if cameras is None:
+            cameras = views["render_cameras"][views["scored_views"]]
+        cameras = cameras[None].to(self.device)
+        size = size or views["target_images"].shape[-1]
         generator = torch.Generator(self.device).manual_seed(self.seed)
         planes = self.planes(views) if planes is None else planes
         frames = []
@@ -373,9 +397,14 @@ class Evaluator:
             threshold = float(density_grid(self.model, planes, self.mesh_resolution).median())
         return extract_mesh(self.model, planes, self.mesh_resolution, threshold, "coarse_to_fine")
 
-    def geometry(self, views: dict, planes: torch.Tensor, scores: ObjectScores, planes_seconds: float = 0.0) -> None:
+    def turntable(self, views: dict, planes: torch.Tensor, frames: int = 24, size: int | None = None) -> torch.Tensor:
+        """Frames (frames, 3, size, size) in [0, 1] from `turntable_cameras(views, frames)`."""
+        return self.render(views, planes, turntable_cameras(views, frames), size)
+
+    def geometry(self, views: dict, planes: torch.Tensor, scores: ObjectScores, planes_seconds: float = 0.0):
         """Fill `scores`' geometry fields: the mesh of `planes` (timed; `planes_seconds` the image -> planes
-        time, added to `mesh_seconds`) against the asset's mesh."""
+        time, added to `mesh_seconds`) against the asset's mesh. Returns that mesh in the world frame of the
+        renders (None: no surface)."""
         from vfusion3d_lightning.geometry.mesh import NoSurfaceError
         from vfusion3d_lightning.geometry.metrics import mesh_metrics
 
@@ -386,7 +415,7 @@ class Evaluator:
         except NoSurfaceError as err:
             scores.no_surface = True
             self.log(f"warning: {views['object_id']}: no mesh: {err} (--mesh_threshold)")
-            return
+            return None
         finally:
             self._synchronize()
             scores.mesh_seconds = planes_seconds + time.perf_counter() - started
@@ -394,6 +423,7 @@ class Evaluator:
         mesh.vertices = np.asarray(mesh.vertices, np.float64) @ views["world_rotation"].numpy()
         result = mesh_metrics(mesh, truth, thresholds=FSCORE_THRESHOLDS, seed=self.seed)
         scores.chamfer, scores.fscore = result.chamfer, dict(result.fscore)
+        return mesh
 
     def evaluate_sample(self, sample) -> ObjectScores:
         """One `MultiViewSample` (all its views, with cameras) -> its scores (geometry with `ground_truth`)."""
@@ -403,9 +433,11 @@ class Evaluator:
         planes = self.planes(views)
         self._synchronize()
         planes_seconds = time.perf_counter() - started
-        scores = self.score(views, self.render(views, planes))
-        if self.ground_truth is not None:
-            self.geometry(views, planes, scores, planes_seconds)
+        rendered = self.render(views, planes)
+        scores = self.score(views, rendered)
+        mesh = self.geometry(views, planes, scores, planes_seconds) if self.ground_truth is not None else None
+        if self.on_object is not None:
+            self.on_object(self, views, planes, rendered, scores, mesh)
         return scores
 
     def evaluate(self, samples: Iterable, max_objects: int | None = None, total: int | None = None,
@@ -493,29 +525,35 @@ def _by_set(name: str, scores: list[ObjectScores]) -> list[tuple[str, list[Objec
     return rows
 
 
-def summary_table(results: dict[str, list[ObjectScores]], geometry: bool = True) -> str:
-    """Markdown, one row per checkpoint (and per evaluation set, `object_set`, when the objects come from
-    several): objects, scored views per object and mean ± std over objects of each image metric; with
-    `geometry` a second table: objects with a mesh compared, objects whose field had no surface, mean ± std of
-    Chamfer, each F-score and mesh seconds (n/a where none was measured)."""
-    header = ["checkpoint", "objects", "views", *(LABELS[m] for m in IMAGE_METRICS)]
-    lines = [_markdown_row(header), "|" + " --- |" * len(header)]
+def summary_tables(results: dict[str, list[ObjectScores]], geometry: bool = True) -> list[list[list[str]]]:
+    """The summary's tables, each a header row then one row per checkpoint (and per evaluation set,
+    `object_set`, when the objects come from several): objects, scored views per object and mean ± std over
+    objects of each image metric; with `geometry` a second table: objects with a mesh compared, objects whose
+    field had no surface, mean ± std of Chamfer, each F-score and mesh seconds (n/a where none was measured)."""
+    image = [["checkpoint", "objects", "views", *(LABELS[m] for m in IMAGE_METRICS)]]
     for name, all_scores in results.items():
         for label, scores in _by_set(name, all_scores):
             counts = sorted({s.views for s in scores})
             views = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-            lines.append(_markdown_row([label, str(len(scores)), views,
-                                        *(mean_std([s.value(m) for s in scores]) for m in IMAGE_METRICS)]))
-    if geometry:
-        header = ["checkpoint", "meshes", "no surface", *(LABELS[m] for m in GEOMETRY_METRICS), "mesh seconds"]
-        lines += ["", _markdown_row(header), "|" + " --- |" * len(header)]
-        for name, all_scores in results.items():
-            for label, scores in _by_set(name, all_scores):
-                meshes = sum(math.isfinite(s.chamfer) for s in scores)
-                lines.append(_markdown_row([label, f"{meshes}/{len(scores)}", str(sum(s.no_surface for s in scores)),
-                                            *(mean_std([s.value(m) for s in scores]) for m in GEOMETRY_METRICS),
-                                            mean_std([s.mesh_seconds for s in scores])]))
-    return "\n".join(lines) + "\n"
+            image.append([label, str(len(scores)), views,
+                          *(mean_std([s.value(m) for s in scores]) for m in IMAGE_METRICS)])
+    if not geometry:
+        return [image]
+    shape = [["checkpoint", "meshes", "no surface", *(LABELS[m] for m in GEOMETRY_METRICS), "mesh seconds"]]
+    for name, all_scores in results.items():
+        for label, scores in _by_set(name, all_scores):
+            meshes = sum(math.isfinite(s.chamfer) for s in scores)
+            shape.append([label, f"{meshes}/{len(scores)}", str(sum(s.no_surface for s in scores)),
+                          *(mean_std([s.value(m) for s in scores]) for m in GEOMETRY_METRICS),
+                          mean_std([s.mesh_seconds for s in scores])])
+    return [image, shape]
+
+
+def summary_table(results: dict[str, list[ObjectScores]], geometry: bool = True) -> str:
+    """`summary_tables` as Markdown, the tables one blank line apart."""
+    blocks = ["\n".join([_markdown_row(header), "|" + " --- |" * len(header), *map(_markdown_row, rows)])
+              for header, *rows in summary_tables(results, geometry)]
+    return "\n\n".join(blocks) + "\n"
 
 
 def plot_distributions(results: dict[str, list[ObjectScores]], directory: str | Path) -> list[Path]:

@@ -21,6 +21,7 @@ from vfusion3d_lightning.evaluation import (
     summary_table,
     write_csv,
 )
+from vfusion3d_lightning.evaluation_report import Report
 from vfusion3d_lightning.io import atomic_write
 from vfusion3d_lightning.models.lrm import LRM
 from vfusion3d_lightning.training.losses import build_lpips
@@ -31,19 +32,21 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
              input_view: int | None = None, input_size: int = 512, render_size: int | None = None,
              views_per_batch: int = 8, device: str = "auto", dtype: Literal["float32", "bfloat16"] = "float32",
              seed: int = 0, assets: Path | None = None, geometry: bool = True, mesh_resolution: int | None = None,
-             mesh_threshold: float | None = 1.0) -> dict[str, list[ObjectScores]]:
+             mesh_threshold: float | None = 1.0, report: bool = True,
+             report_objects: int = 16) -> dict[str, list[ObjectScores]]:
     """Per held-out object, give one view to each LRM and score two tracks. Novel views: render every other
     view from its ground-truth camera and compare on white by PSNR, SSIM and LPIPS (CLIP similarity too, with
     a CLIP model); the input view is not scored. Geometry (with --assets): extract the LRM's mesh and compare
     it with the asset's by Chamfer distance and F-score after normalisation and alignment. Writes each
-    checkpoint's objects.csv, a side-by-side summary.md (mean ± std over objects) and box plots.
+    checkpoint's objects.csv, a side-by-side summary.md (mean ± std over objects), box plots and report.html: the
+    numbers next to the pictures (input view, ground truth and rendered views, turntable, mesh) per object.
 
     Args:
         checkpoint: LRMs to evaluate: save_pretrained folders, weights files, registry names or LRMModule .ckpt
             files; several are compared side by side.
         shards: held-out multi-view shards (a folder, brace pattern or glob), e.g. renders made with
             `render --views uniform32`.
-        out: folder for <checkpoint>/objects.csv, summary.md and plots/.
+        out: folder for <checkpoint>/objects.csv, summary.md, plots/, report.html and its pictures (report/).
         clip: CLIP folder or hub id in the local cache; `none` skips the CLIP metrics.
         lpips_weights: torchvision VGG16 weights for LPIPS (default: the torch hub cache).
         lpips_random_backbone: an untrained LPIPS trunk: for tests only, its LPIPS numbers mean nothing.
@@ -64,8 +67,11 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
             scores NaN, is counted, and a warning suggests a level that has one. null: each object's grid
             median, for LRMs not trained to the released density scale (the quickstart's); say so with the
             numbers.
+        report: write report.html (pictures of the first `report_objects` objects per checkpoint).
+        report_objects: objects shown in the report (the page says how many more were scored).
     """
     out, device = Path(out), resolve_device(device)
+    pages = Report(out, report_objects) if report else None  # a bad report_objects fails before any work
     if mesh_resolution is None:
         mesh_resolution = 256 if device.startswith("cuda") else 128
     ground_truth = None
@@ -79,22 +85,29 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
     lpips_model = build_lpips(lpips_weights, lpips_random_backbone)
     clip_model = None if str(clip).lower() == "none" else load_clip(clip, device)
     results: dict[str, list[ObjectScores]] = {}
-    for name, source in zip(checkpoint_names(checkpoint), checkpoint):
-        evaluator = Evaluator(LRM.from_pretrained(source), lpips_model, clip_model, device=device, dtype=DTYPES[dtype],
-                              input_view=input_view, input_size=input_size, render_size=render_size,
-                              views_per_batch=views_per_batch, seed=seed, ground_truth=ground_truth,
-                              mesh_resolution=mesh_resolution, mesh_threshold=mesh_threshold)
-        scores = evaluator.evaluate(held_out_samples(shards), max_objects, total, desc=name)
-        if not scores:
-            raise ValueError(f"no samples in {shards}")
-        results[name] = scores
-        print(f"{name}: {len(scores)} objects -> {write_csv(out / name / 'objects.csv', scores)}")
-        no_surface = sum(s.no_surface for s in scores)
-        if no_surface:
-            print(f"vfusion3d-lightning: warning: {name}: {no_surface} of {len(scores)} objects have no surface at "
-                  f"density {mesh_threshold:g}: their geometry metrics are NaN (see the suggested levels above; "
-                  "--mesh_threshold)", file=sys.stderr)
-        del evaluator  # free the LRM before loading the next
+    try:
+        for name, source in zip(checkpoint_names(checkpoint), checkpoint):
+            evaluator = Evaluator(LRM.from_pretrained(source), lpips_model, clip_model, device=device,
+                                  dtype=DTYPES[dtype], input_view=input_view, input_size=input_size,
+                                  render_size=render_size, views_per_batch=views_per_batch, seed=seed,
+                                  ground_truth=ground_truth,
+                                  mesh_resolution=mesh_resolution, mesh_threshold=mesh_threshold,
+                                  on_object=pages.hook(name) if pages else None)
+            scores = evaluator.evaluate(held_out_samples(shards), max_objects, total, desc=name)
+            if not scores:
+                raise ValueError(f"no samples in {shards}")
+            results[name] = scores
+            print(f"{name}: {len(scores)} objects -> {write_csv(out / name / 'objects.csv', scores)}")
+            no_surface = sum(s.no_surface for s in scores)
+            if no_surface:
+                print(f"vfusion3d-lightning: warning: {name}: {no_surface} of {len(scores)} objects have no surface at "
+                      f"density {mesh_threshold:g}: their geometry metrics are NaN (see the suggested levels above; "
+                      "--mesh_threshold)", file=sys.stderr)
+            del evaluator  # free the LRM before loading the next
+    except BaseException:
+        if pages:
+            pages.close()  # the mesh renderer's OpenGL context, and the pictures of a run that failed
+        raise
     table = summary_table(results, geometry)
     chosen = f"input view {input_view}" if input_view is not None else f"input view drawn per object (seed {seed})"
     note = (f"\nNovel views: {chosen}, not scored; means ± std over objects of per-object means over the other "
@@ -107,6 +120,10 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
                  + ("" if ground_truth else " No --assets: nothing measured.") + "\n")
     atomic_write(out / "summary.md", lambda tmp: tmp.write_text(table + note))
     print(table + note)
-    for path in plot_distributions(results, out / "plots"):
+    plots = plot_distributions(results, out / "plots")
+    for path in plots:
         print(f"plot -> {path}")
+    if pages:
+        print(f"report -> {pages.write(results, geometry, note, plots, meshes=ground_truth is not None)}")
+        pages.close()
     return results

@@ -17,7 +17,8 @@ Stages, in the order of the system's data flow, each in the folder of the run fo
     label          elevation + orbit cameras and masks into the kept videos
     lrm_pretrain   the LRM on the labelled synthetic videos, multi-stage (LightningCLI fit)
     lrm_finetune   the LRM on 3D renders with L2 added, from the pre-trained weights (LightningCLI fit)
-    evaluate       PSNR/SSIM/LPIPS and CLIP image/text similarity of both LRMs on the held-out objects
+    evaluate       PSNR/SSIM/LPIPS and CLIP image/text similarity of both LRMs on the held-out objects, and
+                   report.html: their renders, turntables and meshes next to the ground truth
     export         turntable GIFs and meshes for sample held-out images
 
 A stage that finishes writes `stage.json` (its config, the digests of its inputs, the digest of its outputs);
@@ -382,7 +383,7 @@ class Pipeline:
             counts = ", ".join(f"{k} {v}" for k, v in record["outputs"].items() if isinstance(v, (int, float)))
             lines.append(f"| {name} | {record['seconds']:.0f} | {counts} |")
         lines += ["", "## Held-out metrics", "", metrics_table.strip(), "", "## Outputs", ""]
-        for name in ("video_checkpoint", "quality_svm", "elevation_mlp", "pretrained", "finetuned"):
+        for name in ("video_checkpoint", "quality_svm", "elevation_mlp", "pretrained", "finetuned", "report"):
             for stage_outputs in outputs.values():
                 if name in stage_outputs:
                     lines.append(f"- {name}: {stage_outputs[name]}")
@@ -753,7 +754,8 @@ def stage_evaluate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
              lpips_random_backbone=cfg.lpips_random_backbone, max_objects=cfg.max_objects,
              input_size=cfg.input_size, render_size=cfg.render_size, views_per_batch=cfg.views_per_batch,
              device=pipe.config.device, seed=pipe.config.seed)
-    return {"summary": str(folder / "summary.md"), "plots": str(folder / "plots")}
+    return {"summary": str(folder / "summary.md"), "plots": str(folder / "plots"),
+            "report": str(folder / "report.html")}
 
 
 
