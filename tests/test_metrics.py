@@ -386,3 +386,13 @@ def test_evaluate_takes_the_pipelines_arguments_and_skips_geometry_on_request(tm
     assert "no --assets" not in capsys.readouterr().err
     assert "Chamfer" not in (tmp_path / "without" / "summary.md").read_text()
     assert "Chamfer" in (tmp_path / "with" / "summary.md").read_text()
+
+
+def test_checkpoint_names_stay_inside_the_output_folder(tmp_path, monkeypatch):
+    from vfusion3d_lightning.evaluation import checkpoint_names
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    names = checkpoint_names(["..", ".", "run/..", "a/b/last.ckpt", "a/c/last.ckpt", ".hidden"])
+    assert names == [tmp_path.parent.name, tmp_path.name, tmp_path.name + "-2", "last", "last-2", "hidden"]
+    assert all(name and "/" not in name and not name.startswith(".") for name in names)

@@ -589,8 +589,10 @@ def checkpoint_names(sources: list[str]) -> list[str]:
     names: list[str] = []
     for source in sources:
         path = Path(source)
+        if path.name in ("", ".", ".."):  # `.` or `..` would name a folder outside `out`: the folder's own name
+            path = path.resolve()
         base = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem if path.suffix in (".ckpt", ".safetensors", ".pt", ".pth")
-                      else path.name) or "checkpoint"
+                      else path.name).lstrip(".") or "checkpoint"
         name, k = base, 2
         while name in names:
             name, k = f"{base}-{k}", k + 1
