@@ -748,3 +748,27 @@ def test_the_tiny_paper_ablation_sweep_runs_end_to_end(tmp_path, shards):
     assert config("lpips_mse")["model"]["init_args"]["l2_weight"] == 1.0
     assert config("no_opacity")["model"]["init_args"]["opacity_weight"] == 0.0
     assert config("multistage")["model"]["init_args"]["l2_weight"] == 0.0
+
+
+@pytest.mark.slow
+def test_the_tiny_finetune_views_sweep_runs_end_to_end(tmp_path, shards):
+    """configs/sweeps/paper_finetune_views_tiny.yaml as shipped (32 vs 16 views per object), from a saved tiny
+    LRM, its two trials cut to one step and one validation."""
+    from vfusion3d_lightning.models.lrm import LRM, LRMConfig
+
+    pretrained = LRM(LRMConfig.from_name("tiny")).save_pretrained(tmp_path / "pretrained")
+    arguments = shipped_sweep("paper_finetune_views_tiny")
+    overrides = {**fast(shards), "trainer.max_epochs": 1, "model.init_args.val_render_size": 16,
+                 "model.init_args.pretrained": str(pretrained)}
+    arguments.update(out=str(tmp_path / "views"), overrides=overrides, n_jobs=2, progress=False)
+    result = sweep(**arguments)
+    assert result["complete"] == 2 and not result["failed_now"]
+    out = tmp_path / "views"
+    comparison = csv_rows(out / "comparison.csv")
+    assert [row["variant"] for row in comparison] == ["finetune_32_views", "finetune_16_views"]
+    assert all(math.isfinite(float(row["val/psnr"])) for row in comparison)
+    for variant, views in (("finetune_32_views", 32), ("finetune_16_views", 16)):
+        (folder,) = out.glob(f"trial-*_{variant}")
+        config = yaml.safe_load(next(folder.glob("lightning_logs/version_*/config.yaml")).read_text())
+        assert config["data"]["init_args"]["views_per_object"] == views
+        assert config["model"]["init_args"]["pretrained"] == str(pretrained)
