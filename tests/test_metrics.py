@@ -287,7 +287,8 @@ def test_evaluate_command_compares_checkpoints(tmp_path, shards, samples, clip_d
                for line in summary)
     assert capsys.readouterr().err.count("no --assets: geometry metrics are n/a") == 1  # said once
     plots = sorted(p.name for p in (out / "plots").iterdir())
-    assert plots == ["clip_image.png", "lpips.png", "opacity_iou.png", "psnr.png", "ssim.png"]  # no CLIP text: no prompts
+    # no prompts: no CLIP text values
+    assert plots == ["clip_image.png", "lpips.png", "opacity_iou.png", "psnr.png", "ssim.png"]
     assert all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
 
 
