@@ -18,15 +18,20 @@ from vfusion3d_lightning.data.procedural import write_assets
 from vfusion3d_lightning.data.render import load_asset
 from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
 from vfusion3d_lightning.evaluation import (
+    BASELINE,
     CSV_FIELDS,
     PSNR_CAP,
     Evaluator,
     GroundTruthMeshes,
+    ObjectScores,
+    constant_background_scores,
     evaluation_views,
     held_out_samples,
     image_scores,
     load_clip,
+    opacity_iou,
     seeded_input_view,
+    summary_tables,
 )
 from vfusion3d_lightning.geometry.mesh import density_grid, suggest_threshold
 from vfusion3d_lightning.io import on_white
@@ -134,6 +139,7 @@ class Oracle(nn.Module):
         super().__init__()
         self.cameras, self.shift = views["render_cameras"], shift
         self.images = views["target_images"] if images is None else images
+        self.masks = views["target_masks"] if images is None else images[:, :1] < 0.99  # not white: the object
         self.asked: list[int] = []  # the views it was asked to render
 
     def forward(self, image, source_camera):
@@ -145,7 +151,7 @@ class Oracle(nn.Module):
         self.asked += distance.argmin(1).tolist()
         index = (distance.argmin(1) + self.shift) % len(self.cameras)
         rgb = self.images[index][None]
-        return RenderOutput(rgb=rgb, depth=rgb[:, :, :1], opacity=rgb[:, :, :1])
+        return RenderOutput(rgb=rgb, depth=rgb[:, :, :1], opacity=self.masks[index][None].float())
 
 
 def test_a_perfect_render_scores_perfectly_and_wrong_ones_worse(samples, lpips_model):
@@ -159,6 +165,60 @@ def test_a_perfect_render_scores_perfectly_and_wrong_ones_worse(samples, lpips_m
     assert perfect.ssim == pytest.approx(1.0, abs=1e-5) and perfect.lpips == pytest.approx(0.0, abs=1e-6)
     for wrong in (neighbour, foreign):
         assert wrong.psnr < 40 and wrong.ssim < 0.95 and wrong.lpips > 1e-3
+
+
+def test_the_constant_background_is_scored_beside_and_a_perfect_render_beats_it(samples, lpips_model):
+    views = evaluation_views(samples[0], input_size=SIZE)
+    perfect, foreign = (Evaluator(oracle, lpips_model, input_view=0, input_size=SIZE).evaluate_sample(samples[0])
+                        for oracle in (Oracle(views), Oracle(views, images=evaluation_views(
+                            samples[2], input_size=SIZE)["target_images"])))
+    assert perfect.opacity_iou == 1.0 and perfect.value("baseline_opacity_iou") == 0.0  # the objects are not empty
+    assert perfect.psnr > perfect.value("baseline_psnr") + 20 and perfect.ssim > perfect.value("baseline_ssim")
+    assert perfect.lpips < perfect.value("baseline_lpips")
+    assert 0 < foreign.opacity_iou < 0.9  # another object's silhouette overlaps, not fully
+    assert foreign.baseline == perfect.baseline  # the same views: the same baseline, whatever the LRM renders
+    # by hand: the white image against the 31 novel views' ground truth, PSNR per view then the mean
+    truth = views["target_images"][1:]
+    by_hand = (10 * torch.log10(1 / ((1 - truth) ** 2).mean(dim=(1, 2, 3)))).mean().item()
+    assert perfect.value("baseline_psnr") == pytest.approx(by_hand, abs=1e-4)
+    assert 3 < by_hand < 40  # a small object on white: the constant background is not a weak straw man
+
+
+def test_opacity_iou_by_hand():
+    alpha = torch.zeros(2, 1, 4, 4)
+    alpha[0, 0, :2, :2] = 1.0  # 4 pixels of the object in view 0, none in view 1
+    opacity = torch.zeros(2, 1, 4, 4)
+    opacity[0, 0, 1:3, 1:3] = 0.7  # 4 pixels: 1 shared, 7 in the union
+    opacity[1, 0, 0, 0] = 0.4  # below the level: not counted
+    assert opacity_iou(opacity, alpha) == pytest.approx(1 / 7)
+    assert opacity_iou(alpha, alpha) == 1.0 and opacity_iou(torch.zeros_like(alpha), alpha) == 0.0
+    assert opacity_iou(torch.zeros_like(alpha), torch.zeros_like(alpha)) == 1.0  # both empty: they agree
+    with pytest.raises(ValueError, match="same shape"):
+        opacity_iou(opacity[:1], alpha)
+
+
+def test_constant_background_scores_of_a_white_view_are_perfect(lpips_model):
+    white, alpha = torch.ones(2, 3, SIZE, SIZE), torch.zeros(2, 1, SIZE, SIZE)
+    scores = constant_background_scores(white, alpha, lpips_model)
+    assert scores["psnr"] == PSNR_CAP and scores["opacity_iou"] == 1.0
+    assert scores["ssim"] == pytest.approx(1.0, abs=1e-5) and scores["lpips"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_summary_puts_the_constant_background_under_the_checkpoints():
+    def scores(object_id: str, psnr: float, iou: float) -> ObjectScores:
+        return ObjectScores(object_id, psnr, 0.5, 0.2, opacity_iou=iou, views=31,
+                            baseline={"psnr": 10.0, "ssim": 0.8, "lpips": 0.3, "opacity_iou": 0.0})
+
+    results = {"pretrained": [scores("a", 11.0, 0.1), scores("real_b", 13.0, 0.3)],
+               "finetuned": [scores("a", 14.0, 0.5), scores("real_b", 16.0, 0.7)]}
+    image, _ = summary_tables(results)
+    assert image[0][:7] == ["checkpoint", "objects", "views", "PSNR ↑", "SSIM ↑", "LPIPS ↓", "opacity IoU ↑"]
+    names = [row[0] for row in image[1:]]
+    assert names == ["pretrained", "pretrained: other", "pretrained: real", "finetuned", "finetuned: other",
+                     "finetuned: real", BASELINE, f"{BASELINE}: other", f"{BASELINE}: real"]
+    assert image[4][3:7] == ["15.00 ± 1.41", "0.5000 ± 0.0000", "0.2000 ± 0.0000", "0.6000 ± 0.1414"]
+    assert image[7][3:7] == ["10.00 ± 0.00", "0.8000 ± 0.0000", "0.3000 ± 0.0000", "0.0000 ± 0.0000"]
+    assert image[7][7:] == ["n/a", "n/a"]  # no CLIP scores for the background
 
 
 def test_image_scores_of_identical_and_shifted_images(samples, lpips_model):
@@ -208,6 +268,8 @@ def test_evaluate_command_compares_checkpoints(tmp_path, shards, samples, clip_d
         with open(out / name / "objects.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
         assert tuple(rows[0]) == CSV_FIELDS and len(rows) == 2
+        assert all(0 <= float(r["opacity_iou"]) <= 1 and float(r["baseline_opacity_iou"]) == 0 for r in rows)
+        assert all(3 < float(r["baseline_psnr"]) < 40 and float(r["baseline_lpips"]) > 0 for r in rows)
         assert [r["views"] for r in rows] == ["31", "31"] and all(r["clip_text"] == "nan" for r in rows)
         assert all(np.isfinite(float(r[m])) for r in rows for m in ("psnr", "ssim", "lpips", "clip_image"))
         assert [int(r["input_view"]) for r in rows] == [seeded_input_view(0, s.object_id, 32) for s in samples[:2]]
@@ -217,12 +279,16 @@ def test_evaluate_command_compares_checkpoints(tmp_path, shards, samples, clip_d
     summary = (out / "summary.md").read_text().splitlines()
     assert [line.split("|")[1].strip() for line in summary[2:4]] == ["tiny_export", "last"]
     assert "| 2 | 31 |" in summary[2] and " ± " in summary[2]
-    assert [line.split("|")[1:4] for line in summary[7:9]] == [[" tiny_export ", " 0/2 ", " 0 "],
-                                                               [" last ", " 0/2 ", " 0 "]]
-    assert summary[7].count("n/a") == 5  # no assets: nothing measured
+    assert summary[4].startswith(f"| {BASELINE} | 2 | 31 |") and summary[4].count("n/a") == 2  # no CLIP for it
+    assert [line.split("|")[1:4] for line in summary[8:10]] == [[" tiny_export ", " 0/2 ", " 0 "],
+                                                                [" last ", " 0/2 ", " 0 "]]
+    assert summary[8].count("n/a") == 5  # no assets: nothing measured
+    assert any(line.startswith("last: PSNR ") and "dB over the constant background, opacity IoU" in line
+               for line in summary)
     assert capsys.readouterr().err.count("no --assets: geometry metrics are n/a") == 1  # said once
     plots = sorted(p.name for p in (out / "plots").iterdir())
-    assert plots == ["clip_image.png", "lpips.png", "psnr.png", "ssim.png"]  # no prompts: no CLIP text values
+    # no prompts: no CLIP text values
+    assert plots == ["clip_image.png", "lpips.png", "opacity_iou.png", "psnr.png", "ssim.png"]
     assert all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
 
 

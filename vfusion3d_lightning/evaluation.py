@@ -10,7 +10,10 @@ Protocol, per object of the shards (the 32-view `uniform32` sets; any N-view set
    (default: the shards' resolution); each is compared with its ground truth on white by PSNR, SSIM
    (torchmetrics) and LPIPS (`losses.build_lpips`, so training and evaluation share weights and errors).
    The input view is not scored. Object scores are means over its N - 1 novel views. PSNR of a view is capped
-   at `PSNR_CAP` dB, so a perfect view (infinite PSNR) keeps means finite. CLIP similarity (cosine of
+   at `PSNR_CAP` dB, so a perfect view (infinite PSNR) keeps means finite. Opacity IoU: the rendered opacity
+   thresholded at 0.5 against the ground-truth alpha thresholded at 0.5, over all pixels of the novel views.
+   Beside each object's scores, the same scores of the trivial prediction (`constant_background`): the white
+   background everywhere, so an empty opacity (IoU 0 against any non-empty mask). CLIP similarity (cosine of
    projected embeddings, in [-1, 1], not CLIPScore's x100): `clip_image` between the input image and the
    rendered novel views, `clip_text` between the sample's `prompt` and the same views (NaN without a prompt).
 3. Geometry (with the held-out assets): the mesh of the LRM's density at `mesh_threshold` (`extract_mesh`,
@@ -46,11 +49,15 @@ from vfusion3d_lightning.training.losses import lpips_loss
 PSNR_CAP = 100.0  # dB; an MSE of 1e-10, far below 8-bit quantisation, so only exact copies reach it
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 FSCORE_THRESHOLDS = (0.1, 0.2, 0.5)  # in the unit cube's side, as `geometry.metrics` reports them
-IMAGE_METRICS = ("psnr", "ssim", "lpips", "clip_image", "clip_text")
+IMAGE_METRICS = ("psnr", "ssim", "lpips", "opacity_iou", "clip_image", "clip_text")
 GEOMETRY_METRICS = ("chamfer", *(f"fscore@{t:g}" for t in FSCORE_THRESHOLDS))
 METRICS = (*IMAGE_METRICS, *GEOMETRY_METRICS)
-CSV_FIELDS = ("object_id", "input_view", *METRICS, "mesh_seconds", "no_surface", "views")
-LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "clip_image": "CLIP image ↑",
+BASELINE_METRICS = ("psnr", "ssim", "lpips", "opacity_iou")  # scored for the constant background prediction too
+BASELINE = "constant background"  # its row in the summary tables
+CSV_FIELDS = ("object_id", "input_view", *METRICS, *(f"baseline_{m}" for m in BASELINE_METRICS), "mesh_seconds",
+              "no_surface", "views")
+LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "opacity_iou": "opacity IoU ↑",
+          "clip_image": "CLIP image ↑",
           "clip_text": "CLIP text ↑", "chamfer": "Chamfer ↓",
           **{f"fscore@{t:g}": f"F-score@{t:g} ↑" for t in FSCORE_THRESHOLDS}}
 
@@ -58,13 +65,15 @@ LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "clip_im
 @dataclasses.dataclass
 class ObjectScores:
     """One object's scores: image metrics are means over its `views` scored (novel) views; geometry metrics
-    compare its extracted mesh with the asset's (`fscore` keyed by threshold). NaN (or an empty `fscore`)
-    where a metric was not computed; `no_surface`: the LRM's field had no surface at the mesh threshold."""
+    compare its extracted mesh with the asset's (`fscore` keyed by threshold); `baseline` the image metrics of
+    the constant background prediction on the same views (BASELINE_METRICS). NaN (or an empty `fscore`) where a
+    metric was not computed; `no_surface`: the LRM's field had no surface at the mesh threshold."""
 
     object_id: str
     psnr: float
     ssim: float
     lpips: float
+    opacity_iou: float = math.nan
     clip_image: float = math.nan
     clip_text: float = math.nan
     chamfer: float = math.nan
@@ -73,16 +82,25 @@ class ObjectScores:
     no_surface: bool = False
     input_view: int = 0
     views: int = 0
+    baseline: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def value(self, metric: str) -> float:
-        """The score named as in METRICS (`fscore@0.1` reads `fscore[0.1]`)."""
+        """The score named as in METRICS (`fscore@0.1` reads `fscore[0.1]`, `baseline_psnr` `baseline["psnr"]`)."""
         if metric.startswith("fscore@"):
             return self.fscore.get(float(metric.removeprefix("fscore@")), math.nan)
+        if metric.startswith("baseline_"):
+            return self.baseline.get(metric.removeprefix("baseline_"), math.nan)
         return getattr(self, metric)
+
+    def baseline_scores(self) -> ObjectScores:
+        """The constant background prediction's scores on this object's views, as an ObjectScores (the rest NaN)."""
+        return ObjectScores(self.object_id, **{m: self.baseline.get(m, math.nan) for m in BASELINE_METRICS},
+                            input_view=self.input_view, views=self.views)
 
     def row(self) -> dict[str, str | int]:
         """The objects.csv row: CSV_FIELDS, floats to 6 significant digits."""
-        values = {name: self.value(name) if name in METRICS else getattr(self, name) for name in CSV_FIELDS}
+        values = {name: getattr(self, name) if name in ("object_id", "input_view", "mesh_seconds", "no_surface",
+                                                         "views") else self.value(name) for name in CSV_FIELDS}
         return {k: f"{v:.6g}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else v
                 for k, v in values.items()}
 
@@ -104,6 +122,25 @@ def ssim_per_view(rendered: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     return structural_similarity_index_measure(rendered.float(), target.float(), data_range=1.0, reduction="none")
+
+
+def opacity_iou(opacity: torch.Tensor, alpha: torch.Tensor, level: float = 0.5) -> float:
+    """IoU of two masks over all pixels of all views: the rendered opacity and the ground-truth alpha (same
+    shape, in [0, 1]), each thresholded at `level`. Both empty: 1 (they agree everywhere)."""
+    if opacity.shape != alpha.shape:
+        raise ValueError(f"opacity {tuple(opacity.shape)} and alpha {tuple(alpha.shape)} must have the same shape")
+    ours, truth = opacity > level, alpha > level
+    union = (ours | truth).sum().item()
+    return (ours & truth).sum().item() / union if union else 1.0
+
+
+def constant_background_scores(target: torch.Tensor, alpha: torch.Tensor, lpips_model: nn.Module,
+                               chunk: int = 8) -> dict[str, float]:
+    """BASELINE_METRICS of the trivial prediction, the white background everywhere (an empty opacity), against
+    target (V, 3, H, W) on white and its alpha (V, 1, H, W)."""
+    white = torch.ones_like(target)
+    return {**image_scores(white, target, lpips_model, chunk), "opacity_iou": opacity_iou(torch.zeros_like(alpha),
+                                                                                           alpha)}
 
 
 def image_scores(rendered: torch.Tensor, target: torch.Tensor, lpips_model: nn.Module,
@@ -206,8 +243,9 @@ def evaluation_views(sample, input_view: int = 0, input_size: int = 512, render_
     """One `MultiViewSample` -> the LRM's input and all N views' ground truth, through the training transform.
 
     Returns input_image (3, input_size, input_size) and source_camera (16,) for the input view; target_images
-    (N, 3, S, S) on white and render_cameras (N, 25) in sample view order, in the frame where the input camera
-    is canonical (S = render_size, default the sample's width); scored_views (N - 1,) the indices of the novel
+    (N, 3, S, S) on white, target_masks (N, 1, S, S) their alpha and render_cameras (N, 25) in sample view
+    order, in the frame where the input camera is canonical (S = render_size, default the sample's width);
+    scored_views (N - 1,) the indices of the novel
     views (all but the input one); world_rotation (3, 3) that frame's rotation from the world (p_canonical =
     R p_world); input_view, object_id, prompt, asset (the source asset's path that `render` recorded, or None).
     """
@@ -233,7 +271,8 @@ def evaluation_views(sample, input_view: int = 0, input_size: int = 512, render_
     world_rotation = canonical_source_pose()[:3, :3].double() @ torch.from_numpy(
         np.asarray(sample.cam2world[input_view], np.float64))[:3, :3].T
     return {"input_image": batch["input_image"], "source_camera": batch["source_camera"],
-            "target_images": batch["target_images"][back], "render_cameras": batch["render_cameras"][back],
+            "target_images": batch["target_images"][back], "target_masks": batch["target_masks"][back],
+            "render_cameras": batch["render_cameras"][back],
             "scored_views": torch.tensor(order[1:]).sort().values, "world_rotation": world_rotation,
             "input_view": input_view, "object_id": sample.object_id, "prompt": sample.prompt,
             "asset": sample.extra.get("asset")}
@@ -354,31 +393,43 @@ class Evaluator:
                                 views["source_camera"][None].to(self.device))
         return planes.float()
 
-    @torch.no_grad()
     def render(self, views: dict, planes: torch.Tensor | None = None, cameras: torch.Tensor | None = None,
                size: int | None = None) -> torch.Tensor:
         """`evaluation_views` output -> its novel views (`scored_views`) rendered from their cameras:
         (N - 1, 3, S, S) float32 in [0, 1]; or the given render `cameras` (V, 25) in the frame of `views`, at
         `size` (default S)."""
+        return self.render_with_opacity(views, planes, cameras, size)[0]
+
+    @torch.no_grad()
+    def render_with_opacity(self, views: dict, planes: torch.Tensor | None = None,
+                            cameras: torch.Tensor | None = None,
+                            size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `render`, and the rendered opacity (V, 1, S, S) float32 of the same views."""
         if cameras is None:
             cameras = views["render_cameras"][views["scored_views"]]
         cameras = cameras[None].to(self.device)
         size = size or views["target_images"].shape[-1]
         generator = torch.Generator(self.device).manual_seed(self.seed)
         planes = self.planes(views) if planes is None else planes
-        frames = []
+        frames, opacities = [], []
         for start in range(0, cameras.shape[1], self.views_per_batch):
             with self._autocast():
                 out = self.model.render(planes, cameras[:, start:start + self.views_per_batch], size,
                                         generator=generator, max_rays=self.max_rays)
             frames.append(out.rgb[0].float().clamp(0, 1))
-        return torch.cat(frames)
+            opacities.append(out.opacity[0].float().clamp(0, 1))
+        return torch.cat(frames), torch.cat(opacities)
 
-    def score(self, views: dict, rendered: torch.Tensor) -> ObjectScores:
-        """Compare renders of the novel views (N - 1, 3, S, S) with their ground truth in `views`."""
+    def score(self, views: dict, rendered: torch.Tensor, opacity: torch.Tensor | None = None) -> ObjectScores:
+        """Compare renders of the novel views (N - 1, 3, S, S) and their opacity (N - 1, 1, S, S; None: no
+        opacity IoU) with their ground truth in `views`, and score the constant background on the same views."""
         target = views["target_images"][views["scored_views"]].to(rendered.device)
+        alpha = views["target_masks"][views["scored_views"]].to(rendered.device)
         scores = ObjectScores(views["object_id"], **image_scores(rendered, target, self.lpips, self.views_per_batch),
-                              input_view=views["input_view"], views=len(target))
+                              input_view=views["input_view"], views=len(target),
+                              baseline=constant_background_scores(target, alpha, self.lpips, self.views_per_batch))
+        if opacity is not None:
+            scores.opacity_iou = opacity_iou(opacity, alpha)
         if self.clip is not None:
             to_image, to_text = self.clip.similarities(views["input_image"], rendered, views["prompt"])
             scores.clip_image = to_image.mean().item()
@@ -433,8 +484,8 @@ class Evaluator:
         planes = self.planes(views)
         self._synchronize()
         planes_seconds = time.perf_counter() - started
-        rendered = self.render(views, planes)
-        scores = self.score(views, rendered)
+        rendered, opacity = self.render_with_opacity(views, planes)
+        scores = self.score(views, rendered, opacity)
         mesh = self.geometry(views, planes, scores, planes_seconds) if self.ground_truth is not None else None
         if self.on_object is not None:
             self.on_object(self, views, planes, rendered, scores, mesh)
@@ -480,8 +531,9 @@ def held_out_samples(pattern: str) -> Iterator:
 
 
 def write_csv(path: str | Path, scores: list[ObjectScores]) -> Path:
-    """One row per object, columns CSV_FIELDS: object_id, input_view, the image then geometry metrics,
-    mesh_seconds, no_surface, views (the number of scored, novel views)."""
+    """One row per object, columns CSV_FIELDS: object_id, input_view, the image then geometry metrics, the
+    constant background's image metrics (`baseline_*`), mesh_seconds, no_surface, views (the number of scored,
+    novel views)."""
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
@@ -528,10 +580,14 @@ def _by_set(name: str, scores: list[ObjectScores]) -> list[tuple[str, list[Objec
 def summary_tables(results: dict[str, list[ObjectScores]], geometry: bool = True) -> list[list[list[str]]]:
     """The summary's tables, each a header row then one row per checkpoint (and per evaluation set,
     `object_set`, when the objects come from several): objects, scored views per object and mean ± std over
-    objects of each image metric; with `geometry` a second table: objects with a mesh compared, objects whose
-    field had no surface, mean ± std of Chamfer, each F-score and mesh seconds (n/a where none was measured)."""
+    objects of each image metric, then the same rows of the constant background prediction (BASELINE: the first
+    checkpoint's objects; every checkpoint is scored on the same views); with `geometry` a second table: objects
+    with a mesh compared, objects whose field had no surface, mean ± std of Chamfer, each F-score and mesh
+    seconds (n/a where none was measured)."""
     image = [["checkpoint", "objects", "views", *(LABELS[m] for m in IMAGE_METRICS)]]
-    for name, all_scores in results.items():
+    first = next(iter(results.values()), [])
+    rows = {**results, BASELINE: [s.baseline_scores() for s in first]} if first else results
+    for name, all_scores in rows.items():
         for label, scores in _by_set(name, all_scores):
             counts = sorted({s.views for s in scores})
             views = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
@@ -554,6 +610,22 @@ def summary_table(results: dict[str, list[ObjectScores]], geometry: bool = True)
     blocks = ["\n".join([_markdown_row(header), "|" + " --- |" * len(header), *map(_markdown_row, rows)])
               for header, *rows in summary_tables(results, geometry)]
     return "\n\n".join(blocks) + "\n"
+
+
+def baseline_gains(results: dict[str, list[ObjectScores]]) -> str:
+    """One line per checkpoint: its mean PSNR gain over the constant background (mean over objects of the
+    per-object difference, same views) and its mean opacity IoU against the background's."""
+    def mean(values: list[float]) -> float:
+        finite = [v for v in values if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else math.nan
+
+    lines = []
+    for name, scores in results.items():
+        gain = mean([s.psnr - s.value("baseline_psnr") for s in scores])
+        ours, theirs = mean([s.opacity_iou for s in scores]), mean([s.value("baseline_opacity_iou") for s in scores])
+        lines.append(f"{name}: PSNR {gain:+.2f} dB over the {BASELINE}, opacity IoU {ours:.4f} (the {BASELINE}'s "
+                     f"{theirs:.4f}).")
+    return "\n".join(lines) + "\n"
 
 
 def plot_distributions(results: dict[str, list[ObjectScores]], directory: str | Path) -> list[Path]:

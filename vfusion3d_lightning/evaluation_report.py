@@ -5,7 +5,8 @@ held-out object (the first `max_objects`), one row of ground truth (the input vi
 `TRUTH_VIEWS` scored views spread over the rig) and per checkpoint one row of its renders from the same
 cameras, a turntable through the input view (animated WebP: it plays in any browser, where H.264 may not),
 the extracted mesh seen from two sides (the renderer of the data, `data.render.MeshRenderer`) with a link to
-the mesh file, and that object's metrics.
+the mesh file, and that object's metrics; the ground truth row carries the constant background prediction's
+scores on the same views (`evaluation.BASELINE`), the figures to beat.
 
 Pictures are written as each object is evaluated (`Report.hook` is the `Evaluator`'s `on_object`), so memory
 holds one object's images at a time. They go to a hidden `.report.partial-*` folder in `<out>` that replaces
@@ -31,7 +32,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vfusion3d_lightning.evaluation import GEOMETRY_METRICS, IMAGE_METRICS, LABELS, ObjectScores, summary_tables
+from vfusion3d_lightning.evaluation import (
+    BASELINE,
+    BASELINE_METRICS,
+    GEOMETRY_METRICS,
+    IMAGE_METRICS,
+    LABELS,
+    ObjectScores,
+    summary_tables,
+)
 from vfusion3d_lightning.io import PARTIAL, atomic_write, to_uint8_images
 
 TRUTH_VIEWS = 4  # scored views shown per object, spread over the rig
@@ -239,8 +248,11 @@ class Report:
                         *(f"<th>view {v}</th>" for v in views[1:]), "<th>turntable</th>",
                         "<th>mesh (front, back)</th>" if meshes else "", "<th>metrics</th>"])
         cells = [_img(item.truth[v], f"ground truth view {v}") for v in views]
+        first = next((item.checkpoints[n] for n in checkpoints if n in item.checkpoints), None)
+        baseline = ("" if first is None else f"{e(BASELINE)}:"
+                    + _metrics(first["scores"].baseline_scores(), [m for m in metrics if m in BASELINE_METRICS]))
         rows = [f"<tr><th class=rowname>ground truth</th>{''.join(f'<td>{c}</td>' for c in cells)}"
-                f"<td></td>{'<td></td>' if meshes else ''}<td></td></tr>"]
+                f"<td></td>{'<td></td>' if meshes else ''}<td class=baseline>{baseline}</td></tr>"]
         for name in checkpoints:
             entry = item.checkpoints.get(name)
             if entry is None:
@@ -301,6 +313,7 @@ table.views th.rowname { text-align: right; vertical-align: middle; min-width: 8
   overflow-wrap: anywhere; }
 table.views td { padding: 4px; text-align: center; vertical-align: middle; }
 td.blank { color: #999; font-size: 12px; }
+td.baseline { color: #777; font-size: 12px; }
 img.view { width: 120px; height: 120px; image-rendering: auto; border: 1px solid #e4e4e4; background: #fff; }
 img.mesh { width: 240px; height: 120px; border: 1px solid #e4e4e4; }
 table.metrics { border-collapse: collapse; font-size: 12px; }

@@ -13,6 +13,7 @@ from vfusion3d_lightning.cameras import canonical_source_camera, turntable_camer
 from vfusion3d_lightning.cli import lightning_cli, main
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.training import LRMModule
+from vfusion3d_lightning.training.losses import build_lpips
 from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +111,11 @@ def test_checkpoints_export_and_restart_from_pretrained(shards, tmp_path):
     root = tmp_path / "run"
     assert main(args(shards, root, "--trainer.max_epochs", "1")) == 0
     (last,) = root.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    saved = torch.load(last, weights_only=True)["state_dict"]
+    assert saved and all(k.startswith("model.") for k in saved)  # the frozen LPIPS judge is rebuilt, not saved
     module = LRMModule.load_from_checkpoint(last, weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(module.lpips.state_dict().values(),
+                                                 build_lpips(random_backbone=True).state_dict().values()))
     export = module.export(tmp_path / "export")
     loaded = LRM.from_pretrained(export)
     for name, value in module.model.state_dict().items():

@@ -9,11 +9,13 @@ from typing import Literal
 from vfusion3d_lightning.commands.common import DTYPES, resolve_device
 from vfusion3d_lightning.data.datamodules import count_samples, expand_shards
 from vfusion3d_lightning.evaluation import (
+    BASELINE,
     DEFAULT_CLIP,
     PSNR_CAP,
     Evaluator,
     GroundTruthMeshes,
     ObjectScores,
+    baseline_gains,
     checkpoint_names,
     held_out_samples,
     load_clip,
@@ -111,7 +113,9 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
     table = summary_table(results, geometry)
     chosen = f"input view {input_view}" if input_view is not None else f"input view drawn per object (seed {seed})"
     note = (f"\nNovel views: {chosen}, not scored; means ± std over objects of per-object means over the other "
-            f"views; PSNR per view capped at {PSNR_CAP:g} dB; CLIP: cosine similarity.\n")
+            f"views; PSNR per view capped at {PSNR_CAP:g} dB; CLIP: cosine similarity. Opacity IoU: rendered "
+            f"opacity > 0.5 against the ground-truth alpha > 0.5. {BASELINE}: the white background everywhere (an "
+            "empty opacity), scored on the same views: the figures to beat.\n" + baseline_gains(results))
     if geometry:
         level = f"density {mesh_threshold:g}" if mesh_threshold is not None else "each object's median density"
         note += (f"Geometry: mesh at {level} on a {mesh_resolution}^3 grid against the asset's, "

@@ -382,7 +382,9 @@ class Pipeline:
         for name, record in self.records.items():
             counts = ", ".join(f"{k} {v}" for k, v in record["outputs"].items() if isinstance(v, (int, float)))
             lines.append(f"| {name} | {record['seconds']:.0f} | {counts} |")
-        lines += ["", "## Held-out metrics", "", metrics_table.strip(), "", "## Outputs", ""]
+        lines += ["", "## Held-out metrics", "", metrics_table.strip(), "",
+                  goal_line(Path(self.output("evaluate", "summary")).parent / "finetuned" / "objects.csv"),
+                  "", "## Outputs", ""]
         for name in ("video_checkpoint", "quality_svm", "elevation_mlp", "pretrained", "finetuned", "report"):
             for stage_outputs in outputs.values():
                 if name in stage_outputs:
@@ -393,6 +395,27 @@ class Pipeline:
         atomic_write(self.run_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
         print(text)
         return summary
+
+
+GOAL_PSNR_GAIN, GOAL_OPACITY_IOU = 3.0, 0.5  # dB over the constant background; IoU: a recognisable object
+
+
+def goal_line(objects_csv: Path) -> str:
+    """Whether the fine-tuned LRM beats the trivial prediction on the held-out objects (its objects.csv): mean
+    PSNR gain over the constant background >= GOAL_PSNR_GAIN dB and mean opacity IoU >= GOAL_OPACITY_IOU."""
+    import csv
+
+    with objects_csv.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    gain = float(np.mean([float(r["psnr"]) - float(r["baseline_psnr"]) for r in rows]))
+    iou = float(np.mean([float(r["opacity_iou"]) for r in rows]))
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    return (f"Goal (fine-tuned LRM, held-out): PSNR {gain:+.2f} dB over the constant background (goal >= "
+            f"+{GOAL_PSNR_GAIN:g} dB: {verdict(gain >= GOAL_PSNR_GAIN)}); opacity IoU {iou:.3f} (goal >= "
+            f"{GOAL_OPACITY_IOU:g}: {verdict(iou >= GOAL_OPACITY_IOU)}).")
 
 
 def _plain(value: Any) -> Any:

@@ -226,7 +226,15 @@ class LRMModule(L.LightningModule):
         log_image(self.trainer, "val/turntable", grid, "turntables")
         log_video(self.trainer, "val/turntable_video", frames, "turntables")
 
-    # ------------------------------------------------------------------ export
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the LPIPS judge is frozen and rebuilt at construction (its weights file, or its seeded random trunk): 60 MB
+        # a checkpoint otherwise, which a CPU run saving every few steps spends seconds writing
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("lpips.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"].update({f"lpips.{k}": v for k, v in self.lpips.state_dict().items()})
 
     def export(self, directory: str | Path) -> Path:
         """`LRM.save_pretrained` of the trained network, for `LRM.from_pretrained` and inference.
