@@ -235,3 +235,12 @@ def test_registries_give_the_bundled_meshes_and_the_rest(tmp_path):
     assert load_asset(tmp_path / "out" / "real_spider.glb").visual.kind == "texture"
     assert (tmp_path / "out" / "licenses" / "pyvista" / "LICENSE").read_text().startswith("The MIT License")
     assert "BSD-3-clause" in (tmp_path / "out" / "licenses" / "assimp-testmodels" / "copyright").read_text()
+
+
+def test_an_unreadable_dataset_mesh_is_named(tmp_path):
+    meshes = tmp_path / "gso" / "alarm" / "meshes"
+    meshes.mkdir(parents=True)
+    (meshes / "model.obj").write_text("v 0 0 0\nv 1 0 0\n")  # vertices, no faces
+    with pytest.raises(EvalSetError, match="model.obj: the mesh has no faces"):
+        eval_sets.install_dataset("gso", tmp_path / "gso", tmp_path / "out", ["alarm"], progress=False)
+    assert not (tmp_path / "out" / "gso_alarm.glb").exists()

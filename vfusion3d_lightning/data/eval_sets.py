@@ -273,7 +273,13 @@ def _load_files(files: dict[str, bytes], main: str) -> trimesh.Scene:
                 # Windows material libraries name textures `.\tex.jpg`, which no POSIX loader finds
                 data = data.replace(b"\\", b"/")
             target.write_bytes(data)
-        return trimesh.load(Path(tmp) / Path(main).name, force="scene", process=False)
+        try:
+            scene = trimesh.load(Path(tmp) / Path(main).name, force="scene", process=False)
+        except Exception as err:
+            raise EvalSetError(f"{main}: cannot read the mesh ({type(err).__name__}: {err})") from err
+    if not any(isinstance(g, trimesh.Trimesh) and len(g.faces) for g in scene.geometry.values()):
+        raise EvalSetError(f"{main}: the mesh has no faces")
+    return scene
 
 
 def to_y_up_scene(mesh_or_scene, up: str) -> trimesh.Scene:
@@ -465,7 +471,7 @@ def install_dataset(dataset: str, root: str | Path, out: str | Path, names: Iter
             if path.stat().st_size > MAX_MEMBER_BYTES:
                 raise EvalSetError(f"{path}: over the {MAX_MEMBER_BYTES} byte limit of one mesh file")
         main = next(iter(files))
-        glb = to_y_up_scene(_load_files({k: p.read_bytes() for k, p in files.items()}, main), up).export(
+        glb = to_y_up_scene(_load_files({k: p.read_bytes() for k, p in files.items()}, str(files[main])), up).export(
             file_type="glb")
         atomic_write(out / filename, lambda tmp, glb=glb: tmp.write_bytes(glb))
         records[filename] = {"name": name, "dataset_name": dataset_name, "source": f"{dataset}:{root.name}",
