@@ -87,6 +87,20 @@ def test_upright_assets_stand_on_a_base_turned_only_about_z():
         generate_asset(0, style="sideways")
 
 
+def test_solid_assets_are_one_upright_primitive_of_one_saturated_colour():
+    hues = set()
+    for seed in range(12):
+        asset = generate_asset(seed, style="solid")
+        assert isinstance(asset, trimesh.Trimesh)
+        assert _fingerprint(asset) == _fingerprint(generate_asset(seed, style="solid"))
+        colours = np.unique(asset.visual.vertex_colors, axis=0)
+        assert len(colours) == 1
+        rgb = colours[0, :3].astype(float)
+        assert rgb.max() >= 0.6 * 255 - 1 and (rgb.max() - rgb.min()) >= 0.6 * rgb.max() - 1  # value, saturation
+        hues.add(int(rgb.argmax()))
+    assert hues == {0, 1, 2}  # red-, green- and blue-dominant colours all occur
+
+
 def test_pattern_texture():
     checker = np.asarray(pattern_texture("checker", 2, (255, 255, 255), (0, 0, 0), size=4))
     assert checker[:, :, 0].tolist() == [[255, 255, 0, 0], [255, 255, 0, 0], [0, 0, 255, 255], [0, 0, 255, 255]]

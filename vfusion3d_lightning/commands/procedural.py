@@ -12,7 +12,7 @@ MeshFormat = Literal["glb", "obj", "ply"]
 
 def procedural(out: Path, count: int = 100, seed: int = 0,
                formats: list[MeshFormat] = ["glb", "obj", "ply"],  # noqa: B006 (jsonargparse reads the default)
-               style: Literal["tumbled", "upright"] = "tumbled", prefix: str = "asset",
+               style: Literal["tumbled", "upright", "solid"] = "tumbled", prefix: str = "asset",
                progress: bool = True) -> list[Path]:
     """Write seeded procedural 3D assets (GLB, OBJ, PLY), cycling through `formats`.
 
@@ -23,7 +23,8 @@ def procedural(out: Path, count: int = 100, seed: int = 0,
         count: how many assets.
         seed: the same seed gives the same assets.
         formats: file formats to write, in turn.
-        style: `upright`: parts stand on a base, so views show the camera's elevation; `tumbled`: random poses.
+        style: `upright`: parts stand on a base, so views show the camera's elevation; `tumbled`: random poses;
+            `solid`: one upright primitive of one saturated colour (the quickstart's: learnable in minutes).
         prefix: file names `<prefix>_NNNNNN`; the stem is the object id, so give sets used together (training and
             held out) distinct prefixes.
         progress: show a progress bar.

@@ -9,6 +9,10 @@ Style "tumbled" rotates every part uniformly at random, so nothing in a view tel
 assets are modelled: the camera's elevation shows in the views (the base's outline flattens toward the
 horizon), which the elevation estimator learns from.
 
+Style "solid" is one primitive (no sphere: its outline has no up) of one saturated colour, standing upright and
+turned about +z: the quickstart's data, whose outlines a tiny LRM learns to reconstruct in minutes of CPU
+where the multi-part, textured upright assets give it one blob for every input.
+
 Assets are generated in the project's +z-up world; their files are written +y up, as glTF's specification and
 most tools' OBJ/PLY have it, so `render` (file up axis "y" by default) loads them back exactly as generated.
 """
@@ -29,7 +33,7 @@ from vfusion3d_lightning.io import atomic_write
 
 PRIMITIVES = ("box", "sphere", "cylinder", "cone", "capsule", "torus")
 FORMATS = ("glb", "obj", "ply")
-STYLES = ("tumbled", "upright")
+STYLES = ("tumbled", "upright", "solid")
 _TEXTURED_PROBABILITY = 0.4
 _WHITE = np.array([255, 255, 255, 255], dtype=np.uint8)
 
@@ -157,6 +161,8 @@ def generate_asset(seed: int, style: str = "tumbled") -> trimesh.Trimesh | trime
     rng = np.random.default_rng(seed)
     if style == "upright":
         return _upright_asset(rng)
+    if style == "solid":
+        return _solid_asset(rng)
     n_parts = int(rng.integers(1, 6))
     scene = trimesh.Scene()
     for i in range(n_parts):
@@ -187,6 +193,26 @@ def _upright_asset(rng: np.random.Generator) -> trimesh.Scene:
         transform[2, 3] = base_top - part.bounds[0, 2]  # rests on the base
         scene.add_geometry(part, node_name=f"part{i}", geom_name=f"part{i}", transform=transform)
     return scene
+
+
+# primitives whose outline shows the camera's elevation when they stand upright (a sphere's does not)
+_SOLID_PRIMITIVES = ("box", "cylinder", "cone", "capsule", "torus")
+
+
+def _saturated_colour(rng: np.random.Generator) -> np.ndarray:
+    """(4,) uint8 RGBA: a random hue at saturation and value 0.6-1, far from the grey every colour averages to."""
+    hue, saturation, value = rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)
+    rgb = value * (1 - saturation * np.clip(np.abs((hue * 6 + np.array([0, 4, 2])) % 6 - 3) - 1, 0, 1))
+    return np.append(np.round(rgb * 255), 255).astype(np.uint8)
+
+
+def _solid_asset(rng: np.random.Generator) -> trimesh.Trimesh:
+    """One primitive of one saturated colour, standing upright and turned only about +z."""
+    kind = _SOLID_PRIMITIVES[int(rng.integers(len(_SOLID_PRIMITIVES)))]
+    mesh = _primitive(kind, rng)
+    mesh.apply_transform(trimesh.transformations.rotation_matrix(rng.uniform(0, 2 * np.pi), [0, 0, 1]))
+    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=np.tile(_saturated_colour(rng), (len(mesh.vertices), 1)))
+    return mesh
 
 
 def asset_parts(asset: trimesh.Trimesh | trimesh.Scene) -> list[trimesh.Trimesh]:
