@@ -6,7 +6,7 @@ object's input, the constant background, opacity IoU, and the object colour it r
 
 A model that learnt only the mean object scores the same with another object's input as with its own and
 renders every object in one colour. `--strip` writes one row per object: the input, a ground-truth view and
-six turntable frames. How the quickstart's settings were chosen (README, "The whole pipeline").
+six turntable frames. The README's "The whole pipeline" gives its numbers for the quickstart.
 """
 
 from __future__ import annotations
