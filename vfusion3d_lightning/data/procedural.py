@@ -211,7 +211,8 @@ def _solid_asset(rng: np.random.Generator) -> trimesh.Trimesh:
     kind = _SOLID_PRIMITIVES[int(rng.integers(len(_SOLID_PRIMITIVES)))]
     mesh = _primitive(kind, rng)
     mesh.apply_transform(trimesh.transformations.rotation_matrix(rng.uniform(0, 2 * np.pi), [0, 0, 1]))
-    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=np.tile(_saturated_colour(rng), (len(mesh.vertices), 1)))
+    colours = np.tile(_saturated_colour(rng), (len(mesh.vertices), 1))
+    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=colours)
     return mesh
 
 
