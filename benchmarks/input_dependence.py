@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vfusion3d_lightning.evaluation import Evaluator, held_out_samples, opacity_iou, psnr_per_view
+from vfusion3d_lightning.evaluation import Evaluator, held_out_samples, psnr_per_view
 from vfusion3d_lightning.models.lrm import LRM
 from vfusion3d_lightning.training.losses import build_lpips
 
@@ -54,15 +54,15 @@ def main() -> None:
         alpha = view["target_masks"][view["scored_views"]]
         rendered, opacity = evaluator.render_with_opacity(view, planes[index])
         swapped, _ = evaluator.render_with_opacity(view, planes[(index + 1) % len(views)])
-        truth = object_colour(target, alpha)
+        scores = evaluator.score(view, rendered, opacity)  # with the constant background's on the same views
         rows.append({
             "object": view["object_id"],
-            "psnr": psnr_per_view(rendered, target).mean().item(),
+            "psnr": scores.psnr,
             "psnr_other_input": psnr_per_view(swapped, target).mean().item(),
-            "psnr_background": psnr_per_view(torch.ones_like(target), target).mean().item(),
-            "opacity_iou": opacity_iou(opacity, alpha),
+            "psnr_background": scores.baseline["psnr"],
+            "opacity_iou": scores.opacity_iou,
             "colour": [round(c, 3) for c in object_colour(rendered, opacity).tolist()],
-            "true_colour": [round(c, 3) for c in truth.tolist()],
+            "true_colour": [round(c, 3) for c in object_colour(target, alpha).tolist()],
         })
         print(json.dumps(rows[-1]))
         if args.strip:

@@ -50,6 +50,7 @@ from typing import Any, Literal
 import numpy as np
 from jsonargparse.typing import Path_fr
 
+from vfusion3d_lightning.data.procedural import AssetStyle
 from vfusion3d_lightning.io import atomic_write, folder_lock, remove_partials
 from vfusion3d_lightning.training.lightning_cli import lightning_cli
 
@@ -95,7 +96,7 @@ class AssetsConfig:
     count: int = 100
     held_out: int = 8
     real: list[str] = field(default_factory=list)
-    style: Literal["upright", "tumbled", "solid"] = "upright"
+    style: AssetStyle = "upright"
 
 
 @dataclass

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from vfusion3d_lightning.data.procedural import write_assets
+from vfusion3d_lightning.data.procedural import AssetStyle, write_assets
 
 MeshFormat = Literal["glb", "obj", "ply"]
 
 
 def procedural(out: Path, count: int = 100, seed: int = 0,
                formats: list[MeshFormat] = ["glb", "obj", "ply"],  # noqa: B006 (jsonargparse reads the default)
-               style: Literal["tumbled", "upright", "solid"] = "tumbled", prefix: str = "asset",
+               style: AssetStyle = "tumbled", prefix: str = "asset",
                progress: bool = True) -> list[Path]:
     """Write seeded procedural 3D assets (GLB, OBJ, PLY), cycling through `formats`.
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence, get_args
 
 import numpy as np
 import trimesh
@@ -33,7 +33,8 @@ from vfusion3d_lightning.io import atomic_write
 
 PRIMITIVES = ("box", "sphere", "cylinder", "cone", "capsule", "torus")
 FORMATS = ("glb", "obj", "ply")
-STYLES = ("tumbled", "upright", "solid")
+AssetStyle = Literal["tumbled", "upright", "solid"]
+STYLES: tuple[str, ...] = get_args(AssetStyle)
 _TEXTURED_PROBABILITY = 0.4
 _WHITE = np.array([255, 255, 255, 255], dtype=np.uint8)
 
