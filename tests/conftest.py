@@ -1,14 +1,21 @@
 """Fixtures shared by the whole suite."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 # flags every page test needs: headless, nothing fetched from outside, a profile of its own
 COMMON_FLAGS = ("--headless=new", "--no-sandbox", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage")
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a thread a worker: the workers share the cores, as many as cores
+        torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ Inventory: case -> entry point: code that handles it -> test(s). "here" is this 
      test_a_corrupt_shard_in_a_render_output_folder_is_named_not_deleted (generate shares the code)
    - writers never publish a cut shard: schema.ShardWriter (.tar.partial) -> tests/data/test_schema.py::
      test_a_full_disk_mid_shard_publishes_no_cut_shard, tests/data/test_generate_shards.py::
-     test_an_interrupted_run_resumes_writing_each_prompt_exactly_once; curate_shards._write_shard -> case 9
+     test_an_interrupted_run_resumes_writing_each_prompt_exactly_once; schema.write_shard -> case 9
 2. Missing keys
    - a sample without its .json, a view file or a metadata field (schema.decode_sample): SampleError ->
      tests/data/test_schema.py::test_bad_samples_say_precisely_what_is_wrong; in training a counted skip -> here
@@ -81,7 +81,7 @@ Inventory: case -> entry point: code that handles it -> test(s). "here" is this 
    - `infer` (preprocess.load_image): ValueError naming the file, now saying what to do -> here
      test_an_unreadable_image_stops_infer_naming_it; unit: tests/test_preprocess.py::
      test_missing_rembg_or_inputs_give_clear_errors (also the empty mask, which infer now names the image of)
-   - `generate` (data/generate_shards.generate_shards): counted in generate_report.json -> here
+   - `generate` (training/generation.PlannedShards): counted in generate_report.json -> here
      test_an_unreadable_condition_image_is_counted_in_the_generate_report
    - undecodable views in shards (decode_sample): SampleError, a counted skip in training ->
      tests/data/test_schema.py, tests/data/test_datamodules.py (as above)
@@ -127,8 +127,8 @@ Inventory: case -> entry point: code that handles it -> test(s). "here" is this 
    - every single-file output goes through io.atomic_write -> tests/test_io.py::
      test_a_failed_write_leaves_the_existing_file_whole; `infer` rerun over its earlier outputs -> here
      test_a_full_disk_leaves_earlier_infer_outputs_whole
-   - shards: schema.ShardWriter (render, generate) -> tests/data/test_schema.py (as in 1); `filter`, `label`
-     (curate_shards._write_shard) -> here
+   - shards: schema.ShardWriter (render) -> tests/data/test_schema.py (as in 1); `generate`, `filter`, `label`
+     (schema.write_shard) -> here
      test_a_full_disk_during_curation_keeps_earlier_shards_and_report[filter, label]
    - model folders: the save_pretrained of LRM (LRMModule.export), ElevationMLP, QualitySVM and
      VideoDiffusionModel write every file before replacing any (io.atomic_write_folder) -> here
@@ -648,12 +648,12 @@ def test_an_unreadable_condition_image_is_counted_in_the_generate_report(tmp_pat
         writer.write_sample(make_sample("earlier", views=16, size=32, cameras=False, source="synthetic"))
     before = digest(out)
     assert main(["generate", "--model", "tiny-svd", "--inputs", str(inputs), "--out", str(out), "--size", "32",
-                 "--steps", "1", "--device", "cpu"]) == 0
+                 "--steps", "1", "--trainer.accelerator", "cpu", "--num_workers", "0"]) == 0
     assert "generated 0, already present 0, failed 1" in capsys.readouterr().out
     (failed,) = json.loads((out / "generate_report.json").read_text())["failed"]
     assert failed["key"] == "broken" and "cannot read" in failed["reason"] and "broken.png" in failed["reason"]
     after = digest(out)
-    del after[str(out / "generate_report.json")]
+    del after[str(out / "generate_report.json")], after[str(out / "generate_plan.json")]
     assert after == before
 
 
@@ -707,7 +707,7 @@ WRONG_MODEL_CASES = {
         r"model\.safetensors is not torchvision's VGG16 state dict \(vgg16-397923af\.pth from https://"),
     "generate --model <LRMModule .ckpt>": (
         "lrm_ckpt", lambda f, a: main(["generate", "--model", str(f), "--inputs", str(a["images"]), "--out",
-                                       str(a["out"]), "--device", "cpu"]),
+                                       str(a["out"]), "--trainer.accelerator", "cpu"]),
         r"lrm\.ckpt is not a checkpoint of VideoDiffusionModule \(its hyper-parameters are \['lr', 'network'\]\); "
         r"give one that `vfusion3d-lightning fit"),
     "filter --svm <LRM weights>": (
@@ -785,7 +785,7 @@ TAMPERED_CASES = {
     "generate --model x.ckpt": (
         "x.ckpt", tampered_checkpoint,
         lambda f, a: main(["generate", "--model", str(f), "--inputs", str(a["images"]), "--out", str(a["out"]),
-                           "--device", "cpu"]), ValueError, REFUSED),
+                           "--trainer.accelerator", "cpu"]), ValueError, REFUSED),
     # Lightning's own resume: torch >= 2.6 loads with weights_only=True by default (pyproject.toml)
     "fit --ckpt_path x.ckpt": (
         "x.ckpt", tampered_checkpoint,

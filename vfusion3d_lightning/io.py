@@ -158,7 +158,7 @@ _HELD_HERE: set[Path] = set()  # POSIX locks never conflict within one process: 
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, job: str) -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, job: str, lock_name: str = LOCK_NAME) -> Iterator[Path]:
     """Hold `folder` for one writing run: a second run into it (a `.partial` of the first would be deleted,
     shard numbers would restart) stops with an error naming the process that holds it. The lock is the
     operating system's (a POSIX record lock on `folder/.vfusion3d.lock`, removed at the end): a killed run
@@ -168,11 +168,12 @@ def folder_lock(folder: str | os.PathLike, job: str) -> Iterator[Path]:
     Args:
         folder: the output folder (created if missing).
         job: what holds it, for the other run's error (e.g. "render").
+        lock_name: the lock file's name: runs that may share the folder (the parts of one job) hold one each.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
-    key = folder.resolve()
+    path = folder / lock_name
+    key = folder.resolve() / lock_name
     if key in _HELD_HERE:
         raise FolderInUseError(f"{folder} is being written by another run (this process, {os.getpid()}); "
                                "write to another folder")

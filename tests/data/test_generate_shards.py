@@ -1,4 +1,5 @@
-"""`vfusion3d-lightning generate`: inputs from folders and files, valid synthetic shards, exact-once resume."""
+"""`vfusion3d-lightning generate`: inputs from folders and files, valid synthetic shards, exact-once resume, the
+same bytes from one process and from two (DDP over gloo)."""
 
 import json
 
@@ -9,9 +10,10 @@ from PIL import Image
 
 from vfusion3d_lightning.cli import main
 from vfusion3d_lightning.data.datamodules import OrbitClip
-from vfusion3d_lightning.data.generate_shards import generate_shards, read_inputs, sample_seed
+from vfusion3d_lightning.data.generate_shards import read_inputs, sample_seed
 from vfusion3d_lightning.data.schema import complete_shards, decode_sample, keys_in_shards
 from vfusion3d_lightning.models.video import SamplerSettings, VideoDiffusionModel
+from vfusion3d_lightning.training.generation import PLAN_NAME, generate_shards, predict_trainer
 
 
 def write_images(folder, count: int, prompts: bool = True) -> list[str]:
@@ -80,7 +82,7 @@ def test_generate_command_writes_valid_synthetic_shards(tmp_path, model):
     model.save_pretrained(tmp_path / "model")
     code = main(["generate", "--model", str(tmp_path / "model"), "--inputs", str(tmp_path / "images"), "--out",
                  str(tmp_path / "out"), "--size", "32", "--steps", "2", "--batch_size", "2", "--seed", "3",
-                 "--device", "cpu"])
+                 "--trainer.accelerator", "cpu", "--num_workers", "0"])
     assert code == 0
     samples = read_shards(tmp_path / "out")
     assert sorted(samples) == keys
@@ -93,6 +95,12 @@ def test_generate_command_writes_valid_synthetic_shards(tmp_path, model):
     assert clip["frames"].shape == (16, 3, 32, 32)
     report = json.loads((tmp_path / "out" / "generate_report.json").read_text())
     assert report["written"] == 2 and not report["failed"]
+    plan = json.loads((tmp_path / "out" / PLAN_NAME).read_text())
+    assert plan["shards"] == [{"shard": 0, "keys": keys}]
+
+
+def cpu():
+    return predict_trainer(accelerator="cpu", progress=False)
 
 
 class Interrupt(RuntimeError):
@@ -104,7 +112,7 @@ def test_an_interrupted_run_resumes_writing_each_prompt_exactly_once(tmp_path, m
     inputs = read_inputs(tmp_path / "images")
     # the reference: one uninterrupted run
     generate_shards(model, inputs, tmp_path / "reference", SETTINGS, frame_size=32, batch_size=2, shard_size=2,
-                    progress=False)
+                    trainer=cpu(), progress=False)
     reference = read_shards(tmp_path / "reference")
 
     # a run that dies in its third batch, leaving the shard it was writing as .tar.partial
@@ -120,17 +128,48 @@ def test_an_interrupted_run_resumes_writing_each_prompt_exactly_once(tmp_path, m
     monkeypatch.setattr(VideoDiffusionModel, "forward", dying_forward)
     with pytest.raises(Interrupt):
         generate_shards(model, inputs, tmp_path / "out", SETTINGS, frame_size=32, batch_size=2, shard_size=2,
-                        progress=False)
+                        trainer=cpu(), progress=False)
     monkeypatch.setattr(VideoDiffusionModel, "forward", forward)
     first = keys_in_shards(complete_shards(tmp_path / "out"))
     assert sorted(k for ks in first.values() for k in ks) == keys[:4]
     (tmp_path / "out" / "shard-000002.tar.partial").write_bytes(b"truncated by a kill")
 
     report = generate_shards(model, inputs, tmp_path / "out", SETTINGS, frame_size=32, batch_size=2,
-                             shard_size=2, progress=False)
+                             shard_size=2, trainer=cpu(), progress=False)
     assert report.skipped_existing == 4 and report.written == 1
     assert not list((tmp_path / "out").glob("*.partial"))
     resumed = read_shards(tmp_path / "out")
     assert sorted(resumed) == keys
-    for key in keys:  # the same video as the uninterrupted run, whatever batch it was made in
-        assert np.abs(resumed[key].images.astype(int) - reference[key].images.astype(int)).max() <= 1
+    for key in keys:  # the same video as the uninterrupted run: the planned shards keep their batches
+        assert np.array_equal(resumed[key].images, reference[key].images)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_shards_as_one(tmp_path, model):
+    """`--trainer.devices 2` on the CPU: Lightning's DDP launcher starts a second process (gloo) running the same
+    command; the planned shards are dealt over the ranks and each is written whole by one of them."""
+    import os
+    import subprocess
+    import sys
+
+    # Lightning gives each of 2 CPU ranks half the threads; a float sum split over other thread counts rounds
+    # differently (pixels 1/255 apart), so both runs get one thread each
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    write_images(tmp_path / "images", 5)
+    model.save_pretrained(tmp_path / "model")
+    outputs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}"
+        done = subprocess.run(
+            [sys.executable, "-m", "vfusion3d_lightning.cli", "generate", "--model", str(tmp_path / "model"),
+             "--inputs", str(tmp_path / "images"), "--out", str(out), "--size", "32", "--steps", "2",
+             "--batch_size", "2", "--shard_size", "2", "--seed", "5", "--num_workers", "0", "--progress", "false",
+             "--trainer.accelerator", "cpu", "--trainer.devices", str(devices)],
+            capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("generated 5, already present 0, failed 0") == 1  # printed by rank 0 only
+        outputs[devices] = {p.name: p.read_bytes() for p in complete_shards(out)}
+    assert sorted(outputs[1]) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert outputs[1] == outputs[2]  # byte for byte
+    report = json.loads((tmp_path / "devices2" / "generate_report.json").read_text())
+    assert report["written"] == 5 and len(report["shards"]) == 3

@@ -15,7 +15,7 @@ from vfusion3d_lightning.cli import main
 from vfusion3d_lightning.data.datamodules import MultiViewDataModule, VideoDataModule
 from vfusion3d_lightning.data.procedural import write_assets
 from vfusion3d_lightning.data.render_shards import RenderSettings, find_assets, render_folder, sample_key
-from vfusion3d_lightning.data.schema import complete_shards, keys_in_shards, read_samples
+from vfusion3d_lightning.data.schema import Part, complete_shards, keys_in_shards, read_samples
 
 
 def test_assets_render_to_shards_that_feed_both_datamodules(tmp_path):
@@ -113,3 +113,61 @@ def test_render_settings_reject_unknown_up_axis_and_orbit_start():
         RenderSettings(up="x")
     with pytest.raises(ValueError, match="orbit_start must be one of"):
         RenderSettings(orbit_start="half")
+
+
+def shard_members(folder) -> dict[str, bytes]:
+    """Every member of every complete shard, by name: the samples' bytes, whichever shard holds them."""
+    import tarfile
+
+    found = {}
+    for path in complete_shards(folder):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                assert member.name not in found, f"{member.name} in two shards"
+                found[member.name] = tar.extractfile(member).read()
+    return found
+
+
+def test_parts_render_a_shared_folder_whose_union_equals_one_run(tmp_path, capsys):
+    assets, whole, parted = tmp_path / "assets", tmp_path / "whole", tmp_path / "parted"
+    write_assets(assets, 9, seed=3, formats=("ply",))
+    settings = RenderSettings(views="random32", resolution=16)
+    render_folder(assets, whole, settings, workers=1, shard_size=2, progress=False)
+    # a killed part 2 left its shard-in-flight: part 1 must leave it alone, part 2 remove it
+    parted.mkdir()
+    (parted / "shard-000001.tar.partial").write_bytes(b"cut")
+    reports = []
+    for index in (1, 2, 3):
+        assert main(["render", "--assets", str(assets), "--out", str(parted), "--views", "random32", "--resolution",
+                     "16", "--workers", "1", "--shard_size", "2", "--part", f"{index}/3", "--progress", "false"]) == 0
+        if index == 1:
+            assert (parted / "shard-000001.tar.partial").exists()
+        reports.append(json.loads((parted / f"render_report.part-{index}-of-3.json").read_text()))
+    assert "-> " + str(parted) + " (report: render_report.part-3-of-3.json)" in capsys.readouterr().out
+    assert not list(parted.glob("*.partial")) and not (parted / "render_report.json").exists()
+    assert sum(r["written"] for r in reports) == 9 and all(r["written"] >= 1 for r in reports)  # each part some
+    # each part's numbers only (part I: I-1, I-1+3, ...), and the samples byte for byte those of one run
+    by_part = keys_in_shards(complete_shards(parted))
+    for path, keys in by_part.items():
+        index = int(path.name[6:12]) % 3 + 1
+        assert all(Part(index, 3).owns_key(key) for key in keys), (path.name, keys)
+    assert shard_members(parted) == shard_members(whole)
+
+    # a rerun of a part skips what it rendered; a part's number is never written over
+    again = render_folder(assets, parted, settings, workers=1, shard_size=2, progress=False, part=Part(2, 3))
+    assert again.written == 0 and again.skipped_existing == reports[1]["written"]
+    for bad in ("4/3", "0/3", "2", "a/b"):
+        with pytest.raises(ValueError, match="--part"):
+            Part.parse(bad)
+
+
+def test_a_shard_is_never_written_over(tmp_path):
+    from vfusion3d_lightning.data.schema import ShardWriter
+
+    writer = ShardWriter(tmp_path, maxcount=1, part=Part(1, 2))  # shard-000000, then -000002
+    writer.write({"__key__": "a", "txt": b"a"})
+    (tmp_path / "shard-000002.tar").write_bytes(b"someone else's")  # another run's, under the next number
+    writer.write({"__key__": "b", "txt": b"b"})
+    with pytest.raises(FileExistsError, match="shard-000002.tar exists: another run is writing shards"):
+        writer.close()
+    assert (tmp_path / "shard-000002.tar").read_bytes() == b"someone else's"

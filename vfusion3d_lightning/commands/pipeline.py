@@ -641,6 +641,7 @@ def stage_video(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 
 def stage_generate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
+    from vfusion3d_lightning.commands.common import PredictOptions
     from vfusion3d_lightning.commands.generate import generate
 
     cfg = pipe.config.generate
@@ -648,7 +649,7 @@ def stage_generate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     report = generate(pipe.output("video", "video_checkpoint"), Path(source), folder / "videos", frames=cfg.frames,
                       size=cfg.size, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size,
                       shard_size=cfg.shard_size, seed=pipe.config.seed, border_ratio=None, background="white",
-                      device=pipe.config.device, progress=pipe.progress)
+                      trainer=PredictOptions.from_device(pipe.config.device), num_workers=0, progress=pipe.progress)
     return {"videos": str(folder / "videos"), "generated": report.written + report.skipped_existing,
             "failed": len(report.failed)}
 

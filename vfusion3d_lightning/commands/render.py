@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
-from vfusion3d_lightning.data.schema import ShardJobReport
+from vfusion3d_lightning.data.render_shards import REPORT_NAME, RenderSettings, part_file, render_folder
+from vfusion3d_lightning.data.schema import Part, ShardJobReport
 
 
 def render(assets: Path, out: Path, views: Literal["orbit16", "random32", "uniform32"] = "orbit16",
            resolution: int = 256, radius: float = 1.5, seed: int = 0, image_format: Literal["png", "jpg"] = "png",
            workers: int = 2, shard_size: int = 256, progress: bool = True, timeout_s: float | None = 600.0,
            retry_failed: bool = False, up: Literal["y", "z"] = "y",
-           orbit_start: Literal["zero", "random"] = "zero") -> ShardJobReport:
+           orbit_start: Literal["zero", "random"] = "zero", part: str | None = None) -> ShardJobReport:
     """Render each asset of a folder into multi-view shards; a rerun skips assets already in complete shards.
 
     Args:
@@ -35,11 +35,16 @@ def render(assets: Path, out: Path, views: Literal["orbit16", "random32", "unifo
             `z`: files already +z up, loaded unrotated.
         orbit_start: `zero`: orbit16 starts at azimuth 0 (the +x camera) and steps 2*pi/16, as the paper's first
             frame is the 0-azimuth view; `random`: each object's orbit starts at a random azimuth.
+        part: `I/N` renders part I of N (1-based) of the assets, dealt by a hash of each asset's name, into shards
+            numbered I-1, I-1+N, ...: N machines (a SLURM array) render one folder together, and the union of
+            the parts equals one run without parts. Each part keeps its own report and failure log
+            (`render_report.part-I-of-N.json`).
     """
     settings = RenderSettings(views=views, resolution=resolution, radius=radius, seed=seed, image_format=image_format,
                               up=up, orbit_start=orbit_start)
+    chosen = Part.parse(part) if part is not None else None
     report = render_folder(assets, out, settings, workers=workers, shard_size=shard_size, progress=progress,
-                           timeout_s=timeout_s, retry_failed=retry_failed)
+                           timeout_s=timeout_s, retry_failed=retry_failed, part=chosen)
     print(f"rendered {report.written}, already present {report.skipped_existing}, failed {len(report.failed)} "
-          f"-> {out} (report: render_report.json)")
+          f"-> {out} (report: {part_file(REPORT_NAME, chosen)})")
     return report

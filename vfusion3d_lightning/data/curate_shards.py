@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -33,6 +32,7 @@ from vfusion3d_lightning.data.schema import (
     encode_sample,
     read_raw_samples,
     unreadable_shard,
+    write_shard,
 )
 from vfusion3d_lightning.hub import sha256_of
 from vfusion3d_lightning.io import atomic_write, folder_lock
@@ -78,18 +78,6 @@ def file_digest(path: str | Path) -> str:
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return hashlib.sha256("".join(sha256_of(file) for file in files).encode()).hexdigest()[:16]
-
-
-def _write_shard(path: Path, samples: list[dict[str, Any]]) -> None:
-    """webdataset sample dicts -> one tar at `path`, published only when complete."""
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with wds.TarWriter(str(partial), mtime=0) as writer:  # no clock in the bytes, as ShardWriter
-            for sample in samples:
-                writer.write(sample)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)  # a full disk leaves no cut shard behind
 
 
 def _carry_features(shard: Path, out_shard: Path, keys: list[str], kept: list[str]) -> None:
@@ -174,7 +162,7 @@ def filter_shards(shards: str | Path | list[str], out_dir: str | Path, svm, thre
                 kept_samples.append({**raw, "json": json.dumps(meta).encode()})
                 kept.append(key)
         if kept:
-            _write_shard(out_shard, kept_samples)
+            write_shard(out_shard, kept_samples, replace=True)
             _carry_features(shard, out_shard, table.keys, kept)
         return {"videos": len(scores), "kept": len(kept), "dropped": len(scores) - len(kept)}
 
@@ -260,7 +248,7 @@ def label_shards(shards: str | Path | list[str], out_dir: str | Path, labellers:
             samples.append(encode_sample(sample, image_format))
             keys.append(sample.key)
         if samples:
-            _write_shard(out_shard, samples)
+            write_shard(out_shard, samples, replace=True)
             _carry_features(shard, out_shard, keys, keys)
         return counts
 

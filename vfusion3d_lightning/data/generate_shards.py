@@ -5,7 +5,8 @@ Inputs are condition images with prompts, from
 - a `.jsonl` file: one object per line, {"image": path, "prompt": str, "id": optional key};
 - a `.csv` file with columns image, prompt and optionally id.
 Relative image paths are relative to the file. Each sample's key is its id (or the image's stem), its seed is
-derived from the run seed and the key, so a resumed or re-batched run makes the same video.
+derived from the run seed and the key, so a resumed run makes the same video. The videos are made by
+`training/generation.py` (Trainer.predict, a planned shard a step).
 """
 
 from __future__ import annotations
@@ -19,15 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from vfusion3d_lightning.data.preprocess import IMAGE_SUFFIXES, preprocess
+from vfusion3d_lightning.data.preprocess import IMAGE_SUFFIXES
 from vfusion3d_lightning.data.render_shards import sample_key
-from vfusion3d_lightning.data.schema import MultiViewSample, ShardJobReport, ShardWriter, resume_shard_folder
-from vfusion3d_lightning.io import folder_lock, read_jsonl, to_uint8_images
-from vfusion3d_lightning.models.video import OrbitVideoPipeline, SamplerSettings, VideoDiffusionModel
-
-REPORT_NAME = "generate_report.json"
+from vfusion3d_lightning.data.schema import MultiViewSample
+from vfusion3d_lightning.io import read_jsonl, to_uint8_images
+from vfusion3d_lightning.models.video import SamplerSettings
 
 
 @dataclass
@@ -84,8 +82,9 @@ def sample_seed(run_seed: int, key: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _sample(item: GenerationInput, frames: torch.Tensor, seed: int, settings: SamplerSettings,
-            model_name: str) -> MultiViewSample:
+def generate_sample(item: GenerationInput, frames: torch.Tensor, seed: int, settings: SamplerSettings,
+                    model_name: str) -> MultiViewSample:
+    """The shard sample of one generated video (T, 3, H, W) in [0, 1]."""
     rgb = to_uint8_images(frames)
     alpha = np.full(rgb.shape[:-1] + (1,), 255, dtype=np.uint8)  # masks are made by curation
     num_frames = rgb.shape[0]
@@ -95,49 +94,3 @@ def _sample(item: GenerationInput, frames: torch.Tensor, seed: int, settings: Sa
         prompt=item.prompt,
         extra={"seed": seed, "sampler": settings.to_dict(), "video_model": model_name,
                "condition_image": str(item.image)})
-
-
-def generate_shards(model: VideoDiffusionModel, inputs: list[GenerationInput], out_dir: str | Path,
-                    settings: SamplerSettings | None = None, frame_size: int = 256, batch_size: int = 4,
-                    seed: int = 0, shard_size: int = 64, border_ratio: float | None = 0.2, background: str = "auto",
-                    model_name: str = "", progress: bool = True) -> ShardJobReport:
-    """Generate a video per input into `out_dir/shard-NNNNNN.tar`. Keys already in complete shards are
-    skipped; a killed run leaves only `.tar.partial` files, removed here, so its samples are made again."""
-    settings = settings or SamplerSettings()
-    out_dir = Path(out_dir)
-    with folder_lock(out_dir, "generate"):
-        return _generate_shards(model, inputs, out_dir, settings, frame_size, batch_size, seed, shard_size,
-                                border_ratio, background, model_name, progress)
-
-
-def _generate_shards(model: VideoDiffusionModel, inputs: list[GenerationInput], out_dir: Path,
-                     settings: SamplerSettings, frame_size: int, batch_size: int, seed: int, shard_size: int,
-                     border_ratio: float | None, background: str, model_name: str,
-                     progress: bool) -> ShardJobReport:
-    done = resume_shard_folder(out_dir)
-    todo = [item for item in inputs if item.key not in done]
-    report = ShardJobReport(skipped_existing=len(inputs) - len(todo))
-    device = next(model.unet.parameters()).device
-    pipe = OrbitVideoPipeline(model, settings)
-    model.check_frames(settings.num_frames, frame_size, frame_size)
-    with ShardWriter(out_dir, maxcount=shard_size) as writer, \
-            tqdm(total=len(todo), desc="generate", unit="video", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch, images = [], []
-            for item in todo[start:start + batch_size]:
-                try:
-                    images.append(preprocess(item.image, frame_size, border_ratio, background))
-                    batch.append(item)
-                except (ValueError, FileNotFoundError, OSError) as err:
-                    report.failed.append({"key": item.key, "image": str(item.image), "reason": str(err)})
-                    tqdm.write(f"skipping {item.key}: {err}")
-            if batch:
-                seeds = [sample_seed(seed, item.key) for item in batch]
-                videos = pipe(torch.stack(images).to(device), [item.prompt for item in batch], seeds, progress=False)
-                for item, video, item_seed in zip(batch, videos, seeds):
-                    writer.write_sample(_sample(item, video, item_seed, settings, model_name))
-                    report.written += 1
-            bar.update(len(todo[start:start + batch_size]))
-    report.shards = [str(p) for p in writer.written]
-    report.save(out_dir / REPORT_NAME)
-    return report

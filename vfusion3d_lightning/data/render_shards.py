@@ -32,12 +32,13 @@ from vfusion3d_lightning.data.render import (
 )
 from vfusion3d_lightning.data.schema import (
     MultiViewSample,
+    Part,
     ShardJobReport,
     ShardWriter,
     encode_sample,
     resume_shard_folder,
 )
-from vfusion3d_lightning.io import atomic_write, folder_lock
+from vfusion3d_lightning.io import LOCK_NAME, atomic_write, folder_lock
 
 ASSET_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 VIEW_SETS = ("orbit16", "random32", "uniform32")
@@ -120,9 +121,14 @@ def find_assets(asset_dir: Path) -> list[Path]:
 
 def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSettings | None = None,
                   workers: int = 2, shard_size: int = 256, progress: bool = True, timeout_s: float | None = 600.0,
-                  retry_failed: bool = False) -> ShardJobReport:
+                  retry_failed: bool = False, part: Part | None = None) -> ShardJobReport:
     """Render every asset under `asset_dir` into `out_dir/shard-NNNNNN.tar`; objects already in complete
     shards are skipped, assets that fail are listed in the report and `render_report.json`.
+
+    With `part` (I of N), only the assets whose key hashes to that part are rendered, into that part's shard
+    numbers, with the part's own report, failure log and lock (`render_report.part-I-of-N.json`, ...): the N
+    parts, on as many machines, may write one shared folder at once, and together give the samples of one
+    run without parts.
 
     Rendering processes start with spawn, which imports the calling script again: in a script, call this
     under `if __name__ == "__main__":`. Processes that die before rendering anything (that missing guard, a
@@ -138,25 +144,38 @@ def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSe
             hang and recorded as failed, and the rendering processes are restarted (the assets the others
             were rendering are rendered again). None: no limit.
         retry_failed: render the assets recorded in `render_failures.jsonl` again instead of skipping them.
+        part: render only this part of the assets (see above).
     """
     settings = settings or RenderSettings()
     asset_dir, out_dir = Path(asset_dir), Path(out_dir)
     if timeout_s is not None and not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0 seconds or None, got {timeout_s}")
-    with folder_lock(out_dir, "render"):
+    job, lock_name = ("render", LOCK_NAME) if part is None else (f"render {part.name}", f".{part.name}.lock")
+    with folder_lock(out_dir, job, lock_name):
         return _render_folder(asset_dir, out_dir, settings, max(1, workers), shard_size, progress, timeout_s,
-                              retry_failed)
+                              retry_failed, part)
+
+
+def part_file(name: str, part: Part | None) -> str:
+    """`render_report.json` -> `render_report.part-2-of-8.json` for a part's own copy."""
+    if part is None:
+        return name
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}.{part.name}{dot}{suffix}"
 
 
 def _render_folder(asset_dir: Path, out_dir: Path, settings: RenderSettings, workers: int, shard_size: int,
-                   progress: bool, timeout_s: float | None, retry_failed: bool) -> ShardJobReport:
-    done = resume_shard_folder(out_dir)
+                   progress: bool, timeout_s: float | None, retry_failed: bool,
+                   part: Part | None) -> ShardJobReport:
+    done = resume_shard_folder(out_dir, part=part)
     assets = find_assets(asset_dir)
     keys = [sample_key(p) for p in assets]
     clashes = {k for k in keys if keys.count(k) > 1}
     if clashes:
         raise ValueError(f"asset files map to the same sample key {sorted(clashes)[:5]}; rename them")
-    failures = _FailureLog(out_dir / FAILURES_NAME)
+    if part is not None:
+        assets, keys = [p for p, k in zip(assets, keys) if part.owns_key(k)], [k for k in keys if part.owns_key(k)]
+    failures = _FailureLog(out_dir / part_file(FAILURES_NAME, part))
     if retry_failed:
         failures.forget(set(keys))
     report = ShardJobReport(skipped_existing=sum(k in done for k in keys))
@@ -172,11 +191,11 @@ def _render_folder(asset_dir: Path, out_dir: Path, settings: RenderSettings, wor
             continue
         jobs.append((str(path), key, relative, settings))
     if jobs:
-        with ShardWriter(out_dir, maxcount=shard_size, image_format=settings.image_format) as writer:
+        with ShardWriter(out_dir, maxcount=shard_size, image_format=settings.image_format, part=part) as writer:
             _render_jobs(jobs, out_dir, settings, min(workers, len(jobs)), timeout_s, writer, report, failures,
                          progress)
         report.shards = [str(p) for p in writer.written]
-    report.save(out_dir / REPORT_NAME)
+    report.save(out_dir / part_file(REPORT_NAME, part))
     return report
 
 

@@ -34,6 +34,7 @@ decode_sample turns every defect of a sample (a field of the wrong type included
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -480,29 +481,73 @@ class ShardJobReport:
         atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+@dataclass(frozen=True)
+class Part:
+    """Part `index` of `count` (1-based) of a job spread over machines: the samples whose key hashes to it, written
+    to shards numbered index-1, index-1+count, index-1+2*count, ..., so that parts share one folder without
+    clashing and any machine deals the same keys to the same part."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.index <= self.count:
+            raise ValueError(f"part {self.index}/{self.count}: the part must be 1..{self.count}, as in --part 2/8")
+
+    @classmethod
+    def parse(cls, text: str) -> Part:
+        index, slash, count = text.partition("/")
+        if not (slash and index.strip().isdigit() and count.strip().isdigit()):
+            raise ValueError(f"--part {text!r}: expected I/N, part I of N (1-based), e.g. --part 2/8")
+        return cls(int(index), int(count))
+
+    def owns_key(self, key: str) -> bool:
+        """Dealt by a hash of the key alone: the same on every machine, and whatever else the folder holds."""
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % self.count == self.index - 1
+
+    def owns_shard(self, index: int) -> bool:
+        return index % self.count == self.index - 1
+
+    @property
+    def name(self) -> str:  # in the names of the part's own report, failure log and lock
+        return f"part-{self.index}-of-{self.count}"
+
+
 class ShardWriter(wds.ShardWriter):
     """webdataset's ShardWriter that writes `<prefix>-NNNNNN.tar` atomically.
 
     Each shard is written as `.tar.partial` and renamed when complete, so a killed job never leaves a
     truncated shard under a final name; an error while a sample is being written (a full disk) discards the
     unfinished shard, one between samples publishes it; numbering continues after the shards already in
-    `directory`.
+    `directory`. With `part`, only that part's shard numbers are used (see `Part`). A shard is never written
+    over: a name already taken (another run writing the same folder) stops the job with an error.
     """
 
     def __init__(self, directory: str | Path, prefix: str = "shard", maxcount: int = 1000, maxsize: float = 1e9,
-                 image_format: str = "png"):
+                 image_format: str = "png", part: Part | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.image_format = image_format
+        self.part = part
         start = 1 + max((shard_index(p) for p in complete_shards(self.directory, prefix)), default=-1)
+        if part is not None:  # the part's next number after every shard there
+            start += (part.index - 1 - start) % part.count
         super().__init__(str(self.directory / f"{prefix}-%06d.tar.partial"), maxcount=maxcount, maxsize=maxsize,
                          start_shard=start, verbose=0, post=self._publish,
                          mtime=0)  # no clock in the bytes: the same samples always give the same shard
         self.written: list[Path] = []
 
+    def next_stream(self) -> None:
+        super().next_stream()
+        if self.part is not None:
+            self.shard += self.part.count - 1  # the part's numbers only
+
     def _publish(self, partial: str) -> None:
         final = partial[: -len(".partial")]
+        if os.path.exists(final):
+            raise FileExistsError(f"{final} exists: another run is writing shards into {self.directory}; give each "
+                                  "run a folder of its own, or the parts of one job --part I/N")
         os.replace(partial, final)
         self.written.append(Path(final))
 
@@ -537,6 +582,24 @@ class ShardWriter(wds.ShardWriter):
             Path(self.fname).unlink(missing_ok=True)
 
 
+def write_shard(path: str | Path, samples: Sequence[dict[str, Any]], replace: bool = False) -> None:
+    """Encoded samples (`encode_sample`, or webdataset dicts) -> one tar at `path`, written as `.tar.partial` and
+    renamed when complete: an error (a full disk) leaves no cut shard. Without `replace`, a shard already at
+    `path` (another run writing the same folder) is an error and stays as it was."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with wds.TarWriter(str(partial), mtime=0) as tar:  # no clock in the bytes: the same samples, the same shard
+            for sample in samples:
+                tar.write(sample)
+        if not replace and path.exists():
+            raise FileExistsError(f"{path} exists: another run is writing shards into {path.parent}; give each run "
+                                  "a folder of its own")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def shard_index(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[1].split(".")[0])
 
@@ -562,11 +625,13 @@ def keys_in_shards(paths: list[Path]) -> dict[Path, list[str]]:
     return keys
 
 
-def resume_shard_folder(directory: str | Path, prefix: str = "shard") -> set[str]:
+def resume_shard_folder(directory: str | Path, prefix: str = "shard", part: Part | None = None) -> set[str]:
     """Prepare `directory` for a resumable job: remove `.tar.partial` files a killed run left (their samples
-    are made again) and return the keys already in complete shards (skipped)."""
+    are made again; with `part`, only that part's, as the other parts may be writing theirs) and return the keys
+    already in complete shards (skipped)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob(f"{prefix}-*.tar.partial"):
-        stale.unlink()
+    for stale in directory.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar.partial"):
+        if part is None or part.owns_shard(shard_index(stale)):
+            stale.unlink()
     return {key for keys in keys_in_shards(complete_shards(directory, prefix)).values() for key in keys}
