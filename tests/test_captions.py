@@ -14,7 +14,6 @@ from vfusion3d_lightning.commands.captions import captions
 from vfusion3d_lightning.data.captions import (
     CaptionSummarizer,
     ViewCaptioner,
-    caption_shards,
     clean_caption,
     summarise,
     view_indices,
@@ -22,6 +21,7 @@ from vfusion3d_lightning.data.captions import (
 from vfusion3d_lightning.data.prompts import SingleObjectClassifier, parse_answer
 from vfusion3d_lightning.data.schema import MultiViewSample, ShardWriter, complete_shards, read_raw_samples
 from vfusion3d_lightning.models.tiny_random import CAPTION_WORDS, build_tiny_captioner, build_tiny_llm
+from vfusion3d_lightning.training.generation import caption_shards, predict_trainer
 
 VIEWS = 4  # captioned per object, of the samples' 8
 
@@ -74,8 +74,8 @@ def run(folders, out, captioner, summarizer, batch_size=3, count=None):
             count.append(len(views))
         return captioner(views)
 
-    return caption_shards(folders, out, lambda: caption, lambda: summarizer, views=VIEWS, batch_size=batch_size,
-                          progress=False)
+    return caption_shards(folders, out, lambda device: caption, lambda device: summarizer, views=VIEWS,
+                          batch_size=batch_size, trainer=predict_trainer("cpu", progress=False), progress=False)
 
 
 def records(out):
@@ -203,10 +203,12 @@ def test_resume_after_a_kill_captions_only_the_rest(tmp_path, shard_folders, cap
         return captioner(views)
 
     with pytest.raises(RuntimeError, match="simulated kill"):
-        caption_shards(shard_folders[1:], out, lambda: killed, lambda: summarizer, views=VIEWS, batch_size=1,
-                       progress=False)
-    assert len(records(out)) == 1 and not (out / "held_out").exists()
-    with (out / "captions.jsonl").open("a") as handle:
+        caption_shards(shard_folders[1:], out, lambda device: killed, lambda device: summarizer, views=VIEWS,
+                       batch_size=1, trainer=predict_trainer("cpu", progress=False), progress=False)
+    # the first batch is on file, in the first input shard's part
+    part = out / "captions.part-000000.jsonl"
+    assert len(part.read_text().splitlines()) == 1 and not (out / "held_out").exists()
+    with part.open("a") as handle:
         handle.write('{"object_id": "object-5", "view_cap')  # a kill in the middle of the next write
 
     count = []
@@ -235,7 +237,7 @@ def test_bad_inputs_name_the_folder(tmp_path, shard_folders, captioner, summariz
 def test_captions_command(tmp_path, shard_folders, tiny_models, capsys):
     folders = f"[{', '.join(map(str, shard_folders))}]"
     assert main(["captions", "--shards", folders, "--out", str(tmp_path / "out"), "--captioner",
-                 str(tiny_models[0]), "--llm", str(tiny_models[1]), "--views", "2", "--device", "cpu",
+                 str(tiny_models[0]), "--llm", str(tiny_models[1]), "--views", "2", "--trainer.accelerator", "cpu",
                  "--progress", "false"]) == 0
     assert "8 objects captioned (8 this run" in capsys.readouterr().out
     assert all(len(r["view_captions"]) == 2 for r in records(tmp_path / "out"))
@@ -244,6 +246,31 @@ def test_captions_command(tmp_path, shard_folders, tiny_models, capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "--captioner" in text and "--llm" in text and "Cap3D" in text
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_captions_as_one(tmp_path, shard_folders, tiny_models):
+    """`--trainer.devices 2` on the CPU (DDP over gloo, a thread a process): the input shards are dealt over the
+    ranks; the captions file and the captioned shards are those of one process, byte for byte."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    files = {}
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}"
+        done = subprocess.run([sys.executable, "-m", "vfusion3d_lightning.cli", "captions", "--shards",
+                               f"[{', '.join(map(str, shard_folders))}]", "--out", str(out), "--captioner",
+                               str(tiny_models[0]), "--llm", str(tiny_models[1]), "--views", "2", "--batch_size",
+                               "2", "--progress", "false", "--trainer.accelerator", "cpu", "--trainer.devices",
+                               str(devices)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("8 objects captioned (8 this run") == 1  # rank 0 only
+        files[devices] = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+                          if p.is_file() and p.name != "captions_report.json"}
+    assert "captions.jsonl" in files[1] and "held_out/shard-000001.tar" in files[1]
+    assert not any("part-" in name for name in files[2])
+    assert files[1] == files[2]
 
 
 def test_a_missing_captioner_is_one_line_naming_what_to_fetch(tmp_path, shard_folders, tiny_models, monkeypatch,

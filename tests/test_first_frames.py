@@ -13,21 +13,18 @@ import torch
 from PIL import Image
 
 from vfusion3d_lightning.cli import main
+from vfusion3d_lightning.commands.common import PredictOptions
 from vfusion3d_lightning.commands.generate import generate
 from vfusion3d_lightning.commands.images import images
-from vfusion3d_lightning.data.first_frames import (
-    ImageSettings,
-    load_text_to_image,
-    make_first_frames,
-    resolve_pipeline,
-)
+from vfusion3d_lightning.data.first_frames import ImageSettings, load_text_to_image, resolve_pipeline
 from vfusion3d_lightning.models.tiny_random import build_tiny_clip, build_tiny_text_to_image
 from vfusion3d_lightning.models.video import VideoDiffusionModel
+from vfusion3d_lightning.training.generation import make_first_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red wooden chair", "a blue ceramic mug", "a toy robot made of tin", "a green desk lamp",
            "a leather backpack"]
-FAST = dict(steps=2, size=64, device="cpu", progress=False)
+FAST = dict(steps=2, size=64, trainer=PredictOptions(accelerator="cpu"), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +88,7 @@ def test_each_prompt_gets_its_image_whatever_the_batching_and_a_rerun_makes_none
 
     # a finished folder: nothing is generated and the model is never loaded
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "batched").glob("0*")}
-    report = make_first_frames(PROMPTS, tmp_path / "batched", lambda: pytest.fail("loaded the model"),
+    report = make_first_frames(PROMPTS, tmp_path / "batched", lambda device: pytest.fail("loaded the model"),
                                ImageSettings(steps=2, size=64))
     assert (report["written"], report["skipped_existing"]) == (0, 5)
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "batched").glob("0*")}
@@ -102,11 +99,11 @@ def test_each_prompt_gets_its_image_whatever_the_batching_and_a_rerun_makes_none
 def test_the_suffix_reaches_the_model_but_not_the_prompt_files(t2i, tmp_path):
     counted = CountingPipeline(load_text_to_image(t2i))
     settings = ImageSettings(suffix=", on white", negative_prompt="blurry", steps=2, size=64)
-    make_first_frames(PROMPTS[:3], tmp_path / "suffix", lambda: counted, settings, batch_size=2, progress=False)
+    make_first_frames(PROMPTS[:3], tmp_path / "suffix", lambda device: counted, settings, batch_size=2, progress=False)
     assert counted.calls == [[p + ", on white" for p in PROMPTS[:2]], [PROMPTS[2] + ", on white"]]
     assert [(tmp_path / "suffix" / f"{i:06d}.txt").read_text().strip() for i in range(3)] == PROMPTS[:3]
     plain = ImageSettings(suffix="", negative_prompt="blurry", steps=2, size=64)
-    make_first_frames(PROMPTS[:1], tmp_path / "plain", lambda: counted, plain, progress=False)
+    make_first_frames(PROMPTS[:1], tmp_path / "plain", lambda device: counted, plain, progress=False)
     assert counted.calls[-1] == PROMPTS[:1]
     assert np.abs(pixels(tmp_path / "suffix", 0) - pixels(tmp_path / "plain", 0)).max() > 0  # the model saw it
 
@@ -116,7 +113,8 @@ def test_the_folder_feeds_generate(t2i, prompts_file, tmp_path):
     torch.manual_seed(0)
     VideoDiffusionModel.build("tiny-svd").save_pretrained(tmp_path / "video")
     report = generate(str(tmp_path / "video"), tmp_path / "frames", tmp_path / "videos", size=32, steps=1,
-                      batch_size=3, background="white", device="cpu", progress=False)
+                      batch_size=3, background="white", trainer=PredictOptions(accelerator="cpu"), num_workers=0,
+                      progress=False)
     assert report.written == 3
     import webdataset as wds
 
@@ -125,6 +123,26 @@ def test_the_folder_feeds_generate(t2i, prompts_file, tmp_path):
     samples = [decode_sample(raw) for raw in wds.WebDataset([str(p) for p in complete_shards(tmp_path / "videos")],
                                                             shardshuffle=False)]
     assert {s.key: s.prompt for s in samples} == {f"{i:06d}": PROMPTS[i] for i in range(3)}
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_images_as_one(t2i, prompts_file, tmp_path):
+    """`--trainer.devices 2` on the CPU (DDP over gloo, one thread a process as in the generate test): prompt i is
+    in batch i // batch_size on any number of ranks, seeded by (seed, prompt, i)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    written = {}
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}"
+        done = subprocess.run([sys.executable, "-m", "vfusion3d_lightning.cli", "images", "--prompts",
+                               str(prompts_file), "--model", str(t2i), "--out", str(out), "--steps", "2", "--size",
+                               "64", "--batch_size", "2", "--progress", "false", "--trainer.accelerator", "cpu",
+                               "--trainer.devices", str(devices)], capture_output=True, text=True, timeout=600,
+                              env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("5 prompts: 5 images written, 0 already present") == 1  # rank 0 only
+        written[devices] = {p.name: p.read_bytes() for p in sorted(out.glob("0*"))}
+    assert len(written[1]) == 10 and written[1] == written[2]
+    assert json.loads((tmp_path / "devices2" / "images_report.json").read_text())["written"] == 5
 
 
 def test_wrong_models_are_one_clear_line(t2i, tmp_path):

@@ -157,19 +157,25 @@ def test_two_processes_write_the_same_shards_as_one(tmp_path, model):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     write_images(tmp_path / "images", 5)
     model.save_pretrained(tmp_path / "model")
-    outputs = {}
-    for devices in (1, 2):
-        out = tmp_path / f"devices{devices}"
+    def run(devices: int) -> str:
         done = subprocess.run(
             [sys.executable, "-m", "vfusion3d_lightning.cli", "generate", "--model", str(tmp_path / "model"),
-             "--inputs", str(tmp_path / "images"), "--out", str(out), "--size", "32", "--steps", "2",
-             "--batch_size", "2", "--shard_size", "2", "--seed", "5", "--num_workers", "0", "--progress", "false",
-             "--trainer.accelerator", "cpu", "--trainer.devices", str(devices)],
+             "--inputs", str(tmp_path / "images"), "--out", str(tmp_path / f"devices{devices}"), "--size", "32",
+             "--steps", "2", "--batch_size", "2", "--shard_size", "2", "--seed", "5", "--num_workers", "0",
+             "--progress", "false", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices)],
             capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.count("generated 5, already present 0, failed 0") == 1  # printed by rank 0 only
-        outputs[devices] = {p.name: p.read_bytes() for p in complete_shards(out)}
+        return done.stdout
+
+    outputs = {}
+    for devices in (1, 2):
+        assert run(devices).count("generated 5, already present 0, failed 0") == 1  # printed by rank 0 only
+        outputs[devices] = {p.name: p.read_bytes() for p in complete_shards(tmp_path / f"devices{devices}")}
     assert sorted(outputs[1]) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert outputs[1] == outputs[2]  # byte for byte
     report = json.loads((tmp_path / "devices2" / "generate_report.json").read_text())
     assert report["written"] == 5 and len(report["shards"]) == 3
+    # one new input: a plan of one shard, so one rank is dealt nothing (and must not leave the other waiting)
+    write_images(tmp_path / "images", 6)
+    assert "generated 1, already present 5, failed 0" in run(2)
+    assert [p.name for p in complete_shards(tmp_path / "devices2")][-1] == "shard-000003.tar"

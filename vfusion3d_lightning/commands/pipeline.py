@@ -574,12 +574,14 @@ def model_source(pipe: Pipeline, source: str, kind: str) -> str:
 
 def stage_captions(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     from vfusion3d_lightning.commands.captions import captions
+    from vfusion3d_lightning.commands.common import PredictOptions
 
     cfg = pipe.config.captions
     names = ("orbit16", "held_out16", "held_out32")
     report = captions([Path(pipe.output("render", name)) for name in names], folder,
                       captioner=model_source(pipe, cfg.captioner, "captioner"), llm=model_source(pipe, cfg.llm, "llm"),
-                      views=cfg.views, batch_size=cfg.batch_size, device=pipe.config.device, progress=pipe.progress)
+                      views=cfg.views, batch_size=cfg.batch_size,
+                      trainer=PredictOptions.from_device(pipe.config.device), progress=pipe.progress)
     return {**{name: str(folder / name) for name in names}, "prompts_file": str(folder / "prompts.txt"),
             "captioned_objects": report["objects"]}
 
@@ -602,6 +604,7 @@ def stage_prompts(pipe: Pipeline, folder: Path) -> dict[str, Any]:
 
 
 def stage_images(pipe: Pipeline, folder: Path) -> dict[str, Any]:
+    from vfusion3d_lightning.commands.common import PredictOptions
     from vfusion3d_lightning.commands.images import images
 
     cfg = pipe.config.images
@@ -615,8 +618,8 @@ def stage_images(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     atomic_write(prompts_file, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in merged), "utf-8"))
     report = images(prompts_file, model_source(pipe, cfg.model, "text_to_image"), folder / "images",
                     steps=cfg.steps, guidance=cfg.guidance, size=cfg.size, batch_size=cfg.batch_size,
-                    seed=pipe.config.seed, max_prompts=cfg.max_prompts, device=pipe.config.device,
-                    progress=pipe.progress)
+                    seed=pipe.config.seed, max_prompts=cfg.max_prompts,
+                    trainer=PredictOptions.from_device(pipe.config.device), progress=pipe.progress)
     return {"images": str(folder / "images"), "prompts": report["prompts"],
             "written": report["written"] + report["skipped_existing"]}
 

@@ -11,8 +11,10 @@ Here, with local models through transformers:
    the 5 samples + CLIP pick (no CLIP model needed, and a rerun writes the same captions).
 2. `CaptionSummarizer`: the prompt filter's causal LM (data/prompts.py `load_causal_lm`) with a Cap3D-like
    instruction and one worked example, greedy; an empty summary falls back to the most frequent view caption.
-3. `caption_shards`: appends one record an object to `captions.jsonl`, flushed and fsync'd per batch, so a
-   killed run loses at most a batch and a rerun asks the models only about objects not on file:
+3. `caption_shards` (training/generation.py, as Trainer.predict: an input shard a step, spread over ranks)
+   appends one record an object to the shard's `captions.part-NNNNNN.jsonl`, fsync'd per batch, then global rank
+   0 appends the parts to `captions.jsonl` in input order, so a killed run loses at most a batch and a rerun asks
+   the models only about objects not on file:
 
        {"object_id": "chair-3", "view_captions": ["a red chair", ...], "caption": "a red wooden chair",
         "fallback": false}
@@ -30,7 +32,7 @@ import os
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +40,9 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from vfusion3d_lightning.data.labels import repair_jsonl_tail
 from vfusion3d_lightning.data.prompts import FewShotLM, read_records, resolve_model
 from vfusion3d_lightning.data.schema import complete_shards, decode_sample, read_raw_samples
-from vfusion3d_lightning.io import atomic_write, folder_lock, on_white, remove_partials, to_uint8_images
+from vfusion3d_lightning.io import atomic_write, on_white, to_uint8_images
 
 DEFAULT_CAPTIONER = "Salesforce/blip2-opt-2.7b"  # Cap3D's view captioner (MIT licence)
 CAPTIONER_NOTE = "Cap3D's view captioner, MIT licence"
@@ -198,58 +199,56 @@ def _input_shards(shard_folders: Sequence[Path]) -> dict[Path, list[Path]]:
     return shards
 
 
-def _pending_objects(shards: dict[Path, list[Path]], done: set[str], views: int) -> Iterator[tuple[str, np.ndarray]]:
-    """(object_id, its chosen views (V, H, W, 4)) for each object not in `done`, from the first sample that
-    holds it, in input order."""
-    seen = set(done)
+def plan_captions(shards: dict[Path, list[Path]], done: set[str]) -> list[dict]:
+    """The objects still to caption, dealt by input shard: [{"shard": path, "objects": [object_id, ...]}], each
+    object in the first shard that holds it (input order), shards with none left out."""
+    seen, plan = set(done), []
     for paths in shards.values():
         for path in paths:
+            objects = []
             for raw in read_raw_samples(path):
                 object_id = _object_id(raw)
-                if object_id in seen:
-                    continue
-                seen.add(object_id)
-                yield object_id, decode_sample(raw, select=lambda n: view_indices(n, views)).images
+                if object_id not in seen:
+                    seen.add(object_id)
+                    objects.append(object_id)
+            if objects:
+                plan.append({"shard": str(path), "objects": objects})
+    return plan
 
 
-def caption_pending(shards: dict[Path, list[Path]], captions_path: Path,
-                    load_captioner: Callable[[], Callable[[np.ndarray], list[str]]],
-                    load_summarizer: Callable[[], Callable[[list[list[str]]], list[str]]],
-                    views: int = 8, batch_size: int = 8, progress: bool = True) -> tuple[dict[str, dict], int]:
-    """Caption every object not yet in `captions_path`, appending a line each, fsync'd per batch of objects.
+def shard_views(path: str | Path, objects: Sequence[str], views: int) -> np.ndarray:
+    """The chosen views (N, V, H, W, 4) of `objects`, from the first sample of each in the shard at `path`."""
+    wanted, found = set(objects), {}
+    for raw in read_raw_samples(Path(path)):
+        object_id = _object_id(raw)
+        if object_id in wanted and object_id not in found:
+            found[object_id] = decode_sample(raw, select=lambda n: view_indices(n, views)).images
+    return [found[object_id] for object_id in objects]
 
-    The loaders are called only when something is pending (a finished rerun loads no model). Returns
-    (object_id -> record for all objects on file, number captioned now).
-    """
-    repair_jsonl_tail(captions_path)
-    records = read_captions_file(captions_path)
-    captioned, models = 0, None
-    captions_path.parent.mkdir(parents=True, exist_ok=True)
-    with captions_path.open("a", encoding="utf-8") as out, \
-            tqdm(desc="captions", unit="object", disable=not progress) as bar:
-        pending = _pending_objects(shards, set(records), views)
-        while batch := [item for _, item in zip(range(batch_size), pending)]:
-            models = models or (load_captioner(), load_summarizer())
-            caption_views, summarise_views = models
-            all_views = np.concatenate([images for _, images in batch])
-            flat = caption_views(all_views)
-            per_object, start = [], 0
-            for _, images in batch:
-                per_object.append(flat[start:start + len(images)])
-                start += len(images)
-            new = []
-            for (object_id, _), view_captions, raw in zip(batch, per_object, summarise_views(per_object),
-                                                          strict=True):
-                caption, fallback = summarise(view_captions, raw)
-                new.append({"object_id": object_id, "view_captions": view_captions, "caption": caption,
-                            "fallback": fallback})
-            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
-            out.flush()
-            os.fsync(out.fileno())  # a kill now loses at most the batch in flight
-            records.update((r["object_id"], r) for r in new)
-            captioned += len(new)
-            bar.update(len(new))
-    return records, captioned
+
+def caption_objects(object_views: Sequence[np.ndarray], object_ids: Sequence[str],
+                    caption_views: Callable[[np.ndarray], list[str]],
+                    summarise_views: Callable[[list[list[str]]], list[str]]) -> list[dict]:
+    """One batch: every object's views captioned in one captioner call, then summarised -> caption records."""
+    flat = caption_views(np.concatenate(list(object_views)))
+    per_object, start = [], 0
+    for images in object_views:
+        per_object.append(flat[start:start + len(images)])
+        start += len(images)
+    records = []
+    for object_id, view_captions, raw in zip(object_ids, per_object, summarise_views(per_object), strict=True):
+        caption, fallback = summarise(view_captions, raw)
+        records.append({"object_id": object_id, "view_captions": view_captions, "caption": caption,
+                        "fallback": fallback})
+    return records
+
+
+def append_records(path: Path, records: Sequence[dict]) -> None:
+    """Append caption records to a JSONL file, fsync'd: a kill after this keeps them."""
+    with path.open("a", encoding="utf-8") as out:
+        out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _write_captioned_shard(source: Path, target: Path, captions: dict[str, str]) -> int:
@@ -276,45 +275,27 @@ def _count_samples(path: Path) -> int:
         return sum(1 for member in tar if member.isfile() and member.name.endswith(".json"))
 
 
-def caption_shards(shard_folders: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                   load_captioner: Callable[[], Callable[[np.ndarray], list[str]]],
-                   load_summarizer: Callable[[], Callable[[list[list[str]]], list[str]]],
-                   views: int = 8, batch_size: int = 8, progress: bool = True,
-                   models: dict[str, str] | None = None) -> dict:
-    """Caption every object of the shards (resumable), then write the captioned copies of the shards,
-    prompts.txt and captions_report.json under `out_dir`; returns the report.
+def input_shards(shard_folders: Sequence[str | os.PathLike]) -> dict[Path, list[Path]]:
+    return _input_shards([Path(f) for f in shard_folders])
 
-    Args:
-        shard_folders: folders of multi-view shards (`shard-NNNNNN.tar`), with different names. An object
-            (by `object_id`) in several of them is captioned once, from the first that holds it.
-        out_dir: the output folder: captions.jsonl, <folder name>/shard-*.tar, prompts.txt, captions_report.json.
-        load_captioner: () -> views (N, H, W, 4) uint8 -> N captions; called only if an object needs captions.
-        load_summarizer: () -> N lists of view captions -> N raw summaries; likewise.
-        views: views captioned per object, spread evenly over its views (Cap3D renders 8 around the object).
-        batch_size: objects per batch (the captioner gets batch_size x views images at a time).
-        progress: show progress bars.
-        models: names of the models, for the report.
-    """
-    if views < 1 or batch_size < 1:
-        raise ValueError(f"need views >= 1 and batch_size >= 1, got views={views}, batch_size={batch_size}")
-    out_dir = Path(out_dir)
-    shards = _input_shards([Path(f) for f in shard_folders])
-    with folder_lock(out_dir, "captions"):
-        remove_partials(out_dir)  # what a killed run left half-written
-        records, captioned = caption_pending(shards, out_dir / CAPTIONS_FILE, load_captioner, load_summarizer, views,
-                                             batch_size, progress)
-        captions = {object_id: record["caption"] for object_id, record in records.items()}
-        samples = {}
-        for folder, paths in shards.items():
-            samples[folder.name] = 0
-            for path in tqdm(paths, desc=f"shards {folder.name}", unit="shard", disable=not progress):
-                target = out_dir / folder.name / path.name
-                samples[folder.name] += _count_samples(target) if target.is_file() else \
-                    _write_captioned_shard(path, target, captions)
-        unique = list(dict.fromkeys(captions[object_id] for object_id in sorted(captions)))
-        atomic_write(out_dir / PROMPTS_FILE, lambda tmp: tmp.write_text("".join(f"{c}\n" for c in unique), "utf-8"))
-        report = {"inputs": [str(f) for f in shards], "objects": len(records), "captioned_this_run": captioned,
-                  "fallbacks": sum(bool(r.get("fallback")) for r in records.values()), "prompts": len(unique),
-                  "samples": samples, "views": views, **(models or {})}
-        atomic_write(out_dir / REPORT_FILE, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n", "utf-8"))
+
+def finish_captions(shards: dict[Path, list[Path]], out_dir: Path, captioned: int, views: int,
+                    models: dict[str, str] | None, progress: bool) -> dict:
+    """After every object is on file in `captions.jsonl`: the captioned copies of the shards, prompts.txt and
+    captions_report.json under `out_dir`; returns the report."""
+    records = read_captions_file(out_dir / CAPTIONS_FILE)
+    captions = {object_id: record["caption"] for object_id, record in records.items()}
+    samples = {}
+    for folder, paths in shards.items():
+        samples[folder.name] = 0
+        for path in tqdm(paths, desc=f"shards {folder.name}", unit="shard", disable=not progress):
+            target = out_dir / folder.name / path.name
+            samples[folder.name] += _count_samples(target) if target.is_file() else \
+                _write_captioned_shard(path, target, captions)
+    unique = list(dict.fromkeys(captions[object_id] for object_id in sorted(captions)))
+    atomic_write(out_dir / PROMPTS_FILE, lambda tmp: tmp.write_text("".join(f"{c}\n" for c in unique), "utf-8"))
+    report = {"inputs": [str(f) for f in shards], "objects": len(records), "captioned_this_run": captioned,
+              "fallbacks": sum(bool(r.get("fallback")) for r in records.values()), "prompts": len(unique),
+              "samples": samples, "views": views, **(models or {})}
+    atomic_write(out_dir / REPORT_FILE, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n", "utf-8"))
     return report

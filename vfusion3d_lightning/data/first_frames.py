@@ -10,6 +10,7 @@ The output folder holds, per prompt `i`, `{i:06d}.png` and `{i:06d}.txt` (the pr
 object-centric suffix the model sees), plus `images_report.json`. Each image's noise comes from a generator
 seeded by (run seed, prompt, index) alone, so the same prompt at the same index gives the same image whatever the
 batch size and whether the run resumed; a rerun skips prompts whose .png and .txt (holding the same prompt) both exist.
+The images are made by `training/generation.py` (Trainer.predict, a batch of prompts a step).
 """
 
 from __future__ import annotations
@@ -17,18 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from vfusion3d_lightning.hub import is_hub_repo_id, missing_weights_error
-from vfusion3d_lightning.io import atomic_write, folder_lock, remove_partials
+from vfusion3d_lightning.io import atomic_write
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_SUFFIX = ", a single object centred on a plain white background, full view, studio lighting"
@@ -163,51 +162,3 @@ def write_first_frame(out_dir: Path, index: int, image: np.ndarray, prompt: str)
     """`<stem>.png` then `<stem>.txt`, each atomically: the .txt marks the pair finished."""
     atomic_write(out_dir / f"{stem(index)}.png", lambda tmp: Image.fromarray(image).save(tmp))
     atomic_write(out_dir / f"{stem(index)}.txt", lambda tmp: tmp.write_text(prompt + "\n", "utf-8"))
-
-
-def make_first_frames(prompts: Sequence[str], out_dir: str | os.PathLike, load_pipeline: Callable[[], object],
-                      settings: ImageSettings, batch_size: int = 4, device: str | torch.device = "cpu",
-                      model_name: str = "", progress: bool = True) -> dict:
-    """Write `<index>.png` + `<index>.txt` for every prompt not yet done, then `images_report.json`; the report.
-
-    Args:
-        prompts: the prompts; prompt i is written as `{i:06d}.png` and `{i:06d}.txt`.
-        out_dir: the output folder (held by a folder lock while this runs).
-        load_pipeline: () -> a diffusers text-to-image pipeline, called only when a prompt is pending (a finished
-            rerun never loads the model).
-        settings: suffix, negative prompt, steps, guidance, size and run seed.
-        batch_size: prompts per pipeline call.
-        device: where the per-prompt generators live (the pipeline's device).
-        model_name: recorded in the report.
-        progress: show a progress bar with an ETA.
-    """
-    settings.check()
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    out_dir = Path(out_dir)
-    with folder_lock(out_dir, "images"):
-        remove_partials(out_dir)  # a killed run's half-written files
-        return _make_first_frames(prompts, out_dir, load_pipeline, settings, batch_size, device, model_name, progress)
-
-
-def _make_first_frames(prompts: Sequence[str], out_dir: Path, load_pipeline: Callable[[], object],
-                       settings: ImageSettings, batch_size: int, device: str | torch.device, model_name: str,
-                       progress: bool) -> dict:
-    pending = [i for i, prompt in enumerate(prompts) if not is_done(out_dir, i, prompt)]
-    started = time.perf_counter()
-    if pending:
-        pipeline = load_pipeline()
-        with tqdm(total=len(pending), desc="images", unit="image", disable=not progress) as bar:
-            for start in range(0, len(pending), batch_size):
-                indices = pending[start:start + batch_size]
-                texts = [prompts[i] for i in indices]
-                with torch.no_grad():
-                    images = render_images(pipeline, texts, indices, settings, device)
-                for index, image, text in zip(indices, images, texts, strict=True):
-                    write_first_frame(out_dir, index, image, text)
-                bar.update(len(indices))
-    report = {"model": model_name, "prompts": len(prompts), "written": len(pending),
-              "skipped_existing": len(prompts) - len(pending), "seconds": round(time.perf_counter() - started, 3),
-              "batch_size": batch_size, "settings": asdict(settings)}
-    atomic_write(out_dir / REPORT_FILE, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n", "utf-8"))
-    return report
