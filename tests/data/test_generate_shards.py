@@ -157,13 +157,15 @@ def test_two_processes_write_the_same_shards_as_one(tmp_path, model):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     write_images(tmp_path / "images", 5)
     model.save_pretrained(tmp_path / "model")
-    def run(devices: int) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "vfusion3d_lightning.cli", "generate", "--model", str(tmp_path / "model"),
-             "--inputs", str(tmp_path / "images"), "--out", str(tmp_path / f"devices{devices}"), "--size", "32",
-             "--steps", "2", "--batch_size", "2", "--shard_size", "2", "--seed", "5", "--num_workers", "0",
-             "--progress", "false", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices)],
-            capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    def command(out, devices: int) -> list[str]:
+        return [sys.executable, "-m", "vfusion3d_lightning.cli", "generate", "--model", str(tmp_path / "model"),
+                "--inputs", str(tmp_path / "images"), "--out", str(out), "--size", "32", "--steps", "2",
+                "--batch_size", "2", "--shard_size", "2", "--seed", "5", "--num_workers", "0", "--progress", "false",
+                "--trainer.accelerator", "cpu", "--trainer.devices", str(devices)]
+
+    def run(devices: int, out=None) -> str:
+        done = subprocess.run(command(out or tmp_path / f"devices{devices}", devices), capture_output=True, text=True,
+                              timeout=600, cwd=tmp_path, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
@@ -175,6 +177,24 @@ def test_two_processes_write_the_same_shards_as_one(tmp_path, model):
     assert outputs[1] == outputs[2]  # byte for byte
     report = json.loads((tmp_path / "devices2" / "generate_report.json").read_text())
     assert report["written"] == 5 and len(report["shards"]) == 3
+    # both ranks killed (SIGKILL to the process group) once the first shard is whole; the rerun ends as one run
+    import signal
+    import time
+
+    killed = tmp_path / "killed"
+    job = subprocess.Popen(command(killed, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                           env=env, start_new_session=True)
+    deadline = time.time() + 300
+    while not complete_shards(killed) and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert 1 <= len(complete_shards(killed)) < 3, "the kill came after the job ended"
+    (killed / "shard-000002.tar.partial").write_bytes(b"cut by the kill")  # as a rank in flight leaves it
+    run(2, killed)
+    assert {p.name: p.read_bytes() for p in complete_shards(killed)} == outputs[1]
+    assert not list(killed.glob("*.partial"))
+
     # one new input: a plan of one shard, so one rank is dealt nothing (and must not leave the other waiting)
     write_images(tmp_path / "images", 6)
     assert "generated 1, already present 5, failed 0" in run(2)
