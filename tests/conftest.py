@@ -13,16 +13,6 @@ COMMON_FLAGS = ("--headless=new", "--no-sandbox", "--disable-quic", "--no-first-
                 "--disable-dev-shm-usage")
 
 
-# the longest files (the pipeline's kill test alone takes 5 minutes on 2 cores) go to the workers first, so that the
-# other workers share the rest meanwhile instead of waiting for them at the end
-LONGEST_FIRST = ("test_pipeline.py", "test_wheel.py", "test_sweep.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
-               else len(LONGEST_FIRST))
-
-
 def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):  # a thread a worker: the workers share the cores, as many as cores
         torch.set_num_threads(1)
