@@ -54,6 +54,7 @@ from vfusion3d_lightning.data.schema import (
     complete_shards,
     encode_sample,
     resume_shard_folder,
+    shard_index,
     write_shard,
 )
 from vfusion3d_lightning.io import atomic_write, folder_lock, remove_partials
@@ -80,7 +81,7 @@ def make_plan(inputs: list[GenerationInput], out_dir: Path, shard_size: int) -> 
         if saved.get("inputs") == digest:
             return saved["shards"]
     todo = [key for key in keys if key not in done]
-    start = 1 + max((int(p.name[6:12]) for p in complete_shards(out_dir)), default=-1)
+    start = 1 + max((shard_index(p) for p in complete_shards(out_dir)), default=-1)
     shards = [{"shard": start + i, "keys": todo[k:k + shard_size]}
               for i, k in enumerate(range(0, len(todo), shard_size))]
     text = json.dumps({"inputs": digest, "shard_size": shard_size, "shards": shards}, indent=1)
@@ -131,7 +132,27 @@ def rank_share(trainer: L.Trainer | None, items: Sequence[Any]) -> list[Any]:
     return list(items[trainer.global_rank::trainer.world_size]) or ([IDLE] if items else [])
 
 
-class GenerationDataModule(L.LightningDataModule):
+class OutputFolderDataModule(L.LightningDataModule):
+    """A writing job's data: global rank 0 holds the output folder's lock from `prepare_data` (one deal for every
+    machine: the folder is shared) until teardown, or until `release` when the job stops on an error."""
+
+    def __init__(self, out: str | Path):
+        super().__init__()
+        self.out = Path(out)
+        self.prepare_data_per_node = False
+        self._lock = contextlib.ExitStack()
+
+    def hold(self, job: str) -> None:
+        self._lock.enter_context(folder_lock(self.out, job))
+
+    def teardown(self, stage: str) -> None:
+        self.release()
+
+    def release(self) -> None:
+        self._lock.close()
+
+
+class GenerationDataModule(OutputFolderDataModule):
     """Condition images and prompts (a folder, .jsonl or .csv: `data/generate_shards.py`, or the inputs read)
     dealt into planned shards of `out`; holds the folder's lock on global rank 0 while the job runs (`release`
     lets go of it if the job stops on an error)."""
@@ -139,12 +160,10 @@ class GenerationDataModule(L.LightningDataModule):
     def __init__(self, inputs: str | Path | list[GenerationInput], out: str | Path, shard_size: int = 64,
                  frame_size: int = 256,
                  border_ratio: float | None = 0.2, background: str = "auto", num_workers: int = 2):
-        super().__init__()
-        self.inputs, self.out, self.shard_size = inputs, Path(out), shard_size
+        super().__init__(out)
+        self.inputs, self.shard_size = inputs, shard_size
         self.frame_size, self.border_ratio, self.background = frame_size, border_ratio, background
         self.num_workers = num_workers
-        self.prepare_data_per_node = False  # one plan for every machine: the folder is shared
-        self._lock = contextlib.ExitStack()
         self.todo: list[dict[str, Any]] = []
         self.planned = 0
         self.skipped_existing = 0
@@ -153,7 +172,7 @@ class GenerationDataModule(L.LightningDataModule):
         return self.inputs if isinstance(self.inputs, list) else read_inputs(self.inputs)
 
     def prepare_data(self) -> None:  # global rank 0, before the other ranks set up
-        self._lock.enter_context(folder_lock(self.out, "generate"))
+        self.hold("generate")
         make_plan(self._read(), self.out, self.shard_size)
 
     def setup(self, stage: str) -> None:
@@ -168,13 +187,6 @@ class GenerationDataModule(L.LightningDataModule):
         shards = PlannedShards(rank_share(self.trainer, self.todo), self.by_key, self.frame_size, self.border_ratio,
                                self.background)
         return DataLoader(shards, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
-
-    def teardown(self, stage: str) -> None:
-        self.release()
-
-    def release(self) -> None:
-        self._lock.close()
-
 
 class VideoGenerator(L.LightningModule):
     """A video model that writes one planned shard of orbit videos a predict step (see the module docstring)."""
@@ -227,19 +239,17 @@ def _gather(value: Any) -> list[Any]:
 # ---------------------------------------------------------------- first frames
 
 
-class FirstFrameDataModule(L.LightningDataModule):
+class FirstFrameDataModule(OutputFolderDataModule):
     """Prompts in fixed batches of `batch_size` (batch b: prompts b*batch_size ...), with the prompts of each
     that are not finished in `out`; holds the folder's lock on global rank 0 while the job runs."""
 
     def __init__(self, prompts: Sequence[str], out: str | Path, batch_size: int = 4):
-        super().__init__()
-        self.prompts, self.out, self.batch_size = list(prompts), Path(out), batch_size
-        self.prepare_data_per_node = False
-        self._lock = contextlib.ExitStack()
+        super().__init__(out)
+        self.prompts, self.batch_size = list(prompts), batch_size
         self.batches: list[dict[str, Any]] = []
 
     def prepare_data(self) -> None:
-        self._lock.enter_context(folder_lock(self.out, "images"))
+        self.hold("images")
         remove_partials(self.out)  # a killed run's half-written files
 
     def setup(self, stage: str) -> None:
@@ -252,13 +262,6 @@ class FirstFrameDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(rank_share(self.trainer, self.batches), batch_size=None, collate_fn=_as_is)
-
-    def teardown(self, stage: str) -> None:
-        self.release()
-
-    def release(self) -> None:
-        self._lock.close()
-
 
 class FirstFrameGenerator(L.LightningModule):
     """A diffusers text-to-image pipeline (loaded on the rank's device when the job starts) writing one batch of
@@ -347,22 +350,20 @@ def merge_caption_parts(out_dir: Path) -> None:
         part.unlink()
 
 
-class CaptionDataModule(L.LightningDataModule):
+class CaptionDataModule(OutputFolderDataModule):
     """Objects to caption, one input shard an item (see the module docstring); holds the output folder's lock on
     global rank 0 while the job runs."""
 
     def __init__(self, shard_folders: Sequence[str | Path], out: str | Path, views: int = 8):
-        super().__init__()
-        self.shards, self.out, self.views = input_shards(shard_folders), Path(out), views
-        self.prepare_data_per_node = False
-        self._lock = contextlib.ExitStack()
+        super().__init__(out)
+        self.shards, self.views = input_shards(shard_folders), views
         self.plan: list[dict[str, Any]] = []
 
     def pending(self) -> list[dict[str, Any]]:
         return plan_captions(self.shards, set(read_captions_file(self.out / CAPTIONS_FILE)))
 
     def prepare_data(self) -> None:
-        self._lock.enter_context(folder_lock(self.out, "captions"))
+        self.hold("captions")
         remove_partials(self.out)  # what a killed run left half-written
         merge_caption_parts(self.out)
         text = json.dumps(self.pending(), indent=1)
@@ -374,13 +375,6 @@ class CaptionDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         items = [{"index": i, **planned} for i, planned in enumerate(self.plan)]
         return DataLoader(rank_share(self.trainer, items), batch_size=None, collate_fn=_as_is)
-
-    def teardown(self, stage: str) -> None:
-        self.release()
-
-    def release(self) -> None:
-        self._lock.close()
-
 
 class CaptionGenerator(L.LightningModule):
     """A view captioner and an LLM summariser (loaded on the rank's device when the job starts) captioning one
