@@ -3,7 +3,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from vfusion3d_lightning.cli import COMMANDS, main
+from vfusion3d_lightning.cli import COMMANDS, command_function, main
 
 
 def test_demo_writes_a_rendered_turntable_frame(tmp_path, capsys):
@@ -82,7 +82,7 @@ def _required_arguments(function) -> list[str]:
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_command_prints_a_config_that_it_reads_back(name, tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
-        main([name, *_required_arguments(COMMANDS[name][0]), "--print_config"])
+        main([name, *_required_arguments(command_function(name)), "--print_config"])
     assert done.value.code in (0, None)
     printed = capsys.readouterr().out
     assert printed.strip()

@@ -9,6 +9,7 @@ A `--config` that names no file but a shipped config (`lrm/tiny`, `pipeline/quic
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import pickle
 import re
@@ -17,51 +18,37 @@ from collections.abc import Callable
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from vfusion3d_lightning.commands.app import app
-from vfusion3d_lightning.commands.captions import captions
-from vfusion3d_lightning.commands.demo import demo
-from vfusion3d_lightning.commands.eval_set import eval_set
-from vfusion3d_lightning.commands.evaluate import evaluate
-from vfusion3d_lightning.commands.filter import filter_videos
-from vfusion3d_lightning.commands.generate import generate
-from vfusion3d_lightning.commands.images import images
-from vfusion3d_lightning.commands.infer import infer
-from vfusion3d_lightning.commands.label import label
-from vfusion3d_lightning.commands.label_ui import label_ui
-from vfusion3d_lightning.commands.mesh_metrics import mesh_metrics
-from vfusion3d_lightning.commands.pipeline import pipeline
-from vfusion3d_lightning.commands.procedural import procedural
-from vfusion3d_lightning.commands.prompts import prompts
-from vfusion3d_lightning.commands.render import render
-from vfusion3d_lightning.commands.sweep import sweep
-from vfusion3d_lightning.commands.text_to_3d import text_to_3d
-from vfusion3d_lightning.commands.weights import weights
-from vfusion3d_lightning.training.lightning_cli import LIGHTNING_COMMANDS, lightning_cli
-
-# subcommand -> (function, one-line help), in the order of the system's data flow
-COMMANDS: dict[str, tuple[Callable, str]] = {
-    "procedural": (procedural, "write seeded procedural 3D assets (GLB, OBJ, PLY)"),
-    "render": (render, "render a folder of 3D assets into multi-view shards (resumable)"),
-    "captions": (captions, "caption 3D assets' renders as Cap3D does: view captions summarised by an LLM (resumable)"),
-    "prompts": (prompts, "keep the captions an LLM judges to describe a single object (resumable)"),
-    "images": (images, "prompts -> first-frame images with a text-to-image model (resumable)"),
-    "generate": (generate, "condition images + prompts -> orbit videos as shards (resumable)"),
-    "label-ui": (label_ui, "a local web page to label generated videos good or bad"),
-    "filter": (filter_videos, "keep the generated videos the quality SVM scores as good (resumable)"),
-    "label": (label, "write elevation + orbit cameras, masks and quality scores into videos' shards (resumable)"),
-    "infer": (infer, "image(s) -> turntable video and mesh"),
-    "text-to-3d": (text_to_3d, "a prompt -> an image (text-to-image model) -> turntable video and mesh"),
-    "app": (app, "a local web page: upload an image, see and download its turntable video and mesh (Gradio)"),
-    "eval-set": (eval_set, "real held-out meshes as +y-up GLB: our registry set, or our list from your GSO / "
-                           "OmniObject3D copy"),
-    "evaluate": (evaluate, "novel-view metrics (PSNR, SSIM, LPIPS, CLIP) of LRMs on held-out multi-view shards"),
-    "mesh-metrics": (mesh_metrics, "Chamfer distance and F-score of a mesh against a ground-truth mesh, after "
-                                   "normalisation and alignment"),
-    "pipeline": (pipeline, "the whole system end to end, resumable: assets -> renders -> captions; prompts -> "
-                           "images; video model -> videos -> curation -> LRM -> metrics, samples"),
-    "sweep": (sweep, "hyperparameter search over config overrides with Optuna (resumable, parallel)"),
-    "weights": (weights, "list known pretrained weights and whether they are present"),
-    "demo": (demo, "build an LRM with random weights and render one turntable frame to PNG"),
+# subcommand -> (its function in vfusion3d_lightning.commands, one-line help), in the order of the system's data
+# flow; a command's module is imported when it runs (`command_function`), so a command, and every process a
+# command spawns (which imports this module again as its main), pays only for its own imports
+COMMANDS: dict[str, tuple[str, str]] = {
+    "procedural": ("procedural:procedural", "write seeded procedural 3D assets (GLB, OBJ, PLY)"),
+    "render": ("render:render", "render a folder of 3D assets into multi-view shards (resumable)"),
+    "captions": ("captions:captions",
+                 "caption 3D assets' renders as Cap3D does: view captions summarised by an LLM (resumable)"),
+    "prompts": ("prompts:prompts", "keep the captions an LLM judges to describe a single object (resumable)"),
+    "images": ("images:images", "prompts -> first-frame images with a text-to-image model (resumable)"),
+    "generate": ("generate:generate", "condition images + prompts -> orbit videos as shards (resumable)"),
+    "label-ui": ("label_ui:label_ui", "a local web page to label generated videos good or bad"),
+    "filter": ("filter:filter_videos", "keep the generated videos the quality SVM scores as good (resumable)"),
+    "label": ("label:label",
+              "write elevation + orbit cameras, masks and quality scores into videos' shards (resumable)"),
+    "infer": ("infer:infer", "image(s) -> turntable video and mesh"),
+    "text-to-3d": ("text_to_3d:text_to_3d",
+                   "a prompt -> an image (text-to-image model) -> turntable video and mesh"),
+    "app": ("app:app", "a local web page: upload an image, see and download its turntable video and mesh (Gradio)"),
+    "eval-set": ("eval_set:eval_set", "real held-out meshes as +y-up GLB: our registry set, or our list from your "
+                                      "GSO / OmniObject3D copy"),
+    "evaluate": ("evaluate:evaluate",
+                 "novel-view metrics (PSNR, SSIM, LPIPS, CLIP) of LRMs on held-out multi-view shards"),
+    "mesh-metrics": ("mesh_metrics:mesh_metrics", "Chamfer distance and F-score of a mesh against a ground-truth "
+                                                  "mesh, after normalisation and alignment"),
+    "pipeline": ("pipeline:pipeline", "the whole system end to end, resumable: assets -> renders -> captions; "
+                                      "prompts -> images; video model -> videos -> curation -> LRM -> metrics, "
+                                      "samples"),
+    "sweep": ("sweep:sweep", "hyperparameter search over config overrides with Optuna (resumable, parallel)"),
+    "weights": ("weights:weights", "list known pretrained weights and whether they are present"),
+    "demo": ("demo:demo", "build an LRM with random weights and render one turntable frame to PNG"),
 }
 TRAINING_HELP = {
     "fit": "train a LightningModule: fit --config configs/lrm/tiny.yaml (LightningCLI; fit --print_config "
@@ -71,6 +58,13 @@ TRAINING_HELP = {
     "predict": "run predict_step, e.g. the curation features: predict --config configs/curation/features.yaml "
                "(LightningCLI)",
 }
+LIGHTNING_COMMANDS = tuple(TRAINING_HELP)  # parsed by LightningCLI (imported only for them: lightning takes seconds)
+
+
+def command_function(name: str) -> Callable:
+    """The function of subcommand `name` (imported now)."""
+    module, _, function = COMMANDS[name][0].partition(":")
+    return getattr(importlib.import_module(f"vfusion3d_lightning.commands.{module}"), function)
 
 
 def command_parser(function: Callable) -> ArgumentParser:
@@ -82,15 +76,17 @@ def command_parser(function: Callable) -> ArgumentParser:
     return parser
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(only: str | None = None) -> ArgumentParser:
+    """The parser of every subcommand, or of subcommand `only` alone (which imports only its function)."""
     parser = ArgumentParser(prog="vfusion3d-lightning", exit_on_error=False,
                             description="VFusion3D in PyTorch Lightning: the video data engine, curation and the LRM. "
                                         "Every subcommand takes --config FILE and --print_config.")
     subcommands = parser.add_subcommands(dest="command")
     for name, text in TRAINING_HELP.items():  # listed here; parsed by LightningCLI
         subcommands.add_subcommand(name, ArgumentParser(description=text), help=text)
-    for name, (function, text) in COMMANDS.items():
-        subcommands.add_subcommand(name, command_parser(function), help=text)
+    for name, (_, text) in COMMANDS.items():
+        if only is None or name == only:
+            subcommands.add_subcommand(name, command_parser(command_function(name)), help=text)
     return parser
 
 
@@ -144,12 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     if words and words[0] in LIGHTNING_COMMANDS:
         check_resume_checkpoint(words)
         # predict writes no versioned log folder, so its rerun (skipping cached shards) meets its own config.yaml
+        from vfusion3d_lightning.training.lightning_cli import lightning_cli
+
         lightning_cli(words, overwrite_config=words[0] == "predict")
         return 0
-    parser = build_parser()
+    parser = build_parser(words[0] if words and words[0] in COMMANDS else None)
     config = parser.parse_args(words)
     name = config.command
-    function = COMMANDS[name][0]
+    function = command_function(name)
     arguments = parser.instantiate(config)[name]
     kwargs = {key: value for key, value in vars(arguments).items() if key != "config"}
     result = function(**kwargs)

@@ -134,8 +134,8 @@ def _best_rotation(pred: np.ndarray, gt: np.ndarray, rng: np.random.Generator) -
     candidates, scores = search_rotations(), []
     for rotation in candidates:
         # rotating gt by the inverse gives the same gt -> pred distances with one tree per side
-        to_gt = gt_tree.query(pred @ rotation.T)[0].mean()
-        to_pred = pred_tree.query(gt @ rotation)[0].mean()
+        to_gt = gt_tree.query(pred @ rotation.T, workers=-1)[0].mean()
+        to_pred = pred_tree.query(gt @ rotation, workers=-1)[0].mean()
         scores.append(to_gt + to_pred)
     return candidates[int(np.argmin(scores))]
 
@@ -158,7 +158,7 @@ def icp(source: np.ndarray, target: np.ndarray, iterations: int = ICP_ITERATIONS
     previous = np.inf
     for iteration in range(1, iterations + 1):
         moved = source @ rotation.T + translation
-        distances, nearest = tree.query(moved)
+        distances, nearest = tree.query(moved, workers=-1)
         if previous - distances.mean() < tolerance:
             return rotation, translation, iteration
         previous = distances.mean()
@@ -188,8 +188,8 @@ def _align(pred: np.ndarray, gt: np.ndarray, pred_vertices: np.ndarray | None,
 
 def point_metrics(pred: np.ndarray, gt: np.ndarray, thresholds=THRESHOLDS) -> tuple[float, dict, dict, dict]:
     """(Chamfer, F-score, precision, recall) of point sets (N, 3) and (M, 3); dicts keyed by threshold."""
-    to_gt = cKDTree(gt).query(pred)[0]
-    to_pred = cKDTree(pred).query(gt)[0]
+    to_gt = cKDTree(gt).query(pred, workers=-1)[0]
+    to_pred = cKDTree(pred).query(gt, workers=-1)[0]
     chamfer = float((to_gt.mean() + to_pred.mean()) / 2)
     precision = {t: float((to_gt <= t).mean()) for t in thresholds}
     recall = {t: float((to_pred <= t).mean()) for t in thresholds}
