@@ -79,7 +79,7 @@ TRAINING_CONFIGS = sorted(path for folder in ("lrm", "video", "curation") for pa
 def test_training_configs_parse_through_lightning_cli(config, strategy, capsys):
     # every key a config sets must be an argument of its classes (a misspelt or removed one fails here),
     # also composed with the multi-GPU strategies; nothing is built
-    from vfusion3d_lightning.cli import lightning_cli
+    from vfusion3d_lightning.training.lightning_cli import lightning_cli
 
     command = "predict" if "return_predictions:" in config.read_text() else "fit"
     argv = [command, "--config", str(config)]

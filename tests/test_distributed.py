@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from vfusion3d_lightning.cli import lightning_cli
 from vfusion3d_lightning.data.procedural import write_assets
 from vfusion3d_lightning.data.render_shards import RenderSettings, render_folder
+from vfusion3d_lightning.training.lightning_cli import lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "app": ("app:app", "a local web page: upload an image, see and download its turntable video and mesh (Gradio)"),
     "eval-set": ("eval_set:eval_set", "real held-out meshes as +y-up GLB: our registry set, or our list from your "
                                       "GSO / OmniObject3D copy"),
+    "export": ("export:export", "an LRM training checkpoint -> a save_pretrained folder with its model card (LoRA "
+                                "adapters merged, and saved alone)"),
     "evaluate": ("evaluate:evaluate",
                  "novel-view metrics (PSNR, SSIM, LPIPS, CLIP) of LRMs on held-out multi-view shards"),
     "mesh-metrics": ("mesh_metrics:mesh_metrics", "Chamfer distance and F-score of a mesh against a ground-truth "

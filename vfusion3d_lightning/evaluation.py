@@ -350,7 +350,8 @@ class Evaluator:
                  input_view: int | None = None, input_size: int = 512, render_size: int | None = None,
                  views_per_batch: int = 8, max_rays: int | None = None, seed: int = 0,
                  ground_truth: GroundTruthMeshes | None = None, mesh_resolution: int = 128,
-                 mesh_threshold: float | None = 1.0, log=None, on_object=None):
+                 mesh_threshold: float | None = 1.0, mesh_points: int = 10_000, log=None, on_object=None,
+                 baselines: dict | None = None):
         from vfusion3d_lightning.inference import max_rays_for
         from vfusion3d_lightning.models.lrm import LRM
 
@@ -368,6 +369,10 @@ class Evaluator:
         self.views_per_batch, self.seed = views_per_batch, seed
         self.max_rays = max_rays or max_rays_for(self.model, self.device)
         self.ground_truth, self.mesh_resolution, self.mesh_threshold = ground_truth, mesh_resolution, mesh_threshold
+        self.mesh_points = mesh_points
+        # the constant background's scores by (object, input view): the same for every LRM, so evaluators of
+        # several checkpoints may share this dict and score it once
+        self.baselines = {} if baselines is None else baselines
         self.log = log or tqdm_write
         self.on_object = on_object
 
@@ -425,9 +430,11 @@ class Evaluator:
         opacity IoU) with their ground truth in `views`, and score the constant background on the same views."""
         target = views["target_images"][views["scored_views"]].to(rendered.device)
         alpha = views["target_masks"][views["scored_views"]].to(rendered.device)
+        key = (views["object_id"], views["input_view"], tuple(target.shape))
+        if key not in self.baselines:
+            self.baselines[key] = constant_background_scores(target, alpha, self.lpips, self.views_per_batch)
         scores = ObjectScores(views["object_id"], **image_scores(rendered, target, self.lpips, self.views_per_batch),
-                              input_view=views["input_view"], views=len(target),
-                              baseline=constant_background_scores(target, alpha, self.lpips, self.views_per_batch))
+                              input_view=views["input_view"], views=len(target), baseline=dict(self.baselines[key]))
         if opacity is not None:
             scores.opacity_iou = opacity_iou(opacity, alpha)
         if self.clip is not None:
@@ -472,7 +479,7 @@ class Evaluator:
             scores.mesh_seconds = planes_seconds + time.perf_counter() - started
         # back into the world frame of the renders and the asset: p_world = R^T p_canonical (rows: p @ R)
         mesh.vertices = np.asarray(mesh.vertices, np.float64) @ views["world_rotation"].numpy()
-        result = mesh_metrics(mesh, truth, thresholds=FSCORE_THRESHOLDS, seed=self.seed)
+        result = mesh_metrics(mesh, truth, points=self.mesh_points, thresholds=FSCORE_THRESHOLDS, seed=self.seed)
         scores.chamfer, scores.fscore = result.chamfer, dict(result.fscore)
         return mesh
 

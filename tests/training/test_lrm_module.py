@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
-from vfusion3d_lightning.cli import lightning_cli, main
+from vfusion3d_lightning.cli import main
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
 from vfusion3d_lightning.training import LRMModule
+from vfusion3d_lightning.training.lightning_cli import lightning_cli
 from vfusion3d_lightning.training.losses import build_lpips
 from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
 

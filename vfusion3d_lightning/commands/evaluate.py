@@ -34,7 +34,7 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
              input_view: int | None = None, input_size: int = 512, render_size: int | None = None,
              views_per_batch: int = 8, device: str = "auto", dtype: Literal["float32", "bfloat16"] = "float32",
              seed: int = 0, assets: Path | None = None, geometry: bool = True, mesh_resolution: int | None = None,
-             mesh_threshold: float | None = 1.0, report: bool = True,
+             mesh_threshold: float | None = 1.0, mesh_points: int = 10_000, report: bool = True,
              report_objects: int = 16) -> dict[str, list[ObjectScores]]:
     """Per held-out object, give one view to each LRM and score two tracks. Novel views: render every other
     view from its ground-truth camera and compare on white by PSNR, SSIM and LPIPS (CLIP similarity too, with
@@ -69,6 +69,8 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
             scores NaN, is counted, and a warning suggests a level that has one. null: each object's grid
             median, for LRMs not trained to the released density scale (the quickstart's); say so with the
             numbers.
+        mesh_points: points sampled on each surface for Chamfer and F-score (the field's 10,000; fewer is
+            faster and noisier).
         report: write report.html (pictures of the first `report_objects` objects per checkpoint).
         report_objects: objects shown in the report (the page says how many more were scored).
     """
@@ -87,6 +89,7 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
     lpips_model = build_lpips(lpips_weights, lpips_random_backbone)
     clip_model = None if str(clip).lower() == "none" else load_clip(clip, device)
     results: dict[str, list[ObjectScores]] = {}
+    baselines: dict = {}  # the constant background's scores, shared by the checkpoints' evaluators
     try:
         for name, source in zip(checkpoint_names(checkpoint), checkpoint):
             evaluator = Evaluator(LRM.from_pretrained(source), lpips_model, clip_model, device=device,
@@ -94,6 +97,7 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
                                   render_size=render_size, views_per_batch=views_per_batch, seed=seed,
                                   ground_truth=ground_truth,
                                   mesh_resolution=mesh_resolution, mesh_threshold=mesh_threshold,
+                                  mesh_points=mesh_points, baselines=baselines,
                                   on_object=pages.hook(name) if pages else None)
             scores = evaluator.evaluate(held_out_samples(shards), max_objects, total, desc=name)
             if not scores:
@@ -119,7 +123,7 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
     if geometry:
         level = f"density {mesh_threshold:g}" if mesh_threshold is not None else "each object's median density"
         note += (f"Geometry: mesh at {level} on a {mesh_resolution}^3 grid against the asset's, "
-                 "after unit-cube normalisation, rotation search and ICP; Chamfer and F-score thresholds in the unit "
+                 f"{mesh_points:,} points on each surface, after unit-cube normalisation, rotation search and ICP; Chamfer and F-score thresholds in the unit "
                  "cube's side; mesh seconds: image -> planes -> mesh."
                  + ("" if ground_truth else " No --assets: nothing measured.") + "\n")
     atomic_write(out / "summary.md", lambda tmp: tmp.write_text(table + note))

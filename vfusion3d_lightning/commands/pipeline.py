@@ -248,6 +248,7 @@ class EvaluateConfig:
         mesh_resolution: density grid size per axis of the meshes compared with the held-out assets (auto: 256 on
             a GPU, 128 on a CPU).
         mesh_threshold: density level of their surface (the released 1.0); null: each object's grid median.
+        mesh_points: points sampled on each surface for Chamfer and F-score (the field's 10,000).
     """
 
     max_objects: int | None = None
@@ -259,6 +260,7 @@ class EvaluateConfig:
     views_per_batch: int = 8
     mesh_resolution: int | None = None
     mesh_threshold: float | None = 1.0
+    mesh_points: int = 10_000
 
 
 @dataclass
@@ -778,7 +780,7 @@ def stage_evaluate(pipe: Pipeline, folder: Path) -> dict[str, Any]:
     evaluate([pipe.output("lrm_pretrain", "pretrained"), pipe.output("lrm_finetune", "finetuned")],
              _shards(pipe.output("captions", "held_out32")), folder, clip=model_source(pipe, cfg.clip, "clip"),
              assets=Path(pipe.output("assets", "held_out")), mesh_resolution=cfg.mesh_resolution,
-             mesh_threshold=cfg.mesh_threshold,
+             mesh_threshold=cfg.mesh_threshold, mesh_points=cfg.mesh_points,
              lpips_weights=cfg.lpips_weights,
              lpips_random_backbone=cfg.lpips_random_backbone, max_objects=cfg.max_objects,
              input_size=cfg.input_size, render_size=cfg.render_size, views_per_batch=cfg.views_per_batch,

@@ -588,6 +588,9 @@ class MultiViewDataModule(_ShardDataModule):
         super().__init__(LRMViews(*views, views_per_object=views_per_object),
                          train_shards, val_shards, batch_size, num_workers, samples_per_epoch, val_samples,
                          shuffle_buffer, seed, on_error, val_transform=LRMViews(*views))
+        # in the checkpoint, for `export` to record the training data in the model card; not logged (the module has
+        # hyper-parameters of the same names, `seed`, which Lightning refuses to merge)
+        self.save_hyperparameters(logger=False)
 
 
 class VideoDataModule(_ShardDataModule):

@@ -10,6 +10,7 @@ import signal
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -121,10 +122,12 @@ def find_assets(asset_dir: Path) -> list[Path]:
 
 def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSettings | None = None,
                   workers: int = 2, shard_size: int = 256, progress: bool = True, timeout_s: float | None = 600.0,
-                  retry_failed: bool = False, part: Part | None = None) -> ShardJobReport:
+                  retry_failed: bool = False, part: Part | None = None,
+                  keep: Callable[[str], bool] | None = None) -> ShardJobReport:
     """Render every asset under `asset_dir` into `out_dir/shard-NNNNNN.tar`; objects already in complete
     shards are skipped, assets that fail are listed in the report and `render_report.json`.
 
+    With `keep`, only the assets whose sample key it accepts are rendered (one side of a train / held-out split).
     With `part` (I of N), only the assets whose key hashes to that part are rendered, into that part's shard
     numbers, with the part's own report, failure log and lock (`render_report.part-I-of-N.json`, ...): the N
     parts, on as many machines, may write one shared folder at once, and together give the samples of one
@@ -145,6 +148,7 @@ def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSe
             were rendering are rendered again). None: no limit.
         retry_failed: render the assets recorded in `render_failures.jsonl` again instead of skipping them.
         part: render only this part of the assets (see above).
+        keep: render only the assets whose sample key this accepts (see above).
     """
     settings = settings or RenderSettings()
     asset_dir, out_dir = Path(asset_dir), Path(out_dir)
@@ -153,7 +157,7 @@ def render_folder(asset_dir: str | Path, out_dir: str | Path, settings: RenderSe
     job, lock_name = ("render", LOCK_NAME) if part is None else (f"render {part.name}", f".{part.name}.lock")
     with folder_lock(out_dir, job, lock_name):
         return _render_folder(asset_dir, out_dir, settings, max(1, workers), shard_size, progress, timeout_s,
-                              retry_failed, part)
+                              retry_failed, part, keep)
 
 
 def part_file(name: str, part: Part | None) -> str:
@@ -166,13 +170,15 @@ def part_file(name: str, part: Part | None) -> str:
 
 def _render_folder(asset_dir: Path, out_dir: Path, settings: RenderSettings, workers: int, shard_size: int,
                    progress: bool, timeout_s: float | None, retry_failed: bool,
-                   part: Part | None) -> ShardJobReport:
+                   part: Part | None, keep: Callable[[str], bool] | None) -> ShardJobReport:
     done = resume_shard_folder(out_dir, part=part)
     assets = find_assets(asset_dir)
     keys = [sample_key(p) for p in assets]
     clashes = {k for k in keys if keys.count(k) > 1}
     if clashes:
         raise ValueError(f"asset files map to the same sample key {sorted(clashes)[:5]}; rename them")
+    if keep is not None:
+        assets, keys = [p for p, k in zip(assets, keys) if keep(k)], [k for k in keys if keep(k)]
     if part is not None:
         assets, keys = [p for p, k in zip(assets, keys) if part.owns_key(k)], [k for k in keys if part.owns_key(k)]
     failures = _FailureLog(out_dir / part_file(FAILURES_NAME, part))

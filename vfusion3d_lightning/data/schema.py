@@ -513,6 +513,14 @@ class Part:
         return f"part-{self.index}-of-{self.count}"
 
 
+def is_held_out(key: str, fraction: float) -> bool:
+    """Whether the sample `key` falls in the held-out `fraction` of a train / held-out split: by a hash of the key
+    alone (salted apart from `Part`'s), so an asset keeps its side however many assets are added and wherever it
+    is rendered."""
+    digest = hashlib.sha256(f"held-out:{key}".encode()).digest()[:8]
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
 class ShardWriter(wds.ShardWriter):
     """webdataset's ShardWriter that writes `<prefix>-NNNNNN.tar` atomically.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,6 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
@@ -16,6 +19,7 @@ from vfusion3d_lightning.cameras import turntable_cameras
 from vfusion3d_lightning.data.datamodules import restore_loader_states
 from vfusion3d_lightning.io import to_uint8_images
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
+from vfusion3d_lightning.models.lrm.lora import LoraOptions, add_lora, merge_lora, save_lora
 from vfusion3d_lightning.training.losses import build_lpips, lpips_loss, opacity_loss, pixel_l2
 from vfusion3d_lightning.training.media import log_image, log_video
 from vfusion3d_lightning.training.schedules import WarmupCosineRestarts
@@ -62,6 +66,10 @@ class LRMModule(L.LightningModule):
     recompute_blocks: under checkpointing, recompute only the first this many of the transformer's blocks (None:
     all), for a batch that leaves memory over. compile_network: `LRM.compile_network`. fused_optimizer: AdamW's
     one-kernel step; None takes it on a CUDA GPU or the CPU without fp16's grad scaler.
+    freeze_encoder: train all but the image encoder (its weights stay those of `pretrained`).
+    lora: LoRA adapters (`LoraOptions`: rank, alpha, dropout, target layers) on the transformer through peft, added
+    after `pretrained` loads; only the adapters train. `export` merges them into the weights it writes and saves
+    them on their own beside (`adapter/`).
     """
 
     def __init__(
@@ -85,6 +93,8 @@ class LRMModule(L.LightningModule):
         recompute_blocks: int | None = None,
         compile_network: bool = False,
         fused_optimizer: bool | None = None,
+        freeze_encoder: bool = False,
+        lora: LoraOptions | None = None,
         max_rays: int | None = None,
         val_render_size: int = 128,
         turntable_frames: int = 8,
@@ -97,13 +107,20 @@ class LRMModule(L.LightningModule):
         if gradient_checkpointing not in (True, False, "network", "selective"):
             raise ValueError("gradient_checkpointing must be true, false, 'network' or 'selective', got "
                              f"{gradient_checkpointing!r}")
-        network = config.to_dict()  # plain types in the checkpoint, so it loads with weights_only=True
+        lora_options = LoraOptions.from_value(lora)
+        # plain types in the checkpoint, so it loads with weights_only=True
+        network = config.to_dict()
+        lora = None if lora_options is None else asdict(lora_options)
         self.save_hyperparameters()
         self.model = LRM(config)
         if pretrained:
             self._load_pretrained(pretrained)
         elif encoder_weights:
             self.model.load_encoder_weights(encoder_weights)
+        if lora_options is not None:
+            add_lora(self.model, lora_options)  # freezes all but the adapters
+        if freeze_encoder:
+            self.model.encoder.requires_grad_(False)
         blocks = "selective" if gradient_checkpointing == "selective" else bool(gradient_checkpointing)
         self.model.set_gradient_checkpointing(blocks, renderer=gradient_checkpointing is True,
                                               transformer_blocks=recompute_blocks)
@@ -165,6 +182,26 @@ class LRMModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         restore_loader_states(self.trainer)  # configure_optimizers read estimated_stepping_batches before the restore
+        counts = self.parameter_counts()
+        rank_zero_info(f"LRM parameters: {counts['trainable']:,} trainable of {counts['total']:,} "
+                       f"({counts['trainable_fraction']:.2%}; {self._training_mode()}); AdamW state "
+                       f"{counts['optimizer_state_bytes'] / 2**20:.1f} MiB")
+        if self.logger is not None:
+            self.logger.log_metrics({f"parameters/{k}": float(v) for k, v in counts.items()}, step=self.global_step)
+
+    def _training_mode(self) -> str:
+        if self.hparams.get("lora"):
+            return f"LoRA rank {self.hparams.lora['rank']} adapters"
+        return "encoder frozen" if self.hparams.get("freeze_encoder") else "full fine-tune"
+
+    def parameter_counts(self) -> dict[str, float]:
+        """Trainable and total parameters of the network, and the bytes of AdamW's state for the trainable ones
+        (two moments each, in the parameters' dtype)."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        total = sum(p.numel() for p in self.model.parameters())
+        count = sum(p.numel() for p in trainable)
+        return {"trainable": count, "total": total, "trainable_fraction": count / max(total, 1),
+                "optimizer_state_bytes": sum(2 * p.numel() * p.element_size() for p in trainable)}
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -238,9 +275,53 @@ class LRMModule(L.LightningModule):
         checkpoint["state_dict"].update({f"lpips.{k}": v for k, v in self.lpips.state_dict().items()})
 
     def export(self, directory: str | Path) -> Path:
-        """`LRM.save_pretrained` of the trained network, for `LRM.from_pretrained` and inference.
+        """`LRM.save_pretrained` of the trained network (LoRA adapters merged into it), for `LRM.from_pretrained`
+        and inference, with a model card of its training; a LoRA fine-tune's adapters also on their own in
+        `directory/adapter`.
 
         Args:
             directory: the folder to write.
         """
-        return self.model.save_pretrained(directory)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data = dict(getattr(datamodule, "hparams", None) or {})
+        step = self.global_step if self._trainer is not None else None
+        return export_lrm(self.model, dict(self.hparams), data, step, directory)
+
+
+ADAPTER_FOLDER = "adapter"
+
+
+def training_card(hparams: dict[str, Any], data: dict[str, Any], step: int | None) -> dict[str, Any]:
+    """The model card's `training_data` and `recipe` (hub.model_card) of an LRMModule run, from its
+    hyper-parameters, its data module's and the optimizer steps it ran."""
+    train, held_out = data.get("train_shards"), data.get("val_shards")
+    training_data = (f"Multi-view shards `{train}`" + (f", validated on `{held_out}`" if held_out else "") + "."
+                     if train else None)
+    lora = hparams.get("lora")
+    if lora:
+        how = (f"LoRA adapters of rank {lora['rank']} (alpha {lora['alpha']:g}) on the layers matching "
+               f"`{lora['targets']}`, merged into these weights; the adapters alone are in `{ADAPTER_FOLDER}/`")
+    else:
+        how = "all weights trained" + (" but the image encoder's" if hparams.get("freeze_encoder") else "")
+    start = hparams.get("pretrained") or "random initialisation"
+    losses = ", ".join(f"{name} {hparams.get(key, 0):g}" for name, key in
+                       (("LPIPS", "lpips_weight"), ("opacity", "opacity_weight"), ("pixel L2", "l2_weight"))
+                       if hparams.get(key))
+    steps = f"{step:,} optimizer steps, " if step else ""
+    recipe = (f"From `{start}`: {how}. {steps}AdamW at peak LR {hparams.get('lr', 0):g} (warm-up "
+              f"{hparams.get('warmup_steps', 0)} steps, cosine); losses: {losses}; renders of "
+              f"{hparams.get('render_size')} px.")
+    return {"training_data": training_data, "recipe": recipe}
+
+
+def export_lrm(model: LRM, hparams: dict[str, Any], data: dict[str, Any], step: int | None,
+               directory: str | Path) -> Path:
+    """Write `model` (an LRMModule's network, with LoRA adapters if `hparams` has them) as a save_pretrained
+    folder with its model card; adapters merged into the weights, and also saved alone in `adapter/`."""
+    card = training_card(hparams, data, step)
+    lora = hparams.get("lora")
+    if not lora:
+        return model.save_pretrained(directory, card)
+    out = merge_lora(copy.deepcopy(model)).save_pretrained(directory, card)
+    save_lora(model, Path(out) / ADAPTER_FOLDER, LoraOptions(**lora), base_model=hparams.get("pretrained"))
+    return out

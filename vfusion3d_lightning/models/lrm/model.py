@@ -14,6 +14,7 @@ from vfusion3d_lightning.io import atomic_write_folder
 from vfusion3d_lightning.models.lrm.config import LRMConfig
 from vfusion3d_lightning.models.lrm.convert import convert_released_lrm, hf_dinov2_to_timm, is_released_state_dict
 from vfusion3d_lightning.models.lrm.encoder import DinoEncoder
+from vfusion3d_lightning.models.lrm.lora import LoraOptions, add_lora, merge_lora
 from vfusion3d_lightning.models.lrm.renderer import (
     Occupancy,
     RenderOutput,
@@ -252,6 +253,7 @@ class LRM(hub.PushToHubMixin, nn.Module):
                                          revision=revision, cache_dir=cache_dir, token=token)
         if entry is not None and entry.config:
             config = config or LRMConfig.from_name(entry.config)
+        lora = None  # a LoRA fine-tune's checkpoint: its adapters, merged into the weights once loaded
         if hub.is_lightning_checkpoint(path):
             checkpoint = hub.read_lightning_checkpoint(path, "LRMModule", ["network"],
                                                        fit_config="configs/lrm/tiny.yaml")
@@ -260,6 +262,7 @@ class LRM(hub.PushToHubMixin, nn.Module):
                 raise ValueError(f"{path}: hyper-parameter `network` is a {type(network).__name__}, not the dict "
                                  "LRMModule saves; pass config=LRMConfig(...)")
             config, state = config or LRMConfig.from_dict(network), checkpoint.state
+            lora = checkpoint.hparams.get("lora")
         else:
             if path.is_dir():
                 weights = path / WEIGHTS_NAME
@@ -276,9 +279,11 @@ class LRM(hub.PushToHubMixin, nn.Module):
                 raise ValueError(f"{path} has our parameter names but no {CONFIG_NAME} beside it; pass "
                                  "config=LRMConfig(...) or LRMConfig.from_name(...)")
         model = cls(config)
+        if lora:
+            add_lora(model, LoraOptions(**lora))
         hub.load_state_into(model, state, path, hint="check that the config matches the weights (e.g. "
                                                      "LRMConfig.from_name('vfusion3d') for the released model)")
-        return model
+        return merge_lora(model) if lora else model
 
 
 def _unwrap_released(payload: dict, path: Path) -> dict[str, torch.Tensor]:
