@@ -99,11 +99,10 @@ def fit_args(shards: str, root: Path, *extra: str) -> list[str]:
             "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(root), *extra]
 
 
-def test_fit_with_lora_resumes_and_exports_a_merged_folder_with_its_card(shards, tmp_path, capsys):
+def test_fit_with_lora_resumes_and_exports_a_merged_folder_with_its_card(shards, tmp_path):
     root = tmp_path / "run"
     lora = ["--model.init_args.lora.rank", "4", "--trainer.max_epochs", "1"]
     assert main(fit_args(shards, root, *lora)) == 0
-    out = capsys.readouterr().out + capsys.readouterr().err
     checkpoint = next(root.rglob("last.ckpt"))
     stored = torch.load(checkpoint, weights_only=True, map_location="cpu")
     assert stored["hyper_parameters"]["lora"]["rank"] == 4
