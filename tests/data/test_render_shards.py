@@ -171,3 +171,33 @@ def test_a_shard_is_never_written_over(tmp_path):
     with pytest.raises(FileExistsError, match="shard-000002.tar exists: another run is writing shards"):
         writer.close()
     assert (tmp_path / "shard-000002.tar").read_bytes() == b"someone else's"
+
+
+def test_held_out_split_renders_each_asset_on_one_side_by_its_name(tmp_path, capsys):
+    from vfusion3d_lightning.data.schema import is_held_out
+
+    assets, out = tmp_path / "assets", tmp_path / "yours"
+    write_assets(assets, 10, seed=4, formats=("ply",))
+    keys = [sample_key(path) for path in find_assets(assets)]
+    held = {key for key in keys if is_held_out(key, 0.3)}
+    assert 0 < len(held) < len(keys)
+    args = ["render", "--assets", str(assets), "--out", str(out), "--views", "random32", "--resolution", "16",
+            "--workers", "1", "--shard_size", "4", "--held_out", "0.3", "--progress", "false"]
+    assert main(args) == 0
+    train = {key for keys_ in keys_in_shards(complete_shards(out / "train")).values() for key in keys_}
+    held_out = {key for keys_ in keys_in_shards(complete_shards(out / "held_out")).values() for key in keys_}
+    assert held_out == held and train == set(keys) - held
+    # each side its own views: random32 for training, the evaluation's uniform32 for the held-out objects
+    views = {s.extra["views"] for s in read_samples(complete_shards(out / "held_out"))}
+    assert views == {"uniform32"}
+    assert {s.extra["views"] for s in read_samples(complete_shards(out / "train"))} == {"random32"}
+    # a side depends on the asset's name alone: more assets move none of the old ones
+    write_assets(assets / "more", 6, seed=9, formats=("ply",))
+    assert main(args) == 0
+    grown = {key for keys_ in keys_in_shards(complete_shards(out / "held_out")).values() for key in keys_}
+    assert held <= grown and not grown & train
+    assert "already present" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--held_out 1.5: the fraction of assets to hold out must be in"):
+        main([*args[:-4], "--held_out", "1.5"])
+    with pytest.raises(ValueError, match="holds out none of the 16 assets.*raise it"):
+        main([*args[:-4], "--held_out", "0.0001"])

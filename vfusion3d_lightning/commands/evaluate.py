@@ -123,7 +123,8 @@ def evaluate(checkpoint: list[str], shards: str, out: Path, clip: str = DEFAULT_
     if geometry:
         level = f"density {mesh_threshold:g}" if mesh_threshold is not None else "each object's median density"
         note += (f"Geometry: mesh at {level} on a {mesh_resolution}^3 grid against the asset's, "
-                 f"{mesh_points:,} points on each surface, after unit-cube normalisation, rotation search and ICP; Chamfer and F-score thresholds in the unit "
+                 f"{mesh_points:,} points on each surface, after unit-cube normalisation"
+                 ", rotation search and ICP; Chamfer and F-score thresholds in the unit "
                  "cube's side; mesh seconds: image -> planes -> mesh."
                  + ("" if ground_truth else " No --assets: nothing measured.") + "\n")
     atomic_write(out / "summary.md", lambda tmp: tmp.write_text(table + note))
