@@ -1,7 +1,7 @@
 """Peak GPU memory and speed of fine-tuning the released-size LRM (configs/lrm/finetune_yours.yaml's step) per
 memory option: full fine-tune with and without checkpointing, frozen encoder, LoRA.
 
-    python benchmarks/finetune_memory.py [--batch-size 4] [--steps 8] [--modes full full_ckpt freeze_ckpt lora lora_ckpt]
+    python benchmarks/finetune_memory.py [--batch-size 4 8] [--steps 8] [--modes full full_ckpt lora_ckpt ...]
 
 One `LRMModule.training_step` as Lightning runs it for finetune_yours.yaml: released network sizes (random
 weights: memory and speed do not depend on their values), bf16-mixed, fused AdamW, LPIPS-VGG (random trunk) +
