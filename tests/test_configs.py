@@ -31,7 +31,7 @@ def test_every_shipped_network_size_builds_its_config(name):
 def test_network_names_are_the_shipped_files_and_unknown_names_list_them():
     assert {"tiny", "vfusion3d"} <= set(presets.network_names())
     assert presets.network_names() == sorted(path.stem for path in NETWORKS.glob("*.yaml"))
-    with pytest.raises(ValueError, match=r"unknown LRM network 'huge'.*\['tiny', 'vfusion3d'\]"):
+    with pytest.raises(ValueError, match=r"unknown LRM network 'huge'.*\['quickstart', 'tiny', 'vfusion3d'\]"):
         LRMConfig.from_name("huge")
 
 

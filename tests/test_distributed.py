@@ -53,7 +53,8 @@ class RankRecord(L.Callback):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_splits_the_data_and_keeps_the_ranks_in_step(tmp_path):
+@pytest.mark.parametrize("tuning", [[], ["--model.init_args.lora.rank", "4"]], ids=["full", "lora"])
+def test_ddp_on_two_processes_splits_the_data_and_keeps_the_ranks_in_step(tmp_path, tuning):
     write_assets(tmp_path / "assets", 8, seed=2, progress=False)
     render_folder(tmp_path / "assets", tmp_path / "set32", RenderSettings(views="random32", resolution=48),
                   workers=1, shard_size=1, progress=False)
@@ -67,7 +68,7 @@ def test_ddp_on_two_processes_splits_the_data_and_keeps_the_ranks_in_step(tmp_pa
                          "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
                          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
                          "--data.init_args.train_shards", shards, "--data.init_args.val_shards", shards,
-                         "--data.init_args.num_workers", "0"], run=False)
+                         "--data.init_args.num_workers", "0", *tuning], run=False)
     cli.trainer.callbacks.append(RankRecord(str(tmp_path)))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

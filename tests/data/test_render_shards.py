@@ -192,7 +192,7 @@ def test_held_out_split_renders_each_asset_on_one_side_by_its_name(tmp_path, cap
     assert views == {"uniform32"}
     assert {s.extra["views"] for s in read_samples(complete_shards(out / "train"))} == {"random32"}
     # a side depends on the asset's name alone: more assets move none of the old ones
-    write_assets(assets / "more", 6, seed=9, formats=("ply",))
+    write_assets(assets / "more", 6, seed=9, formats=("ply",), prefix="more")
     assert main(args) == 0
     grown = {key for keys_ in keys_in_shards(complete_shards(out / "held_out")).values() for key in keys_}
     assert held <= grown and not grown & train

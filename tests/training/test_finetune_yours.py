@@ -21,7 +21,7 @@ def fit_config(tmp: Path, name: str, train: str, val: str, steps: int, **model) 
     config = yaml.safe_load((ROOT / "configs" / "lrm" / "quickstart_finetune_3d.yaml").read_text())
     config["model"]["init_args"].update(
         network=yaml.safe_load((ROOT / "configs" / "lrm" / "network" / "quickstart.yaml").read_text()),
-        pretrained=None, **model)
+        **{"pretrained": None, **model})
     config["trainer"].update(max_epochs=1, check_val_every_n_epoch=1, default_root_dir=str(tmp / name),
                              enable_progress_bar=False)
     config["trainer"]["callbacks"][0]["init_args"] = {"resolutions": [16], "epochs": [1]}
@@ -56,12 +56,13 @@ def test_fine_tuning_on_real_meshes_improves_their_held_out_views_full_and_lora(
     train, held_out = str(tmp_path / "real_train" / "shard-*.tar"), str(tmp_path / "real_held_out" / "shard-*.tar")
 
     full = fit(fit_config(tmp_path, "full", train, held_out, steps=120, pretrained=str(base), lr=1e-3))
+    # adapters take a larger LR than full weights, as LoRA recipes do
     lora = fit(fit_config(tmp_path, "lora", train, held_out, steps=120, pretrained=str(base), lr=1e-2,
-                          lora={"rank": 8, "alpha": 16.0}))
+                          lora={"rank": 16, "alpha": 16.0}))
     for name, checkpoint in (("full", full), ("lora", lora)):
         assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / f"{name}_export")]) == 0
     assert (tmp_path / "lora_export" / "adapter" / "adapter_model.safetensors").is_file()
-    assert "LoRA adapters of rank 8" in (tmp_path / "lora_export" / "README.md").read_text()
+    assert "LoRA adapters of rank 16" in (tmp_path / "lora_export" / "README.md").read_text()
     assert "real_train" in (tmp_path / "full_export" / "README.md").read_text()
 
     scores = tmp_path / "scores"
@@ -72,5 +73,5 @@ def test_fine_tuning_on_real_meshes_improves_their_held_out_views_full_and_lora(
     before = held_out_scores(scores, next(n for n in names if n.startswith("last")))
     for name in ("full_export", "lora_export"):
         after = held_out_scores(scores, name)
-        assert after["psnr"] > before["psnr"] + 0.5, (name, before, after)
-        assert after["opacity_iou"] > before["opacity_iou"], (name, before, after)
+        assert after["psnr"] > before["psnr"] + 0.3, (name, before, after)
+        assert after["opacity_iou"] > before["opacity_iou"] + 0.05, (name, before, after)
