@@ -263,7 +263,8 @@ def test_the_pipeline_killed_at_random_moments_ends_as_an_uninterrupted_run(tmp_
     # the killed training went on from its checkpoint instead of starting again
     versions = sorted((run_dir / "lrm_pretrain" / "lightning_logs").glob("version_*"))
     assert len(versions) == 2
-    resumed_steps = [int(line.split(",")[1]) for line in (versions[1] / "metrics.csv").read_text().splitlines()[1:]]
+    with open(versions[1] / "metrics.csv") as handle:
+        resumed_steps = [int(row["step"]) for row in csv.DictReader(handle)]
     assert min(resumed_steps) > 0 and max(resumed_steps) == 7  # the last of 2 epochs of 4 steps
 
     left = [p for p in run_dir.rglob("*") if ".partial" in p.name or p.name == LOCK_NAME]

@@ -129,7 +129,8 @@ def test_the_installed_wheel_reads_its_shipped_presets_and_nothing_of_the_tree(i
     assert not any("editable" in finder.lower() for finder in found["finders"])  # the tree's finder is not active
     assert found["configs"] == presets.list_configs()  # every config of the tree ships
     assert Path(found["tiny_config"]).is_relative_to(package.parent)
-    assert found["tiny_network"] == LRMConfig.from_name("tiny").to_dict() and found["networks"] == ["tiny", "vfusion3d"]
+    assert found["tiny_network"] == LRMConfig.from_name("tiny").to_dict()
+    assert found["networks"] == ["quickstart", "tiny", "vfusion3d"]
     assert Path(found["registry"]).is_relative_to(package.parent) and found["entries"] == sorted(hub.load_registry())
     assert found["callbacks"] == presets.callbacks_preset().read_text()
     # no repository around a wheel install: weights go to the user cache

@@ -138,7 +138,7 @@ def test_fit_with_lora_resumes_and_exports_a_merged_folder_with_its_card(shards,
 def test_freeze_encoder_trains_all_but_the_encoder(shards, tmp_path):
     from vfusion3d_lightning.training import LRMModule
 
-    module = LRMModule(network=TINY, freeze_encoder=True)
+    module = LRMModule(network=TINY, freeze_encoder=True, lpips_random_backbone=True)
     frozen = {n for n, p in module.model.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in module.model.named_parameters() if n.startswith("encoder.")}
     counts = module.parameter_counts()
