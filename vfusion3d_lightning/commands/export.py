@@ -6,7 +6,6 @@ from pathlib import Path
 
 from vfusion3d_lightning import hub
 from vfusion3d_lightning.models.lrm import LRM, LRMConfig
-from vfusion3d_lightning.models.lrm.lora import LoraOptions, add_lora
 from vfusion3d_lightning.training.lrm import ADAPTER_FOLDER, export_lrm
 
 
@@ -22,11 +21,8 @@ def export(checkpoint: Path, out: Path) -> dict:
         out: the folder to write (replaced if it exists).
     """
     found = hub.read_lightning_checkpoint(checkpoint, "LRMModule", ["network"], fit_config="configs/lrm/tiny.yaml")
-    model = LRM(LRMConfig.from_dict(found.hparams["network"]))
     lora = found.hparams.get("lora")
-    if lora:
-        add_lora(model, LoraOptions(**lora))
-    hub.load_state_into(model, found.state, checkpoint)
+    model = LRM.with_weights(LRMConfig.from_dict(found.hparams["network"]), found.state, checkpoint, lora)
     data = found.raw.get("datamodule_hyper_parameters")
     folder = export_lrm(model, found.hparams, dict(data) if isinstance(data, dict) else {},
                         found.raw.get("global_step"), out)

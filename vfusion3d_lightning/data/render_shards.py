@@ -177,10 +177,9 @@ def _render_folder(asset_dir: Path, out_dir: Path, settings: RenderSettings, wor
     clashes = {k for k in keys if keys.count(k) > 1}
     if clashes:
         raise ValueError(f"asset files map to the same sample key {sorted(clashes)[:5]}; rename them")
-    if keep is not None:
-        assets, keys = [p for p, k in zip(assets, keys) if keep(k)], [k for k in keys if keep(k)]
-    if part is not None:
-        assets, keys = [p for p, k in zip(assets, keys) if part.owns_key(k)], [k for k in keys if part.owns_key(k)]
+    chosen = [(p, k) for p, k in zip(assets, keys)
+              if (keep is None or keep(k)) and (part is None or part.owns_key(k))]
+    assets, keys = [p for p, _ in chosen], [k for _, k in chosen]
     failures = _FailureLog(out_dir / part_file(FAILURES_NAME, part))
     if retry_failed:
         failures.forget(set(keys))

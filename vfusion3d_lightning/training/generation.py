@@ -188,6 +188,7 @@ class GenerationDataModule(OutputFolderDataModule):
                                self.background)
         return DataLoader(shards, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
 
+
 class VideoGenerator(L.LightningModule):
     """A video model that writes one planned shard of orbit videos a predict step (see the module docstring)."""
 
@@ -262,6 +263,7 @@ class FirstFrameDataModule(OutputFolderDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(rank_share(self.trainer, self.batches), batch_size=None, collate_fn=_as_is)
+
 
 class FirstFrameGenerator(L.LightningModule):
     """A diffusers text-to-image pipeline (loaded on the rank's device when the job starts) writing one batch of
@@ -375,6 +377,7 @@ class CaptionDataModule(OutputFolderDataModule):
     def predict_dataloader(self) -> DataLoader:
         items = [{"index": i, **planned} for i, planned in enumerate(self.plan)]
         return DataLoader(rank_share(self.trainer, items), batch_size=None, collate_fn=_as_is)
+
 
 class CaptionGenerator(L.LightningModule):
     """A view captioner and an LLM summariser (loaded on the rank's device when the job starts) captioning one

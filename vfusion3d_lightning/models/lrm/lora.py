@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,6 @@ def _lora_config(options: LoraOptions):
 def add_lora(model: nn.Module, options: LoraOptions) -> nn.Module:
     """Put LoRA adapters on the layers of `model` that `options.targets` names, in place, and freeze every other
     parameter (peft's rule: only the adapters train). Returns `model`."""
-    import re
-
     pattern = re.compile(options.targets)
     matched = [name for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and pattern.fullmatch(name)]

@@ -278,12 +278,20 @@ class LRM(hub.PushToHubMixin, nn.Module):
             elif config is None:
                 raise ValueError(f"{path} has our parameter names but no {CONFIG_NAME} beside it; pass "
                                  "config=LRMConfig(...) or LRMConfig.from_name(...)")
+        model = cls.with_weights(config, state, path, lora)
+        return merge_lora(model) if lora else model
+
+    @classmethod
+    def with_weights(cls, config: LRMConfig, state: dict[str, torch.Tensor], source: str | Path,
+                     lora: dict | None = None) -> "LRM":
+        """An LRM of `config` holding `state` (from `source`, named in errors); with `lora` (LoraOptions fields, as
+        an LRMModule's hyper-parameters hold them) its adapters are added first, and left unmerged."""
         model = cls(config)
         if lora:
             add_lora(model, LoraOptions(**lora))
-        hub.load_state_into(model, state, path, hint="check that the config matches the weights (e.g. "
-                                                     "LRMConfig.from_name('vfusion3d') for the released model)")
-        return merge_lora(model) if lora else model
+        hub.load_state_into(model, state, source, hint="check that the config matches the weights (e.g. "
+                                                       "LRMConfig.from_name('vfusion3d') for the released model)")
+        return model
 
 
 def _unwrap_released(payload: dict, path: Path) -> dict[str, torch.Tensor]:
