@@ -18,7 +18,7 @@ def export(checkpoint: Path, out: Path) -> dict:
     Args:
         checkpoint: the .ckpt file (e.g. lightning_logs/version_0/checkpoints/last.ckpt); read without running
             code from it.
-        out: the folder to write (replaced if it exists).
+        out: the folder to write; its model files are replaced, any other file in it is kept.
     """
     found = hub.read_lightning_checkpoint(checkpoint, "LRMModule", ["network"], fit_config="configs/lrm/tiny.yaml")
     lora = found.hparams.get("lora")
