@@ -206,7 +206,7 @@ class LRMModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         # fused: one kernel for all parameters (on a GPU 39 against 6 ms a step of 452M parameters, BENCHMARKS.md;
-        # on a CPU 10 ms less of the quickstart's 0.09 s step); not under fp16's grad scaler, which a fused step
+        # on a CPU 0.107 -> 0.094 s a quickstart step, BENCHMARKS.md); not under fp16's grad scaler, which a fused step
         # would unscale itself, out of reach of clipping
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         fused = hp.fused_optimizer

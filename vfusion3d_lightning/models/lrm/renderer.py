@@ -47,7 +47,7 @@ def sample_triplane(planes: torch.Tensor, points: torch.Tensor, box_size: float 
 # grid_sample adds every sample's share into the plane texels with atomics; millions of samples on a 64x64
 # plane collide on the same addresses, and that backward took 44% of an H100 training step. Copies divide
 # the collisions; their gradients are summed afterwards. Only on a GPU: a CPU's backward has no atomics, and the
-# copies cost it time (the quickstart's 16 px step: 0.125 s with 32 groups, 0.091 s with one, 2 cores).
+# copies cost it time (benchmarks/quickstart_cpu.py, fused AdamW: 0.100 s a quickstart step with 32, 0.094 s with one).
 GRADIENT_GROUPS = 32
 
 
