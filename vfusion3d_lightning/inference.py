@@ -4,12 +4,19 @@
 >>> result = engine.run("photo.png", **auto_settings("cuda"))      # result.mesh: trimesh.Trimesh with a texture
 >>> export_mesh(result.mesh, "out/mesh.glb")
 >>> engine.run("photo.png", out_dir=Path("out"))                    # writes input.png, turntable.mp4, mesh.glb
+
+With `out_dir`, the files are written while the GPU works: the mesh file in a background thread while the
+turntable renders, and the video encoded batch by batch as its frames come (BENCHMARKS.md, end to end).
 """
 
 from __future__ import annotations
 
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from PIL import Image
@@ -18,7 +25,7 @@ from tqdm import tqdm
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
 from vfusion3d_lightning.data.preprocess import preprocess
 from vfusion3d_lightning.geometry.mesh import NoSurfaceError, export_mesh, extract_mesh
-from vfusion3d_lightning.geometry.texture import DEFAULT_MAX_FACES, bake_texture, field_colour
+from vfusion3d_lightning.geometry.texture import DEFAULT_MAX_FACES, UNWRAPS, bake_texture, field_colour
 from vfusion3d_lightning.io import atomic_write, to_uint8_images
 from vfusion3d_lightning.models.lrm import LRM
 
@@ -98,14 +105,15 @@ class ImageTo3D:
     @torch.no_grad()
     def turntable(self, planes: torch.Tensor, frames: int = 160, size: int = 384, frames_per_batch: int = 8,
                   radius: float = 1.5, elevation: float = 0.0, max_rays: int | None = None,
-                  skip_empty: bool | None = None, seed: int = 0, progress: bool = False) -> torch.Tensor:
+                  skip_empty: bool | None = None, seed: int = 0, progress: bool = False,
+                  on_batch=None) -> torch.Tensor:
         """Frames (N, 3, size, size) around the object, `frames_per_batch` cameras per call (the release
         renders one per call); `max_rays` bounds the rays in one renderer pass, and so the memory (None: sized
         to the free memory by `max_rays()`). `skip_empty` (None: on a GPU) queries the field only in cells of
         a 128^3 occupancy grid where it has density (`LRM.occupancy`; frames differ from a full render by well
         under a grey level, BENCHMARKS.md); a field with density in over half the cells is rendered in full.
         `seed` seeds the renderer's sample jitter: the same planes give the same frames. `progress`: a tqdm bar
-        of frames on stderr."""
+        of frames on stderr. `on_batch(frames)` gets each batch as it is rendered (a video writer)."""
         max_rays = max_rays or self.max_rays()
         cameras = turntable_cameras(frames, radius, elevation).to(self.device)
         occupancy = None
@@ -122,28 +130,35 @@ class ImageTo3D:
                     rgb = self.model.render(planes, cameras[None, start:start + frames_per_batch], size,
                                             generator=generator, max_rays=max_rays, occupancy=occupancy).rgb[0]
                 out.append(rgb.float().clamp(0, 1).cpu())
+                if on_batch is not None:
+                    on_batch(out[-1])
                 bar.update(len(rgb))
         return torch.cat(out)
 
     @torch.no_grad()
     def texture(self, planes: torch.Tensor, mesh, size: int = 1024, max_faces: int = DEFAULT_MAX_FACES,
-                log=None, timings: dict | None = None, progress: bool = False):
+                unwrap: str = "per_face", log=None, timings: dict | None = None, progress: bool = False):
         """`mesh` -> a decimated copy with UVs and a `size`^2 texture baked from `planes`' colour field
-        (`texture.bake_texture`); `log` gets the decimation line; `progress`: a tqdm bar of its steps."""
-        return bake_texture(field_colour(self.model, planes), mesh, size, max_faces, timings=timings, log=log,
-                            progress=progress)
+        (`texture.bake_texture`, on this engine's device); `log` gets the decimation line; `progress`: a tqdm bar
+        of its steps."""
+        with self._autocast():
+            return bake_texture(field_colour(self.model, planes), mesh, size, max_faces, unwrap, self.device,
+                                timings=timings, log=log, progress=progress)
 
     def run(self, image, frames: int | None = None, render_size: int | None = None, frames_per_batch: int = 8,
             mesh_resolution: int | None = None, mesh_threshold: float = 1.0, mesh_method: str = "coarse_to_fine",
             video: bool = True, mesh: bool = True, texture_size: int | None = None, max_faces: int | None = None,
-            out_dir: Path | None = None, video_format: str = "mp4", mesh_format: str = "glb", fps: int | None = None,
-            progress: bool = False, log=None) -> InferenceResult:
+            unwrap: str = "per_face", out_dir: Path | None = None, video_format: str = "mp4",
+            mesh_format: str = "glb", fps: int | None = None, progress: bool = False, log=None,
+            timings: dict | None = None) -> InferenceResult:
         """`image`: a path or a uint8 (H, W, 3|4) array. Settings left `None` come from `auto_settings(device)`;
-        `texture_size` 0 keeps vertex colours. With `out_dir`, each output is written as soon as it exists
-        (input.png, turntable.<video_format>, mesh.<mesh_format>) and listed in `result.files`. No surface at
-        `mesh_threshold` leaves `result.mesh` None and says why in `result.warning` (the rest is kept; an earlier
-        mesh file in `out_dir` is removed).
-        `progress`: tqdm bars (planes, frames, mesh, texture) on stderr; `log`: gets one-line notes."""
+        `texture_size` 0 keeps vertex colours; `unwrap` one of `texture.UNWRAPS`. With `out_dir`, input.png,
+        turntable.<video_format> and mesh.<mesh_format> are written there, each atomically, and listed in
+        `result.files` in that order. No surface at `mesh_threshold` leaves `result.mesh` None and says why in
+        `result.warning` (the rest is kept; an earlier mesh file in `out_dir` is removed).
+        `progress`: tqdm bars (planes, mesh, texture, frames) on stderr; `log`: gets one-line notes; `timings`:
+        filled with the seconds of each step on this thread (preprocess, planes, mesh, texture, turntable, and
+        finish: waiting for the files after the last frame)."""
         auto = auto_settings(self.device)
         frames = auto["frames"] if frames is None else frames
         render_size = auto["render_size"] if render_size is None else render_size
@@ -151,50 +166,115 @@ class ImageTo3D:
         texture_size = auto["texture_size"] if texture_size is None else texture_size
         max_faces = auto["max_faces"] if max_faces is None else max_faces
         fps = auto["fps"] if fps is None else fps
+        if unwrap not in UNWRAPS:
+            raise ValueError(f"unknown unwrap {unwrap!r}; choose one of {list(UNWRAPS)}")
         if out_dir is not None and mesh_format not in TEXTURED_FORMATS:
             texture_size = 0
+        timings = {} if timings is None else timings
+        clock = time.perf_counter()
+
+        def done(step: str) -> None:
+            nonlocal clock
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            timings[step], clock = time.perf_counter() - clock, time.perf_counter()
+
         tensor = preprocess(image, self.input_size, self.border_ratio, self.background)
+        done("preprocess")
         with tqdm(total=1, desc="planes", unit="image", disable=not progress, leave=False) as bar:
             planes = self.planes(tensor)
             bar.update()
+        done("planes")
         result = InferenceResult(image=tensor, planes=planes)
-        if out_dir is not None:
-            picture = to_uint8_images(tensor)
-            result.files.append(atomic_write(Path(out_dir) / "input.png",
-                                             lambda tmp: Image.fromarray(picture).save(tmp)))
-        if video:
-            result.frames = self.turntable(planes, frames, render_size, frames_per_batch, progress=progress)
+        files = {}
+        # files are written by these threads while this one drives the GPU; one each keeps their order
+        with ThreadPoolExecutor(1) as mesh_writer, ThreadPoolExecutor(1) as video_writer:
             if out_dir is not None:
-                result.files.append(write_video(result.frames, Path(out_dir) / f"turntable.{video_format}", fps))
-        if not mesh:
-            return result
-        try:
-            result.mesh = extract_mesh(self.model, planes, mesh_resolution, mesh_threshold, mesh_method,
-                                       progress=progress)
-        except NoSurfaceError as err:
-            result.warning = str(err)
-            if out_dir is not None:  # an earlier run's mesh would pass for this input's
-                for name in [f"mesh.{mesh_format}"] + (["mesh.mtl", "mesh.png"] if mesh_format == "obj" else []):
-                    (Path(out_dir) / name).unlink(missing_ok=True)
-            return result
-        if texture_size:
-            result.mesh = self.texture(planes, result.mesh, texture_size, max_faces, log=log, progress=progress)
-        if out_dir is not None:
-            result.files.append(export_mesh(result.mesh, Path(out_dir) / f"mesh.{mesh_format}"))
+                picture = to_uint8_images(tensor)
+                files["input"] = mesh_writer.submit(atomic_write, Path(out_dir) / "input.png",
+                                                    lambda tmp: Image.fromarray(picture).save(tmp))
+            if mesh:
+                try:
+                    result.mesh = extract_mesh(self.model, planes, mesh_resolution, mesh_threshold, mesh_method,
+                                               progress=progress)
+                except NoSurfaceError as err:
+                    result.warning = str(err)
+                    if out_dir is not None:  # an earlier run's mesh would pass for this input's
+                        for name in [f"mesh.{mesh_format}"] + (["mesh.mtl", "mesh.png"] if mesh_format == "obj"
+                                                              else []):
+                            (Path(out_dir) / name).unlink(missing_ok=True)
+                done("mesh")
+                if result.mesh is not None and texture_size:
+                    result.mesh = self.texture(planes, result.mesh, texture_size, max_faces, unwrap, log=log,
+                                               progress=progress)
+                done("texture")
+                if result.mesh is not None and out_dir is not None:
+                    files["mesh"] = mesh_writer.submit(export_mesh, result.mesh,
+                                                       Path(out_dir) / f"mesh.{mesh_format}")
+            if video:
+                stream = None
+                if out_dir is not None:
+                    stream = FrameStream()
+                    files["video"] = stream.reader = video_writer.submit(
+                        write_video, stream, Path(out_dir) / f"turntable.{video_format}", fps)
+                try:
+                    result.frames = self.turntable(planes, frames, render_size, frames_per_batch, progress=progress,
+                                                   on_batch=stream.put if stream else None)
+                finally:  # a failed render leaves no video: the writer's temporary file goes
+                    if stream is not None:
+                        stream.close(failed=result.frames is None)
+                done("turntable")
+            result.files = [files[name].result() for name in ("input", "video", "mesh") if name in files]
+        done("finish")
         return result
 
 
-def write_video(frames: torch.Tensor, path: str | Path, fps: int = 40) -> Path:
-    """MP4 (through imageio's ffmpeg plugin) or GIF (Pillow), by suffix, written atomically."""
+class FrameStream:
+    """Batches of frames handed from the rendering thread to a video writer's thread, in order (`write_video`
+    iterates over it). At most `depth` batches wait, bounding the memory. `reader`: the writer's Future, so that
+    a writer that failed is not waited for (`put` raises its error); `close(failed=True)` makes the writer's
+    iteration raise, so that it drops its partial file."""
+
+    def __init__(self, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.reader = None
+
+    def _hand_over(self, item) -> None:
+        while True:
+            try:
+                return self._queue.put(item, timeout=0.1)
+            except queue.Full:
+                if self.reader is not None and self.reader.done():
+                    return
+
+    def put(self, frames: torch.Tensor) -> None:
+        if self.reader is not None and self.reader.done():
+            self.reader.result()  # the writer's own error, e.g. no MP4 encoder
+            raise RuntimeError("the video writer stopped before the last frame")
+        self._hand_over(frames)
+
+    def close(self, failed: bool = False) -> None:
+        self._hand_over(RuntimeError("the render stopped before its last frame") if failed else None)
+
+    def __iter__(self):
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+def write_video(frames: torch.Tensor | Iterable[torch.Tensor], path: str | Path, fps: int = 40) -> Path:
+    """MP4 (through imageio's ffmpeg plugin) or GIF (Pillow), by suffix, written atomically. `frames`:
+    (N, 3, H, W) in [0, 1], or batches of them as they come (a `FrameStream`): an MP4 encodes each batch while the
+    next is made."""
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in VIDEO_FORMATS:
         raise ValueError(f"video {path} must end in one of {['.' + f for f in VIDEO_FORMATS]}")
-    pictures = to_uint8_images(frames)
+    batches = [frames] if isinstance(frames, torch.Tensor) else frames
     if fmt == "gif":
-        images = [Image.fromarray(p) for p in pictures]
-
         def save(tmp: Path) -> None:
+            images = [Image.fromarray(p) for batch in batches for p in to_uint8_images(batch)]
             images[0].save(tmp, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     else:
         try:
@@ -204,7 +284,10 @@ def write_video(frames: torch.Tensor, path: str | Path, fps: int = 40) -> Path:
             raise RuntimeError("MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); or write a .gif") from None
 
         def save(tmp: Path) -> None:
-            imageio.mimwrite(tmp, pictures, fps=fps, macro_block_size=1)
+            with imageio.get_writer(tmp, fps=fps, macro_block_size=1) as writer:
+                for batch in batches:
+                    for picture in to_uint8_images(batch):
+                        writer.append_data(picture)
     return atomic_write(path, save)
 
 

@@ -35,7 +35,8 @@ def text_to_3d(prompt: str, t2i: str, checkpoint: str = "vfusion3d", out: Path =
                fps: int | None = None, video_format: Literal["mp4", "gif", "none"] = "mp4",
                mesh_format: Literal["glb", "obj", "ply", "none"] = "glb", mesh_resolution: int | None = None,
                mesh_threshold: float = 1.0, mesh_method: Literal["coarse_to_fine", "dense"] = "coarse_to_fine",
-               texture_size: int | None = None, max_faces: int | None = None, input_size: int = 512,
+               texture_size: int | None = None, max_faces: int | None = None,
+               unwrap: Literal["per_face", "xatlas"] = "per_face", input_size: int = 512,
                border_ratio: float = 0.2, background: Literal["auto", "rembg", "alpha", "white"] = "white",
                device: str = "auto", dtype: Literal["float32", "bfloat16"] = "float32",
                compile: bool = False) -> list[Path]:

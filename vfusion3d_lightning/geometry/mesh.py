@@ -259,7 +259,8 @@ def export_mesh(mesh, path: str | Path) -> Path:
     suffix = path.suffix.lower()
     if suffix not in MESH_FORMATS:
         raise ValueError(f"unsupported mesh format {path.suffix!r} for {path}; use one of {list(MESH_FORMATS)}")
-    mesh = mesh.copy().apply_transform(Y_UP_TO_WORLD.T)  # world +z -> file +y; the input camera's side -> front
+    # the cache holds the normals `bake_texture` set; apply_transform rotates them too
+    mesh = mesh.copy(include_cache=True).apply_transform(Y_UP_TO_WORLD.T)  # world +z -> file +y; camera side -> front
     if suffix == ".obj":
         from trimesh.exchange.obj import export_obj
         from trimesh.visual.material import PBRMaterial, SimpleMaterial

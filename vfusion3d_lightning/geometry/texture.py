@@ -1,9 +1,16 @@
-"""UV-textured meshes: decimate -> unwrap (xatlas) -> bake the triplane's colour into a base-colour texture.
+"""UV-textured meshes: decimate -> unwrap -> bake the triplane's colour into a base-colour texture.
 
-Every texel inside a chart gets the colour of its 3D surface point: the texel centre is rasterised in UV space
-(all triangles at once, vectorised), its barycentric coordinates place it on the triangle in 3D, and the field
-is queried there in batches. Texels outside the charts take the mean of their filled neighbours for
-`DILATE_ITERATIONS` rounds, then the charts' mean colour, so bilinear filtering and mip-maps show no seams.
+Two unwraps (`UNWRAPS`):
+- "per_face" (milliseconds, on the mesh's device): faces 2k and 2k+1 fill the k-th square cell of a grid over the
+  texture, each a right triangle in its half. Every texel of a cell belongs to one of its two faces and gets the
+  colour of the nearest point of that face, so bilinear lookups inside a face never read another face's texels
+  (the layout above `MIN_CELL`). Mip-maps of a distant view do blend neighbouring cells.
+- "xatlas" (seconds: 4 s for 30k faces on a Xeon, BENCHMARKS.md): charts of connected faces. Every texel inside
+  a chart gets the colour of its 3D surface point: the texel centre is rasterised in UV space (all triangles at
+  once, vectorised), its barycentric coordinates place it on the triangle in 3D, and the field is queried there
+  in batches. Texels outside the charts take the mean of their filled neighbours for `DILATE_ITERATIONS` rounds,
+  then the charts' mean colour, so bilinear filtering and mip-maps show no seams.
+Both give the vertices the smooth normals of the decimated mesh, which a face's own vertices would not.
 
 UV convention (trimesh's and OpenGL's): u to the right, v up; image row 0 is the top, so texel (row r,
 column c) has its centre at u = (c + 0.5) / size, v = 1 - (r + 0.5) / size.
@@ -15,6 +22,7 @@ column c) has its centre at u = (c + 0.5) / size, v = 1 - (r + 0.5) / size.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -23,6 +31,13 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_MAX_FACES = 30_000  # xatlas grows faster than the face count: 100k faces took 17 s (BENCHMARKS.md)
+UNWRAPS = ("per_face", "xatlas")
+# A per-face cell of c texels, pixel coordinates (x right, y down, texel i's centre at i + 0.5): face 0 at
+# (1, 1), (c - 2, 1), (1, c - 2), face 1 at (c - 1, c - 1), (3, c - 1), (c - 1, 3); texels whose centres sum to
+# <= c belong to face 0, the others to face 1. A bilinear lookup reads texels less than one texel away on each
+# axis, so from inside face 0 (x + y <= c - 1) only centre sums <= c, from face 1 (x + y >= c + 2) only >= c + 1,
+# and from either never outside the cell.
+MIN_CELL = 5  # face 1's legs are c - 4 texels
 DILATE_ITERATIONS = 16  # texels of bleed beyond each chart; xatlas leaves PADDING between charts
 PADDING = 4
 QUERY_CHUNK = 2**18
@@ -31,49 +46,128 @@ ColourFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def field_colour(model, planes: torch.Tensor, chunk: int = QUERY_CHUNK) -> ColourFn:
-    """points (M, 3) in the box -> the triplane's rgb (M, 3) float32 in [0, 1] on the CPU, `chunk` points a call."""
+    """points (M, 3) in the box -> the triplane's rgb (M, 3) float32 in [0, 1] on the points' device, `chunk`
+    points a call."""
 
     @torch.no_grad()
     def colour(points: torch.Tensor) -> torch.Tensor:
         points = torch.as_tensor(points, dtype=torch.float32)
-        parts = [model.query(planes, part[None].to(planes.device, planes.dtype))[1][0].float().clamp(0, 1).cpu()
+        parts = [model.query(planes, part[None].to(planes.device, planes.dtype))[1][0].float().clamp(0, 1)
                  for part in points.split(chunk)]
-        return torch.cat(parts) if parts else torch.zeros(0, 3)
+        return torch.cat(parts).to(points.device) if parts else torch.zeros(0, 3, device=points.device)
 
     return colour
 
 
-def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int) -> tuple[np.ndarray, np.ndarray]:
-    """Vertex clustering down to at most `max_faces` faces: vertices in one cubic cell merge to their mean;
-    faces that collapse or repeat are dropped (winding kept). A mesh already small enough is returned as is.
-    The cell starts at the size that would leave about `max_faces` faces on a smooth surface and grows by
-    25% until the count fits."""
+def decimate(vertices: torch.Tensor, faces: torch.Tensor, max_faces: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertex clustering down to at most `max_faces` faces, on the tensors' device: vertices in one cubic cell
+    merge to their mean; faces that collapse or repeat are dropped (winding and order kept). A mesh already small
+    enough is returned as is. The cell starts at the size that would leave about `max_faces` faces on a smooth
+    surface and grows by 25% until the count fits. vertices (V, 3) float, faces (F, 3) int64 (arrays are taken
+    as CPU tensors)."""
     if max_faces < 4:
         raise ValueError(f"max_faces must be >= 4, got {max_faces}")
-    vertices, faces = np.asarray(vertices, np.float64), np.asarray(faces, np.int64)
+    vertices = torch.as_tensor(vertices)
+    faces = torch.as_tensor(faces, dtype=torch.int64, device=vertices.device)
     if len(faces) <= max_faces:
         return vertices, faces
-    low = vertices.min(0)
-    edges = np.linalg.norm(vertices[faces[:, 0]] - vertices[faces[:, 1]], axis=1)
-    cell = edges.mean() * np.sqrt(len(faces) / max_faces)
+    low = vertices.min(0).values
+    edges = (vertices[faces[:, 0]] - vertices[faces[:, 1]]).norm(dim=1)
+    cell = edges.mean().item() * math.sqrt(len(faces) / max_faces)
+    order = torch.arange(len(faces), device=faces.device)
     while True:
-        keys = np.floor((vertices - low) / cell).astype(np.int64)
-        _, cluster, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
-        cluster = cluster.reshape(-1)
-        merged = np.zeros((len(counts), 3))
-        np.add.at(merged, cluster, vertices)
-        merged /= counts[:, None]
+        keys = ((vertices - low) / cell).floor().long()
+        span = int(keys.max()) + 1
+        _, cluster, counts = torch.unique((keys[:, 0] * span + keys[:, 1]) * span + keys[:, 2], return_inverse=True,
+                                          return_counts=True)  # cells in x, y, z order
+        merged = torch.zeros(len(counts), 3, dtype=vertices.dtype, device=vertices.device)
+        merged = merged.index_add_(0, cluster, vertices) / counts[:, None].to(vertices.dtype)
         new = cluster[faces]
         new = new[(new[:, 0] != new[:, 1]) & (new[:, 1] != new[:, 2]) & (new[:, 0] != new[:, 2])]
-        _, first = np.unique(np.sort(new, axis=1), axis=0, return_index=True)
-        new = new[np.sort(first)]
+        corners = new.sort(1).values
+        if len(counts) < 2**21:  # three indices fit one int64
+            _, repeat = torch.unique((corners[:, 0] << 42) | (corners[:, 1] << 21) | corners[:, 2],
+                                     return_inverse=True)
+        else:
+            _, repeat = torch.unique(corners, dim=0, return_inverse=True)
+        first = torch.full((int(repeat.max()) + 1 if len(repeat) else 0,), len(new), device=new.device)
+        first = first.scatter_reduce_(0, repeat, order[:len(new)], "amin")
+        new = new[first.sort().values]
         if len(new) <= max_faces:
-            used, remap = np.unique(new, return_inverse=True)
-            return merged[used], remap.reshape(-1, 3)
+            used, remap = torch.unique(new, return_inverse=True)
+            return merged[used], remap.view(-1, 3)
         cell *= 1.25
 
 
-def unwrap(vertices: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted mean of the faces' normals at each vertex, unit length -> (V, 3)."""
+    corners = vertices[faces]
+    weighted = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # |.| = 2 area
+    normals = torch.zeros_like(vertices).index_add_(0, faces.reshape(-1), weighted.repeat_interleave(3, 0))
+    return normals / normals.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def face_capacity(size: int) -> int:
+    """The most faces the per-face unwrap fits in a `size`^2 texture."""
+    return 2 * (size // MIN_CELL) ** 2
+
+
+def face_atlas(count: int, size: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The per-face unwrap's layout for `count` faces in a `size`^2 texture (the cell layout above `MIN_CELL`).
+    -> corners (count, 3, 2) float64 pixel coordinates of each face's UV triangle, the two triangles of a cell
+    (2, 3, 2) in its own pixel coordinates, the cell size in texels and cells a row."""
+    cells = max(1, -(-count // 2))
+    per_row = math.ceil(math.sqrt(cells))
+    cell = size // per_row
+    if cell < MIN_CELL:
+        raise ValueError(f"a {size}^2 texture holds at most {face_capacity(size)} faces in the per-face unwrap, and "
+                         f"the mesh has {count}: raise the texture size, lower max_faces, or unwrap with xatlas")
+    c = float(cell)
+    slots = torch.tensor([[[1, 1], [c - 2, 1], [1, c - 2]], [[c - 1, c - 1], [3, c - 1], [c - 1, 3]]],
+                         dtype=torch.float64)
+    index = torch.arange(count)
+    origin = torch.stack([index // 2 % per_row, index // 2 // per_row], 1).double() * cell  # (x, y) of the cell
+    return origin[:, None] + slots[index % 2], slots, cell, per_row
+
+
+def bake_per_face(colour: ColourFn, vertices: torch.Tensor, faces: torch.Tensor, size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-face unwrap and bake (module docstring). -> vertices (3F, 3) (each face its own three), uv (3F, 2)
+    and the texture (size, size, 3) in [0, 1], on the vertices' device."""
+    device = vertices.device
+    corners, slots, cell, per_row = face_atlas(len(faces), size)
+    # each texel of a cell: which of its two faces, and its barycentric coordinates on that face, clamped onto it
+    x, y = torch.meshgrid(torch.arange(cell) + 0.5, torch.arange(cell) + 0.5, indexing="xy")
+    slot = (x + y > cell).long()  # (cell, cell), rows y
+    a, b, c = slots.unbind(1)
+    pixel = torch.stack([x, y], -1).double()[None]  # (1, cell, cell, 2)
+
+    def cross(u, v):
+        return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+
+    area = cross(b - a, c - a)[:, None, None]
+    w1 = cross(pixel - a[:, None, None], c[:, None, None] - a[:, None, None]) / area
+    w2 = cross(b[:, None, None] - a[:, None, None], pixel - a[:, None, None]) / area
+    weights = torch.stack([1 - w1 - w2, w1, w2], -1).clamp(min=0)
+    weights = weights / weights.sum(-1, keepdim=True)  # (2, cell, cell, 3)
+    weights = torch.where(slot[..., None] == 0, weights[0], weights[1]).to(device, vertices.dtype)
+    cells = -(-len(faces) // 2)
+    tri = vertices[torch.cat([faces, faces[-1:].expand(2 * cells - len(faces), 3)])]  # an odd count: pad a face
+    tri = tri.view(cells, 2, 3, 3)[:, slot.to(device)]  # (cells, cell, cell, 3 corners, 3)
+    points = torch.einsum("yxk,nyxkd->nyxd", weights, tri)
+    rgb = colour(points.reshape(-1, 3).float()).to(device).view(cells, cell, cell, 3)
+    rows = -(-cells // per_row)
+    fill = rgb.reshape(-1, 3).mean(0)
+    grid = torch.cat([rgb, fill.expand(rows * per_row - cells, cell, cell, 3)])
+    grid = grid.view(rows, per_row, cell, cell, 3).permute(0, 2, 1, 3, 4).reshape(rows * cell, per_row * cell, 3)
+    image = fill.expand(size, size, 3).clone()
+    image[:len(grid), :grid.shape[1]] = grid
+    uv = corners.reshape(-1, 2).to(device) / size
+    uv[:, 1] = 1 - uv[:, 1]  # pixel y counts rows down; v goes up
+    return vertices[faces.reshape(-1)], uv, image
+
+
+def unwrap_xatlas(vertices: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """xatlas charts packed into a `size`^2 texture with `PADDING` texels between charts.
     -> vmapping (V',) original vertex of each new vertex, faces (F, 3) into the new vertices, uv (V', 2) in [0, 1]
     (v up, see the module docstring)."""
@@ -148,47 +242,68 @@ def dilate(image: torch.Tensor, mask: torch.Tensor, iterations: int = DILATE_ITE
 
 
 def bake_texture(colour: ColourFn, mesh, size: int = 1024, max_faces: int = DEFAULT_MAX_FACES,
-                 timings: dict | None = None, log: Callable[[str], None] | None = None, progress: bool = False):
-    """`mesh` (trimesh.Trimesh) -> a new trimesh.Trimesh, decimated to at most `max_faces` faces, with UVs and a
-    `size`^2 base-colour texture (PBR material) baked from `colour` (see `field_colour`).
-    `timings`: filled with the seconds of each step (decimate, unwrap, bake, dilate); `log`: called with one line
-    saying how far the mesh was decimated; `progress`: a tqdm bar of the 4 steps on stderr."""
+                 unwrap: str = "per_face", device: str | torch.device = "cpu", timings: dict | None = None,
+                 log: Callable[[str], None] | None = None, progress: bool = False):
+    """`mesh` (trimesh.Trimesh) -> a new trimesh.Trimesh, decimated to at most `max_faces` faces, with UVs, smooth
+    vertex normals and a `size`^2 base-colour texture (PBR material) baked from `colour` (see `field_colour`).
+    `unwrap`: one of `UNWRAPS` (module docstring); the per-face one decimates further where the texture holds
+    fewer faces (`face_capacity`). `device`: where decimation and the per-face bake run.
+    `timings`: filled with the seconds of each step (decimate, bake, and unwrap and dilate for xatlas); `log`: called
+    with one line saying how far the mesh was decimated; `progress`: a tqdm bar of the steps on stderr."""
     import trimesh
     from PIL import Image
     from tqdm import tqdm
 
     if size < 8:
         raise ValueError(f"texture size must be >= 8 texels, got {size}")
+    if unwrap not in UNWRAPS:
+        raise ValueError(f"unknown unwrap {unwrap!r}; choose one of {list(UNWRAPS)}")
     timings = {} if timings is None else timings
-    bar = tqdm(total=4, desc="texture", unit="step", disable=not progress, leave=False)
+    device = torch.device(device)
+    bar = tqdm(total=4 if unwrap == "xatlas" else 3, desc="texture", unit="step", disable=not progress, leave=False)
     clock = time.perf_counter()
 
     def done(step: str) -> None:
         nonlocal clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         timings[step], clock = time.perf_counter() - clock, time.perf_counter()
         bar.update()
 
     with bar:
-        vertices, faces = decimate(mesh.vertices, mesh.faces, max_faces)
+        dtype = torch.float32 if device.type == "cuda" else torch.float64
+        budget = max_faces if unwrap == "xatlas" else min(max_faces, face_capacity(size))
+        vertices, faces = decimate(torch.as_tensor(mesh.vertices, dtype=dtype, device=device),
+                                   torch.as_tensor(mesh.faces, dtype=torch.int64, device=device), budget)
         if log is not None and len(faces) < len(mesh.faces):
-            log(f"decimated {len(mesh.faces)} -> {len(faces)} faces (--max_faces {max_faces})")
+            why = "" if budget == max_faces else f"; a {size}^2 texture holds {budget} in the per-face unwrap"
+            log(f"decimated {len(mesh.faces)} -> {len(faces)} faces (--max_faces {max_faces}{why})")
+        normals = vertex_normals(vertices, faces)
         done("decimate")
-        vmapping, faces, uv = unwrap(vertices, faces, size)
-        vertices = vertices[vmapping]
-        done("unwrap")
-        face_of, bary = rasterise(uv, faces, size)
-        mask = face_of >= 0
-        points = np.einsum("nk,nkd->nd", bary[mask], vertices[faces[face_of[mask]]])
-        image = torch.zeros(size, size, 3)
-        image[torch.from_numpy(mask)] = colour(torch.from_numpy(points).float())
-        done("bake")
-        image = dilate(image, torch.from_numpy(mask))
-        texture = Image.fromarray((image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy())
-        done("dilate")
+        if unwrap == "per_face":
+            vertices, uv, image = bake_per_face(colour, vertices, faces, size)
+            normals = normals[faces.reshape(-1)]
+            faces = torch.arange(len(vertices)).view(-1, 3)
+            done("bake")  # its layout is part of the bake
+        else:
+            vertices, faces = vertices.cpu().double().numpy(), faces.cpu().numpy()
+            vmapping, faces, uv = unwrap_xatlas(vertices, faces, size)
+            vertices, normals = vertices[vmapping], normals[torch.from_numpy(vmapping).to(device)]
+            done("unwrap")
+            face_of, bary = rasterise(uv, faces, size)
+            mask = face_of >= 0
+            points = np.einsum("nk,nkd->nd", bary[mask], vertices[faces[face_of[mask]]])
+            image = torch.zeros(size, size, 3)
+            image[torch.from_numpy(mask)] = colour(torch.from_numpy(points).float()).cpu()
+            done("bake")
+            image = dilate(image, torch.from_numpy(mask))
+            done("dilate")
+        texture = Image.fromarray((image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy())
     material = trimesh.visual.material.PBRMaterial(baseColorTexture=texture, metallicFactor=0.0,
                                                    roughnessFactor=1.0)
-    visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
-    return trimesh.Trimesh(vertices=vertices, faces=faces, visual=visual, process=False)
+    visual = trimesh.visual.TextureVisuals(uv=torch.as_tensor(uv).cpu().numpy(), material=material)
+    return trimesh.Trimesh(vertices=torch.as_tensor(vertices).cpu().numpy(), faces=torch.as_tensor(faces).numpy(),
+                           vertex_normals=normals.cpu().numpy(), visual=visual, process=False)
 
 
 def sample_texture(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
