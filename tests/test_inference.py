@@ -128,6 +128,46 @@ def test_mp4_and_gif_keep_every_frame(tmp_path):
         write_video(frames, tmp_path / "turntable.avi")
 
 
+def test_a_streamed_turntable_is_the_same_file_and_a_failed_render_leaves_none(checkpoint, tmp_path, monkeypatch):
+    """`run(out_dir=...)` encodes frames batch by batch in a thread: the same MP4 as one call with every frame; a
+    render that fails mid-way leaves no video (nor its temporary file); a writer that fails stops the render with
+    its own error instead of leaving it waiting."""
+    from vfusion3d_lightning.inference import write_video
+
+    model, _ = checkpoint
+    image = write_inputs(tmp_path / "inputs") / "cutout.png"
+    engine = ImageTo3D(model, input_size=56)
+    settings = dict(frames=6, render_size=24, frames_per_batch=2, mesh=False)
+    timings = {}
+    result = engine.run(image, **settings, out_dir=tmp_path / "streamed", timings=timings)
+    assert [p.name for p in result.files] == ["input.png", "turntable.mp4"]
+    assert set(timings) == {"preprocess", "planes", "turntable", "finish"}
+    whole = write_video(result.frames, tmp_path / "whole" / "turntable.mp4", fps=8)
+    assert (tmp_path / "streamed" / "turntable.mp4").read_bytes() == whole.read_bytes()
+
+    render = type(model).render
+    calls = []
+
+    def failing_render(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory in the second batch")
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "render", failing_render)
+    with pytest.raises(RuntimeError, match="second batch"):
+        engine.run(image, **settings, out_dir=tmp_path / "failed")
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == ["input.png"]
+    monkeypatch.setattr(type(model), "render", render)
+
+    def broken_writer(*args, **kwargs):
+        raise OSError("no space left for the video")
+
+    monkeypatch.setattr("vfusion3d_lightning.inference.write_video", broken_writer)
+    with pytest.raises(OSError, match="no space left"):  # not a hang: the queue holds 4 of the 6 batches
+        engine.run(image, **{**settings, "frames_per_batch": 1}, out_dir=tmp_path / "broken")
+
+
 def test_missing_or_wrong_checkpoints_are_clear(checkpoint, tmp_path):
     inputs = write_inputs(tmp_path / "inputs")
     with pytest.raises(FileNotFoundError, match="no LRM weights"):
