@@ -1,6 +1,10 @@
-"""Texture baking timings: decimate -> unwrap (xatlas) -> bake (rasterise + field queries) -> dilate -> write GLB.
+"""Texture baking timings: decimate -> unwrap -> bake (field queries) -> dilate -> write GLB.
 
     python benchmarks/bake.py [--device cpu|cuda] [--grid 256] [--settings 100000:1024 20000:512] [--repeats 1]
+                              [--unwrap per_face xatlas]
+
+xatlas: unwrap, rasterise the charts, bake, dilate (on the CPU). per_face: layout and bake in one step on
+`--device` (reported as bake), no dilation.
 
 The mesh: a sphere of radius 0.5 written into the released-size network's decoder and planes
 (`analytic.write_sphere`; random weights give fog with no surface), extracted on a `--grid`^3 grid (256: about
@@ -33,6 +37,7 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=256)
     parser.add_argument("--settings", nargs="+", default=["100000:1024", "30000:1024", "20000:512"])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--unwrap", nargs="+", default=["per_face", "xatlas"], choices=["per_face", "xatlas"])
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -43,21 +48,22 @@ def main() -> None:
     print(f"mesh: {len(mesh.faces)} faces from a {args.grid}^3 grid in {time.perf_counter() - start:.1f} s "
           f"({args.device}, {torch.get_num_threads()} threads)")
     colour = field_colour(model, planes)
-    print(f"{'max_faces':>9} {'texture':>7} {'faces':>7} " + " ".join(f"{s:>8}" for s in STEPS) + f" {'total':>8}")
+    print(f"{'unwrap':>8} {'max_faces':>9} {'texture':>7} {'faces':>7} " + " ".join(f"{s:>8}" for s in STEPS)
+          + f" {'total':>8}")
     with tempfile.TemporaryDirectory() as folder:
-        for setting in args.settings:
+        for unwrap, setting in ((u, s) for u in args.unwrap for s in args.settings):
             max_faces, size = (int(v) for v in setting.split(":"))
             runs = []
             for _ in range(args.repeats):
                 timings: dict[str, float] = {}
-                textured = bake_texture(colour, mesh, size, max_faces, timings=timings)
+                textured = bake_texture(colour, mesh, size, max_faces, unwrap, args.device, timings=timings)
                 clock = time.perf_counter()
                 export_mesh(textured, Path(folder) / "mesh.glb")
                 timings["write"] = time.perf_counter() - clock
                 runs.append(timings)
-            median = {s: statistics.median(r[s] for r in runs) for s in STEPS}
-            print(f"{max_faces:>9} {size:>7} {len(textured.faces):>7} " + " ".join(f"{median[s]:>8.2f}" for s in STEPS)
-                  + f" {sum(median.values()):>8.2f}")
+            median = {s: statistics.median(r.get(s, 0.0) for r in runs) for s in STEPS}
+            print(f"{unwrap:>8} {max_faces:>9} {size:>7} {len(textured.faces):>7} "
+                  + " ".join(f"{median[s]:>8.2f}" for s in STEPS) + f" {sum(median.values()):>8.2f}")
 
 
 if __name__ == "__main__":
