@@ -1,6 +1,7 @@
 """End to end: one image file -> textured GLB + 160-frame MP4 on disk; a folder of images -> images/s; peak memory.
 
     python benchmarks/end_to_end.py [--repeats 3] [--images 64] [--modes default bf16 bf16-compile released]
+                                    [--memory-cap 6]
 
 Each mode runs `ImageTo3D.run(path, out_dir=...)` as `infer` does with the GPU's auto settings (160 frames at
 384^2, a 512^3 grid, at most 30,000 faces, a 1024^2 texture, the per-face unwrap unless `--unwrap`):
@@ -13,7 +14,8 @@ Each mode runs `ImageTo3D.run(path, out_dir=...)` as `infer` does with the GPU's
 Time from the image file to the last file renamed into place, CUDA synchronised: a warm-up run (compiling and
 CUDA-graph capture in bf16-compile), then the median of `--repeats`. The folder: `--images` different images
 through one engine, all files written, images/s. Peak: the most GPU memory allocated during a run, the
-weights included.
+weights included. `--memory-cap GiB` lets PyTorch use no more than that (`set_per_process_memory_fraction`), as
+a card of that size would; the renderer sizes its passes to it (`inference.max_rays_for`).
 
 Released sizes with random weights; image -> planes runs the real network on the image, then its output is
 swapped for planes holding a sphere of radius 0.5 (`analytic.write_sphere`), since random weights give fog
@@ -111,10 +113,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=64, help="images in the folder run (0: none)")
     parser.add_argument("--unwrap", default="per_face", choices=("per_face", "xatlas"))
+    parser.add_argument("--memory-cap", type=float, help="GiB PyTorch may use on the GPU")
     parser.add_argument("--preset", default="vfusion3d", help="network sizes (tiny: check the script on a CPU)")
     args = parser.parse_args()
     print(f"# {torch.cuda.get_device_name() if CUDA else 'CPU'}, torch {torch.__version__}, {args.preset} sizes, "
           f"auto settings {auto_settings('cuda' if CUDA else 'cpu')}, unwrap {args.unwrap}", flush=True)
+    if args.memory_cap and CUDA:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap * 2**30 / total)
+        print(f"# PyTorch capped at {args.memory_cap} GiB of {total / 2**30:.1f}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)

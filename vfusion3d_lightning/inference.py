@@ -60,7 +60,9 @@ class InferenceResult:
 
 
 def max_rays_for(model: LRM, device: torch.device, memory_fraction: float = 0.5) -> int:
-    """Rays per renderer pass that fit in `memory_fraction` of the free GPU memory (2**16 on the CPU).
+    """Rays per renderer pass that fit in `memory_fraction` of the GPU memory this process may still use (2**16
+    on the CPU): the device's free memory plus what PyTorch holds unused, within the cap of
+    `torch.cuda.set_per_process_memory_fraction` (a small card's size, to check that inference fits one).
 
     A ray's samples hold 3 x triplane_dim features each; on an H100 2**16 rays of the released model
     peaked at 6.9 GiB above the weights, about 0.9 x samples x 3C x 4 bytes a ray: 1.5 x that is budgeted."""
@@ -68,8 +70,11 @@ def max_rays_for(model: LRM, device: torch.device, memory_fraction: float = 0.5)
         return 2**16
     config = model.config
     per_ray = 1.5 * (config.coarse_samples + config.importance_samples) * 3 * config.triplane_dim * 4
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(1024, int(free * memory_fraction / per_ray))
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cap = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device) * total
+    usable = min(free + torch.cuda.memory_reserved(device) - allocated, cap - allocated)
+    return max(1024, int(usable * memory_fraction / per_ray))
 
 
 class ImageTo3D:
