@@ -11,10 +11,14 @@ import torch
 
 from vfusion3d_lightning.cli import console_main, main
 from vfusion3d_lightning.commands.captions import captions
+from vfusion3d_lightning.data import captions as caption_data
 from vfusion3d_lightning.data.captions import (
     CaptionSummarizer,
     ViewCaptioner,
+    any_uncaptioned,
     clean_caption,
+    input_shards,
+    plan_captions,
     summarise,
     view_indices,
 )
@@ -65,6 +69,23 @@ def shard_folders(tmp_path_factory):
         for i in (4, 5, 6, 7):
             writer.write_sample(make_sample(f"held{i}", f"object-{i}", 100 + i, views=6))
     return [root / "orbit", root / "held_out"]
+
+
+def test_the_plan_deals_each_object_once_and_the_check_reads_only_what_it_needs(shard_folders, monkeypatch):
+    shards = input_shards(shard_folders)
+    assert plan_captions(shards, {"object-1"}) == [
+        {"shard": str(shards[shard_folders[0]][0]), "objects": ["object-0", "object-2"]},
+        {"shard": str(shards[shard_folders[0]][1]), "objects": ["object-3", "object-4", "object-5"]},
+        {"shard": str(shards[shard_folders[1]][0]), "objects": ["object-6"]},  # 4 and 5 are in orbit already
+        {"shard": str(shards[shard_folders[1]][1]), "objects": ["object-7"]},
+    ]
+    read, reader = [], caption_data.read_raw_samples
+    monkeypatch.setattr(caption_data, "read_raw_samples", lambda path: read.append(path) or reader(path))
+    assert any_uncaptioned(shards, set()) and len(read) == 1  # the first shard has an object to caption
+    read.clear()
+    everything = {f"object-{i}" for i in range(8)}
+    assert not any_uncaptioned(shards, everything) and len(read) == 4  # all read to be sure
+    assert any_uncaptioned(shards, everything - {"object-7"}) and plan_captions(shards, everything) == []
 
 
 def run(folders, out, captioner, summarizer, batch_size=3, count=None):

@@ -199,21 +199,31 @@ def _input_shards(shard_folders: Sequence[Path]) -> dict[Path, list[Path]]:
     return shards
 
 
-def plan_captions(shards: dict[Path, list[Path]], done: set[str]) -> list[dict]:
-    """The objects still to caption, dealt by input shard: [{"shard": path, "objects": [object_id, ...]}], each
-    object in the first shard that holds it (input order), shards with none left out."""
-    seen, plan = set(done), []
+def _uncaptioned(shards: dict[Path, list[Path]], done: set[str]):
+    """(shard path, object_id) of each object still to caption, in the first shard that holds it, in input order;
+    read shard by shard as the caller asks."""
+    seen = set(done)
     for paths in shards.values():
         for path in paths:
-            objects = []
             for raw in read_raw_samples(path):
                 object_id = _object_id(raw)
                 if object_id not in seen:
                     seen.add(object_id)
-                    objects.append(object_id)
-            if objects:
-                plan.append({"shard": str(path), "objects": objects})
-    return plan
+                    yield path, object_id
+
+
+def plan_captions(shards: dict[Path, list[Path]], done: set[str]) -> list[dict]:
+    """The objects still to caption, dealt by input shard: [{"shard": path, "objects": [object_id, ...]}], each
+    object in the first shard that holds it (input order), shards with none left out."""
+    plan: dict[str, list[str]] = {}
+    for path, object_id in _uncaptioned(shards, done):
+        plan.setdefault(str(path), []).append(object_id)
+    return [{"shard": path, "objects": objects} for path, objects in plan.items()]
+
+
+def any_uncaptioned(shards: dict[Path, list[Path]], done: set[str]) -> bool:
+    """Whether `plan_captions` would plan anything, reading shards only up to the first object it would."""
+    return next(_uncaptioned(shards, done), None) is not None
 
 
 def shard_views(path: str | Path, objects: Sequence[str], views: int) -> np.ndarray:

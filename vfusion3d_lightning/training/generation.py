@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vfusion3d_lightning.data.captions import (
     CAPTIONS_FILE,
+    any_uncaptioned,
     append_records,
     caption_objects,
     finish_captions,
@@ -364,6 +365,10 @@ class CaptionDataModule(OutputFolderDataModule):
     def pending(self) -> list[dict[str, Any]]:
         return plan_captions(self.shards, set(read_captions_file(self.out / CAPTIONS_FILE)))
 
+    def any_pending(self) -> bool:
+        """Whether `pending()` has anything, reading the shards only up to the first object to caption."""
+        return any_uncaptioned(self.shards, set(read_captions_file(self.out / CAPTIONS_FILE)))
+
     def prepare_data(self) -> None:
         self.hold("captions")
         remove_partials(self.out)  # what a killed run left half-written
@@ -433,7 +438,7 @@ def caption_shards(shard_folders: Sequence[str | Path], out_dir: str | Path,
     data = CaptionDataModule(shard_folders, out_dir, views)
     generator = CaptionGenerator(load_captioner, load_summarizer, out_dir, views, batch_size)
     captioned, global_zero = 0, True
-    if list(out_dir.glob(PART_PATTERN)) or data.pending():
+    if list(out_dir.glob(PART_PATTERN)) or data.any_pending():  # the job's plan reads every shard once
         trainer = run_predict(generator, data, trainer, progress)
         captioned, global_zero = sum(_gather(generator.captioned)), trainer.is_global_zero
     if not global_zero:
