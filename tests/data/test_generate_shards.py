@@ -2,6 +2,7 @@
 same bytes from one process and from two (DDP over gloo)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -38,6 +39,21 @@ def read_shards(folder) -> dict:
         assert sample.key not in samples, f"{sample.key} written twice"
         samples[sample.key] = sample
     return samples
+
+
+def child_process(pid: int, env_entry: str) -> int | None:
+    """The pid of a child of process `pid` started with `env_entry` (e.g. `LOCAL_RANK=1`) in its environment."""
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+            with open(f"/proc/{name}/environ", "rb") as environ:
+                entries = environ.read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile, or not ours to read
+        if parent == pid and env_entry.encode() in entries:
+            return int(name)
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +164,6 @@ def test_an_interrupted_run_resumes_writing_each_prompt_exactly_once(tmp_path, m
 def test_two_processes_write_the_same_shards_as_one(tmp_path, model):
     """`--trainer.devices 2` on the CPU: Lightning's DDP launcher starts a second process (gloo) running the same
     command; the planned shards are dealt over the ranks and each is written whole by one of them."""
-    import os
     import subprocess
     import sys
 
@@ -195,7 +210,48 @@ def test_two_processes_write_the_same_shards_as_one(tmp_path, model):
     assert {p.name: p.read_bytes() for p in complete_shards(killed)} == outputs[1]
     assert not list(killed.glob("*.partial"))
 
-    # one new input: a plan of one shard, so one rank is dealt nothing (and must not leave the other waiting)
-    write_images(tmp_path / "images", 6)
-    assert "generated 1, already present 5, failed 0" in run(2)
-    assert [p.name for p in complete_shards(tmp_path / "devices2")][-1] == "shard-000003.tar"
+    # three new inputs: a new plan of two shards (3 and 4) after the complete ones, the same for one device and two
+    import contextlib
+
+    write_images(tmp_path / "images", 8)
+    assert "generated 3, already present 5, failed 0" in run(1)
+    reference = {p.name: p.read_bytes() for p in complete_shards(tmp_path / "devices1")}
+    assert sorted(reference)[-2:] == ["shard-000003.tar", "shard-000004.tar"]
+    # rank 1 alone killed mid-job: rank 0 writes its shard (3) and then waits for rank 1 at a collective, which must
+    # fail within seconds, not at gloo's 30-minute timeout. Rank 1's shard (4) is "object 7.png", made a FIFO no one
+    # writes, so rank 1 is held reading its input until the kill, whatever the machine's speed.
+    out, log = tmp_path / "devices2", tmp_path / "rank1_killed.log"
+    image = tmp_path / "images" / "object 7.png"
+    original = image.read_bytes()
+    image.unlink()
+    os.mkfifo(image)
+    with log.open("w") as sink:
+        job = subprocess.Popen(command(out, 2), stdout=sink, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "shard-000003.tar").is_file() and job.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        rank1 = child_process(job.pid, "LOCAL_RANK=1")
+        assert rank1 and job.poll() is None, f"rank 1 is not running: {log.read_text()[-3000:]}"
+        os.kill(rank1, signal.SIGKILL)
+        try:
+            code = job.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 0 still runs 60 s after rank 1 was killed: {log.read_text()[-3000:]}")
+    finally:  # nothing left blocked on the FIFO, and the image back for the rerun
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        image.unlink()
+        image.write_bytes(original)
+    text = log.read_text()
+    assert code != 0, text[-3000:]
+    # gloo's error at rank 0's collective (closed or reset by peer: "... Check the logs of the remote worker"), or
+    # Lightning's launcher ending rank 0 when it sees rank 1 gone
+    assert "remote worker" in text or "terminated with code -9" in text, text[-3000:]
+    assert {p.name: p.read_bytes() for p in complete_shards(out)} == {
+        name: data for name, data in reference.items() if name != "shard-000004.tar"}
+    # the rerun has one shard left, so rank 1 is dealt nothing (and must not leave rank 0 waiting)
+    assert "generated 1, already present 7, failed 0" in run(2)
+    assert {p.name: p.read_bytes() for p in complete_shards(out)} == reference
+    assert not list(out.glob("*.partial"))
