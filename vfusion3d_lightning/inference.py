@@ -60,8 +60,8 @@ class InferenceResult:
 
 
 def max_rays_for(model: LRM, device: torch.device, memory_fraction: float = 0.5) -> int:
-    """Rays per renderer pass that fit in `memory_fraction` of the GPU memory this process may still use (2**16
-    on the CPU): the device's free memory plus what PyTorch holds unused, within the cap of
+    """Rays per renderer pass, a power of two, that fit in `memory_fraction` of the GPU memory this process may
+    still use (2**16 on the CPU): the device's free memory plus what PyTorch holds unused, within the cap of
     `torch.cuda.set_per_process_memory_fraction` (a small card's size, to check that inference fits one).
 
     A ray's samples hold 3 x triplane_dim features each; on an H100 2**16 rays of the released model
@@ -72,9 +72,11 @@ def max_rays_for(model: LRM, device: torch.device, memory_fraction: float = 0.5)
     per_ray = 1.5 * (config.coarse_samples + config.importance_samples) * 3 * config.triplane_dim * 4
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
-    cap = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device) * total
+    index = torch.cuda.current_device() if device.index is None else device.index
+    cap = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(index) * total
     usable = min(free + torch.cuda.memory_reserved(device) - allocated, cap - allocated)
-    return max(1024, int(usable * memory_fraction / per_ray))
+    rays = max(1024, int(usable * memory_fraction / per_ray))
+    return 2 ** (rays.bit_length() - 1)  # a power of two: the same pass shapes each call, so compiled code is reused
 
 
 class ImageTo3D:
