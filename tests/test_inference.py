@@ -168,6 +168,27 @@ def test_a_streamed_turntable_is_the_same_file_and_a_failed_render_leaves_none(c
         engine.run(image, **{**settings, "frames_per_batch": 1}, out_dir=tmp_path / "broken")
 
 
+def test_a_bf16_engine_bakes_at_float32_surface_points(checkpoint, monkeypatch):
+    """Autocast covers the field query alone: the texels' surface points are not rounded to bf16."""
+    import vfusion3d_lightning.inference as inference
+
+    model, _ = checkpoint
+    engine = ImageTo3D(LRM.from_pretrained(model.config and checkpoint[1]), "cpu", torch.bfloat16)
+    seen = []
+
+    def recording(model, planes):
+        def colour(points):
+            seen.append((points.dtype, torch.is_autocast_enabled("cpu")))
+            seen.append((points.bfloat16().float() != points).float().mean().item())
+            return torch.full((len(points), 3), 0.5)
+        return colour
+
+    monkeypatch.setattr(inference, "field_colour", recording)
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    engine.texture(torch.zeros(1, 3, 2, 4, 4), sphere, size=128, max_faces=500)
+    assert seen[0] == (torch.float32, True) and seen[1] > 0.5  # most coordinates need more than bf16's 8 bits
+
+
 def test_missing_or_wrong_checkpoints_are_clear(checkpoint, tmp_path):
     inputs = write_inputs(tmp_path / "inputs")
     with pytest.raises(FileNotFoundError, match="no LRM weights"):

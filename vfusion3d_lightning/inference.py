@@ -148,9 +148,14 @@ class ImageTo3D:
         """`mesh` -> a decimated copy with UVs and a `size`^2 texture baked from `planes`' colour field
         (`texture.bake_texture`, on this engine's device); `log` gets the decimation line; `progress`: a tqdm bar
         of its steps."""
-        with self._autocast():
-            return bake_texture(field_colour(self.model, planes), mesh, size, max_faces, unwrap, self.device,
-                                timings=timings, log=log, progress=progress)
+        query = field_colour(self.model, planes)
+
+        def colour(points: torch.Tensor) -> torch.Tensor:
+            with self._autocast():  # the field query only: the bake's geometry stays in float32
+                return query(points)
+
+        return bake_texture(colour, mesh, size, max_faces, unwrap, self.device, timings=timings, log=log,
+                            progress=progress)
 
     def run(self, image, frames: int | None = None, render_size: int | None = None, frames_per_batch: int = 8,
             mesh_resolution: int | None = None, mesh_threshold: float = 1.0, mesh_method: str = "coarse_to_fine",

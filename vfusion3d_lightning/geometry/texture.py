@@ -271,9 +271,8 @@ def bake_texture(colour: ColourFn, mesh, size: int = 1024, max_faces: int = DEFA
         bar.update()
 
     with bar:
-        dtype = torch.float32 if device.type == "cuda" else torch.float64
         budget = max_faces if unwrap == "xatlas" else min(max_faces, face_capacity(size))
-        vertices, faces = decimate(torch.as_tensor(mesh.vertices, dtype=dtype, device=device),
+        vertices, faces = decimate(torch.as_tensor(mesh.vertices, dtype=torch.float32, device=device),
                                    torch.as_tensor(mesh.faces, dtype=torch.int64, device=device), budget)
         if log is not None and len(faces) < len(mesh.faces):
             why = "" if budget == max_faces else f"; a {size}^2 texture holds {budget} in the per-face unwrap"
