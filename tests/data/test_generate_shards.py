@@ -192,27 +192,36 @@ def test_two_processes_write_the_same_shards_as_one(tmp_path, model):
     assert outputs[1] == outputs[2]  # byte for byte
     report = json.loads((tmp_path / "devices2" / "generate_report.json").read_text())
     assert report["written"] == 5 and len(report["shards"]) == 3
-    # both ranks killed (SIGKILL to the process group) once the first shard is whole; the rerun ends as one run
+    # both ranks killed (SIGKILL to the process group) once the first shard is whole; the rerun ends as one run.
+    # Shard 2's input is a FIFO no one writes until then, so the job cannot end before the kill on any machine.
+    import contextlib
     import signal
     import time
 
     killed = tmp_path / "killed"
+    held = tmp_path / "images" / "object 4.png"
+    original = held.read_bytes()
+    held.unlink()
+    os.mkfifo(held)
     job = subprocess.Popen(command(killed, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
                            env=env, start_new_session=True)
-    deadline = time.time() + 300
-    while not complete_shards(killed) and job.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    assert 1 <= len(complete_shards(killed)) < 3, "the kill came after the job ended"
+    try:
+        deadline = time.time() + 300
+        while not complete_shards(killed) and job.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        held.unlink()
+        held.write_bytes(original)
+    assert 1 <= len(complete_shards(killed)) < 3, "no shard was whole before the deadline"
     (killed / "shard-000002.tar.partial").write_bytes(b"cut by the kill")  # as a rank in flight leaves it
     run(2, killed)
     assert {p.name: p.read_bytes() for p in complete_shards(killed)} == outputs[1]
     assert not list(killed.glob("*.partial"))
 
     # three new inputs: a new plan of two shards (3 and 4) after the complete ones, the same for one device and two
-    import contextlib
-
     write_images(tmp_path / "images", 8)
     assert "generated 3, already present 5, failed 0" in run(1)
     reference = {p.name: p.read_bytes() for p in complete_shards(tmp_path / "devices1")}
