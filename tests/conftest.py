@@ -18,6 +18,13 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with slow end-to-end tests first (stable otherwise): xdist's loadfile deals files to workers in this
+    order, so the longest start at once instead of leaving one worker alone with them at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture
 def chromium(tmp_path):
     """Start headless Debian Chromium through Selenium with a page's own extra flags: `chromium(*flags)`."""
