@@ -217,3 +217,11 @@ def test_per_face_unwrap_decimates_to_what_the_texture_holds_and_says_so(sphere)
                      "in the per-face unwrap)"]
     with pytest.raises(ValueError, match=r"a 64\^2 texture holds at most 288 faces.*raise the texture size"):
         face_atlas(289, 64)
+
+
+def test_a_mesh_to_be_textured_skips_its_vertex_colours_and_keeps_its_surface(field):
+    model, planes = field
+    coloured = extract_mesh(model, planes, resolution=32, threshold=1.0)
+    plain = extract_mesh(model, planes, resolution=32, threshold=1.0, vertex_colours=False)
+    assert np.array_equal(plain.vertices, coloured.vertices) and np.array_equal(plain.faces, coloured.faces)
+    assert coloured.visual.kind == "vertex" and plain.visual.kind is None

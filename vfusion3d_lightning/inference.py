@@ -25,7 +25,7 @@ from tqdm import tqdm
 from vfusion3d_lightning.cameras import canonical_source_camera, turntable_cameras
 from vfusion3d_lightning.data.preprocess import preprocess
 from vfusion3d_lightning.geometry.mesh import NoSurfaceError, export_mesh, extract_mesh
-from vfusion3d_lightning.geometry.texture import DEFAULT_MAX_FACES, UNWRAPS, bake_texture, field_colour
+from vfusion3d_lightning.geometry.texture import DEFAULT_MAX_FACES, bake_texture, check_unwrap, field_colour
 from vfusion3d_lightning.io import atomic_write, to_uint8_images
 from vfusion3d_lightning.models.lrm import LRM
 
@@ -178,8 +178,7 @@ class ImageTo3D:
         texture_size = auto["texture_size"] if texture_size is None else texture_size
         max_faces = auto["max_faces"] if max_faces is None else max_faces
         fps = auto["fps"] if fps is None else fps
-        if unwrap not in UNWRAPS:
-            raise ValueError(f"unknown unwrap {unwrap!r}; choose one of {list(UNWRAPS)}")
+        check_unwrap(unwrap)  # before the GPU work, not after it
         if out_dir is not None and mesh_format not in TEXTURED_FORMATS:
             texture_size = 0
         timings = {} if timings is None else timings
@@ -208,7 +207,7 @@ class ImageTo3D:
             if mesh:
                 try:
                     result.mesh = extract_mesh(self.model, planes, mesh_resolution, mesh_threshold, mesh_method,
-                                               progress=progress)
+                                               progress=progress, vertex_colours=not texture_size)
                 except NoSurfaceError as err:
                     result.warning = str(err)
                     if out_dir is not None:  # an earlier run's mesh would pass for this input's

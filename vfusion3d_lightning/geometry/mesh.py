@@ -198,6 +198,7 @@ def extract_mesh(
     chunk: int = 2**20,
     surface: str = "surface_nets",
     progress: bool = False,
+    vertex_colours: bool = True,
 ):
     """Mesh of the `threshold` density level set (density > threshold is inside), with per-vertex colours.
 
@@ -209,6 +210,7 @@ def extract_mesh(
     surface: "surface_nets" (`isosurface.surface_nets` on planes' device) or "marching_cubes" (PyMCubes on
     the CPU, as released).
     progress: show a tqdm bar (x-slices of the grid, with an ETA) on stderr.
+    vertex_colours: False skips the colour queries (a mesh about to be textured needs none).
     Raises NoSurfaceError (a ValueError) when the grid holds no surface at `threshold`, suggesting one that has
     (`suggest_threshold`).
     """
@@ -241,6 +243,8 @@ def extract_mesh(
             f"[{grid.min().item():.4g}, {grid.max().item():.4g}]; pick a threshold inside that range, e.g. "
             f"{suggest_threshold(grid):.4g} (its 95th percentile)"
         )
+    if not vertex_colours:
+        return trimesh.Trimesh(vertices=vertices.cpu().numpy(), faces=faces, process=False)
     points = vertices.to(planes.device, torch.float32)
     rgb = torch.cat([model.query(planes, part[None].to(planes.dtype))[1][0].float() for part in points.split(chunk)])
     rgb = (rgb.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()

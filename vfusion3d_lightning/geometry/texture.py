@@ -107,6 +107,11 @@ def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     return normals / normals.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
+def check_unwrap(unwrap: str) -> None:
+    if unwrap not in UNWRAPS:
+        raise ValueError(f"unknown unwrap {unwrap!r}; choose one of {list(UNWRAPS)}")
+
+
 def face_capacity(size: int) -> int:
     """The most faces the per-face unwrap fits in a `size`^2 texture."""
     return 2 * (size // MIN_CELL) ** 2
@@ -256,8 +261,7 @@ def bake_texture(colour: ColourFn, mesh, size: int = 1024, max_faces: int = DEFA
 
     if size < 8:
         raise ValueError(f"texture size must be >= 8 texels, got {size}")
-    if unwrap not in UNWRAPS:
-        raise ValueError(f"unknown unwrap {unwrap!r}; choose one of {list(UNWRAPS)}")
+    check_unwrap(unwrap)
     timings = {} if timings is None else timings
     device = torch.device(device)
     bar = tqdm(total=4 if unwrap == "xatlas" else 3, desc="texture", unit="step", disable=not progress, leave=False)
